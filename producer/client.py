@@ -1,0 +1,173 @@
+"""The Python API: submit batches, read their status, wait for them, stream results, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from types import TracebackType
+
+from redis.asyncio import Redis
+
+from . import keys
+from .connect import connect
+from .jobfile import JobFileError, LineError, iter_jobs, validate_file
+from .models import AgentJob, BatchStatus, ResultRecord, Status, new_batch_id
+from .settings import Settings, load_settings
+from .store import Store
+
+CHUNK = 1000
+"""Jobs per pipelined round trip on submit."""
+
+
+class BatchNotFound(LookupError):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(
+            f"batch {batch_id!r} not found (expired, or never submitted to this Redis)"
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    jobs: int
+    """Jobs in what was submitted."""
+    enqueued: int
+    """Of those, how many were new (the rest were already in the batch: idempotent)."""
+
+
+def _chunks(jobs: Iterable[AgentJob], n: int) -> Iterator[list[AgentJob]]:
+    it = iter(jobs)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+class Producer:
+    """Client side of agentq. `async with Producer.from_env() as p: ...`"""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.store = Store(redis, queue=settings.queue, result_ttl_s=settings.result_ttl_s)
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None) -> Producer:
+        settings = settings or load_settings()
+        return cls(connect(settings), settings)
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- submit ---------------------------------------------------------------------------
+
+    async def submit(self, jobs: Iterable[AgentJob], *, batch_id: str | None = None) -> Batch:
+        """Enqueue jobs as one batch. Duplicate custom_ids are rejected before anything is
+        enqueued; submitting the same batch id and custom_id again enqueues it once."""
+        jobs = jobs if isinstance(jobs, Sequence) else list(jobs)
+        seen: dict[str, int] = {}
+        errors = []
+        for n, job in enumerate(jobs, 1):
+            if job.custom_id in seen:
+                errors.append(
+                    LineError(
+                        n,
+                        f"duplicate custom_id {job.custom_id!r} "
+                        f"(first at job {seen[job.custom_id]})",
+                    )
+                )
+            seen.setdefault(job.custom_id, n)
+        if errors:
+            raise JobFileError("jobs", errors[:50], len(errors))
+        return await self._enqueue(jobs, len(jobs), batch_id or new_batch_id())
+
+    async def submit_file(self, path: str | Path, *, batch_id: str | None = None) -> Batch:
+        """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again)."""
+        count = validate_file(path)
+        return await self._enqueue(iter_jobs(path), count, batch_id or new_batch_id())
+
+    async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
+        new = 0
+        for chunk in _chunks(jobs, CHUNK):
+            new += await self.store.submit_chunk(batch_id, chunk)
+        await self.store.seal(batch_id)
+        return Batch(id=batch_id, jobs=count, enqueued=new)
+
+    # -- read -----------------------------------------------------------------------------
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        st = await self.store.batch_status(batch_id)
+        if st is None:
+            raise BatchNotFound(batch_id)
+        return st
+
+    async def wait(
+        self,
+        batch_id: str,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[BatchStatus], None] | None = None,
+    ) -> BatchStatus:
+        """Until every job of the batch is final. Subscribes first, then reads the counters,
+        then re-reads them after each burst of change notifications (never a poll per job).
+        Raises TimeoutError after `timeout` seconds."""
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(keys.batch_events(batch_id))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    st = await self.status(batch_id)
+                    if on_progress:
+                        on_progress(st)
+                    if st.finished:
+                        return st
+                    # Wait for a change (or re-read every second: pub/sub drops unheard
+                    # messages, e.g. across a reconnect), then drain the burst.
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    deadline = time.monotonic() + 0.05
+                    while msg is not None and time.monotonic() < deadline:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+        finally:
+            await pubsub.aclose()
+
+    async def results(
+        self, batch_id: str, *, statuses: Iterable[Status] | None = None
+    ) -> AsyncIterator[ResultRecord]:
+        """Result records in input order, streamed a chunk at a time; optionally only some
+        statuses (e.g. {Status.FAILED})."""
+        await self.status(batch_id)
+        wanted = set(statuses) if statuses is not None else None
+        async for ids in self.store.job_ids(batch_id):
+            for record in await self.store.records(batch_id, ids):
+                if wanted is None or record.status in wanted:
+                    yield record
+
+    async def cancel(self, batch_id: str) -> int:
+        """Cancel every job of the batch not final yet; returns how many were cancelled."""
+        await self.status(batch_id)
+        n = 0
+        async for ids in self.store.job_ids(batch_id):
+            n += await self.store.cancel(batch_id, ids)
+        return n
+
+    async def workers(self) -> dict[str, dict[str, object]]:
+        """Live workers (heartbeat in the last 15 s) with their load and registry."""
+        raw = await self.redis.hgetall(keys.WORKERS)
+        now = time.time()
+        out = {}
+        for k, v in raw.items():
+            beat = json.loads(v)
+            if now - float(beat.get("seen_at", 0)) < 15:
+                out[k.decode() if isinstance(k, bytes) else k] = beat
+        return out

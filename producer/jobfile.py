@@ -1,0 +1,120 @@
+"""Reading JSONL job files: stream them, validate every line, report every bad line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .models import AgentJob
+
+MAX_REPORTED = 50
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+class JobFileError(Exception):
+    """A job file has bad lines; nothing of it was enqueued."""
+
+    def __init__(self, path: str, errors: list[LineError], total: int) -> None:
+        self.path, self.errors, self.total = path, errors, total
+        shown = "\n".join(f"  {e}" for e in errors)
+        more = f"\n  ... and {total - len(errors)} more" if total > len(errors) else ""
+        super().__init__(
+            f"{path}: {total} bad line{'s' if total != 1 else ''}; nothing was enqueued. "
+            f"Fix them and submit again:\n{shown}{more}"
+        )
+
+
+def describe(exc: ValidationError) -> str:
+    """One readable reason from a pydantic error: which field, what is wrong."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+        elif err["type"] == "missing":
+            parts.append(f"missing required field '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_line(text: str) -> AgentJob:
+    """One job from one JSON line; raises ValueError with a readable reason."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return AgentJob.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(describe(exc)) from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open("r", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line
+
+
+def validate_file(path: str | Path) -> int:
+    """Check every line; return the number of jobs, or raise JobFileError listing bad lines.
+
+    Streams the file; remembers only an 8-byte digest per custom_id, so memory stays small."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"job file not found: {p}")
+    seen: dict[bytes, int] = {}
+    errors: list[LineError] = []
+    total_bad = count = 0
+    try:
+        for n, text in _lines(p):
+            try:
+                job = parse_line(text)
+            except ValueError as exc:
+                total_bad += 1
+                if len(errors) < MAX_REPORTED:
+                    errors.append(LineError(n, str(exc)))
+                continue
+            digest = hashlib.blake2b(job.custom_id.encode(), digest_size=8).digest()
+            if digest in seen:
+                total_bad += 1
+                if len(errors) < MAX_REPORTED:
+                    errors.append(
+                        LineError(
+                            n,
+                            f"duplicate custom_id {job.custom_id!r} (first on line {seen[digest]})",
+                        )
+                    )
+                continue
+            seen[digest] = n
+            count += 1
+    except UnicodeDecodeError as exc:
+        raise JobFileError(str(p), [LineError(0, f"not UTF-8 text: {exc}")], 1) from None
+    if total_bad:
+        raise JobFileError(str(p), errors, total_bad)
+    if count == 0:
+        raise JobFileError(str(p), [LineError(0, "the file has no jobs")], 1)
+    return count
+
+
+def iter_jobs(path: str | Path) -> Iterator[AgentJob]:
+    """Stream the jobs of a file already checked by validate_file."""
+    for _, text in _lines(Path(path)):
+        yield parse_line(text)

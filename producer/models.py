@@ -1,0 +1,192 @@
+"""The job contract shared by producers and workers: job lines, result records, batch status."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: frozenset[Status] = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+ACTIVE: frozenset[Status] = frozenset({Status.QUEUED, Status.RUNNING})
+
+ErrorType = Literal[
+    "router_unreachable",
+    "auth_failed",
+    "model_not_found",
+    "rate_limited",
+    "router_error",
+    "timeout",
+    "max_turns_exceeded",
+    "invalid_job",
+    "tool_error",
+    "output_invalid",
+    "cancelled",
+]
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors: a typo in a job file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    """One chat message of a conversation input; extra keys (name, tool_call_id...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class AgentSpec(_Strict):
+    """An inline agent. Tools and MCP servers are names: code never travels through Redis."""
+
+    name: str = Field(default="Assistant", min_length=1)
+    instructions: str = "You are a helpful assistant. Be concise."
+    tools: list[str] = Field(default_factory=list)
+    output_schema: dict[str, Any] | None = None
+    model_settings: dict[str, Any] = Field(default_factory=dict)
+    mcp_servers: list[str] = Field(default_factory=list)
+
+
+class JobMetadata(BaseModel):
+    """Free-form metadata; user_id and tags have a meaning for the Router."""
+
+    model_config = ConfigDict(extra="allow")
+
+    user_id: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class AgentJob(_Strict):
+    """One line of a job file."""
+
+    custom_id: str = Field(min_length=1, max_length=512)
+    input: str | list[ChatMessage]
+    agent: str | AgentSpec | None = None
+    model: str | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    max_turns: int | None = Field(default=None, ge=1, le=100)
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400)
+    metadata: JobMetadata = Field(default_factory=JobMetadata)
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_empty(cls, v: str | list[ChatMessage]) -> str | list[ChatMessage]:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("input is empty: give the question or task as a non-empty string")
+        if isinstance(v, list) and not v:
+            raise ValueError("input is an empty list: give at least one chat message")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError('model is blank: name a model, "auto", or leave it out')
+        return v
+
+    @model_validator(mode="after")
+    def _fallbacks_not_blank(self) -> AgentJob:
+        if any(not f.strip() for f in self.fallbacks):
+            raise ValueError("fallbacks contains a blank model name")
+        return self
+
+    def input_text(self) -> str:
+        """The text used for routing by complexity: the input, or all message text."""
+        if isinstance(self.input, str):
+            return self.input
+        parts: list[str] = []
+        for m in self.input:
+            if isinstance(m.content, str):
+                parts.append(m.content)
+            elif m.content:
+                parts.extend(str(p.get("text", "")) for p in m.content)
+        return "\n".join(parts)
+
+
+def job_id_for(batch_id: str, custom_id: str) -> str:
+    """Deterministic job id: the same batch and custom_id always name the same job."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"agentq:{batch_id}:{custom_id}").hex
+
+
+def new_batch_id() -> str:
+    return "b_" + uuid.uuid4().hex[:16]
+
+
+class JobError(BaseModel):
+    type: ErrorType
+    message: str
+    retryable: bool = False
+
+
+class Attempt(BaseModel):
+    model: str
+    ok: bool
+    ms: int
+    router: str = "default"
+    error: str | None = None
+
+
+class Usage(BaseModel):
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ResultRecord(BaseModel):
+    """What a job became; `agentq results` writes one a line."""
+
+    custom_id: str
+    job_id: str
+    batch_id: str
+    status: Status
+    output: str | None = None
+    output_json: Any = None
+    model: str | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    enqueued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    worker: str | None = None
+    error: JobError | None = None
+    logs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class BatchStatus(BaseModel):
+    """Counters of one batch; they change atomically with each job's record."""
+
+    batch_id: str
+    total: int = 0
+    sealed: bool = False
+    counts: dict[Status, int] = Field(default_factory=lambda: {s: 0 for s in Status})
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    created_at: str | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in TERMINAL)
+
+    @property
+    def finished(self) -> bool:
+        return self.sealed and self.done >= self.total
+
+    @property
+    def all_succeeded(self) -> bool:
+        return self.finished and self.counts.get(Status.SUCCEEDED, 0) == self.total

@@ -1,0 +1,57 @@
+"""Progress of a batch: a rich progress bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import TracebackType
+
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from .models import BatchStatus, Status
+
+PLAIN_EVERY_S = 2.0
+
+
+class Progress:
+    def __init__(self, batch_id: str, *, tty: bool | None = None) -> None:
+        self.batch_id = batch_id
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self._bar: RichProgress | None = None
+        self._task = None
+        self._last_line = 0.0
+        self._last_done = -1
+
+    def __enter__(self) -> Progress:
+        if self.tty:
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.batch_id, total=None, detail="")
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(et, e, tb)
+
+    def update(self, st: BatchStatus) -> None:
+        failed = st.counts.get(Status.FAILED, 0) + st.counts.get(Status.CANCELLED, 0)
+        detail = f"running {st.counts.get(Status.RUNNING, 0)} failed {failed}"
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, total=st.total, completed=st.done, detail=detail)
+            return
+        now = time.monotonic()
+        if st.done != self._last_done and (now - self._last_line >= PLAIN_EVERY_S or st.finished):
+            print(
+                f"{self.batch_id}: {st.done}/{st.total} done, {detail}", file=sys.stderr, flush=True
+            )
+            self._last_line, self._last_done = now, st.done

@@ -1,0 +1,148 @@
+"""Tests for the shared embedded Valkey server (real valkey-server daemons in tmp dirs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.embedded import (
+    EmbeddedRedisError,
+    embedded_status,
+    ensure_embedded_redis,
+    stop_embedded_redis,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pid(d: Path) -> int:
+    return int((d / "valkey.pid").read_text())
+
+
+def _dead(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _starts(d: Path) -> int:
+    """How many servers were started in ``d`` (one log line per successful start)."""
+    return (d / "valkey.log").read_text().count("Ready to accept connections")
+
+
+def _run_ensure(d: Path) -> subprocess.Popen[str]:
+    code = (
+        "import sys; from producer.embedded import ensure_embedded_redis as e; "
+        "print(e(sys.argv[1]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(d)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh data dir whose server (if any) is stopped — or killed — afterwards."""
+    d = tmp_path / ".agentq"
+    yield d
+    stop_embedded_redis(d)
+    if (d / "valkey.pid").exists() and not _dead(pid := _pid(d)):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_starts_and_reuses(data_dir: Path) -> None:
+    url = ensure_embedded_redis(data_dir)
+    assert url.startswith("redis://127.0.0.1:") and url.endswith("/0")
+    client = redis.Redis.from_url(url)
+    client.set("k", "v")
+    assert client.get("k") == b"v"
+    pid = _pid(data_dir)
+
+    assert ensure_embedded_redis(data_dir) == url
+    assert embedded_status(data_dir) == url
+    assert _pid(data_dir) == pid and _starts(data_dir) == 1
+    assert (data_dir / ".gitignore").read_text().strip() == "*"
+    client.close()
+
+
+def test_survives_the_starting_process(data_dir: Path) -> None:
+    proc = _run_ensure(data_dir)
+    url = proc.communicate(timeout=30)[0].strip()
+    assert proc.returncode == 0
+    client = redis.Redis.from_url(url)
+    assert client.ping()
+    assert embedded_status(data_dir) == url
+    assert ensure_embedded_redis(data_dir) == url
+    client.close()
+
+
+def test_concurrent_first_use_starts_one_server(data_dir: Path) -> None:
+    procs = [_run_ensure(data_dir) for _ in range(4)]
+    urls = {p.communicate(timeout=30)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(urls) == 1
+    assert _starts(data_dir) == 1
+    assert embedded_status(data_dir) == urls.pop()
+
+
+def test_stale_files_after_kill_start_a_fresh_server(data_dir: Path) -> None:
+    ensure_embedded_redis(data_dir)
+    old_pid = _pid(data_dir)
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not _dead(old_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (data_dir / "valkey.port").exists()  # stale
+    assert embedded_status(data_dir) is None
+
+    url = ensure_embedded_redis(data_dir)
+    assert _pid(data_dir) != old_pid and _starts(data_dir) == 2
+    assert redis.Redis.from_url(url).ping()
+
+
+def test_data_persists_across_stop_and_start(data_dir: Path) -> None:
+    client = redis.Redis.from_url(ensure_embedded_redis(data_dir))
+    client.set("job:1", "queued")
+    client.close()
+    assert stop_embedded_redis(data_dir)
+
+    client = redis.Redis.from_url(ensure_embedded_redis(data_dir))
+    assert client.get("job:1") == b"queued"
+    client.close()
+
+
+def test_stop(data_dir: Path, tmp_path: Path) -> None:
+    assert not stop_embedded_redis(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    url = ensure_embedded_redis(data_dir)
+    pid = _pid(data_dir)
+
+    assert stop_embedded_redis(data_dir)
+    assert embedded_status(data_dir) is None
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    deadline = time.monotonic() + 10
+    while not _dead(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _dead(pid)
+    assert not stop_embedded_redis(data_dir)
+
+
+def test_startup_failure_explains_itself(data_dir: Path) -> None:
+    ensure_embedded_redis(data_dir)
+    stop_embedded_redis(data_dir)
+    manifest = next((data_dir / "appendonlydir").glob("*.manifest"))
+    manifest.write_text("garbage\n")
+
+    with pytest.raises(EmbeddedRedisError) as err:
+        ensure_embedded_redis(data_dir)
+    assert "Invalid AOF manifest" in str(err.value)
+    assert "REDIS_URL" in str(err.value)
+    assert embedded_status(data_dir) is None

@@ -1,0 +1,139 @@
+"""Turning a job's agent spec or profile name into an Agents SDK Agent and its model settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+import jsonschema
+from agents import Agent, AgentOutputSchemaBase, ModelSettings
+from agents.exceptions import ModelBehaviorError
+
+from producer.models import AgentJob, AgentSpec
+from producer.settings import Settings
+
+from .errors import InvalidJob
+from .tools import Registry
+
+_MODEL_SETTINGS = frozenset(f.name for f in fields(ModelSettings)) - {
+    "extra_headers",
+    "extra_body",
+    "extra_query",
+    "extra_args",
+    "retry",
+}
+
+
+class JsonSchemaOutput(AgentOutputSchemaBase):
+    """Structured output from a plain JSON Schema (a job cannot send Python types)."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise InvalidJob(f"output_schema is not a valid JSON Schema: {exc.message}") from None
+        self._schema = schema
+        self._validator = jsonschema.Draft202012Validator(schema)
+
+    def is_plain_text(self) -> bool:
+        return False
+
+    def name(self) -> str:
+        return "final_output"
+
+    def json_schema(self) -> dict[str, Any]:
+        return self._schema
+
+    def is_strict_json_schema(self) -> bool:
+        return False
+
+    def validate_json(self, json_str: str) -> Any:
+        try:
+            value = json.loads(json_str)
+        except json.JSONDecodeError as exc:
+            raise ModelBehaviorError(f"output is not JSON: {exc.msg}") from None
+        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        if errors:
+            where = "/".join(str(p) for p in errors[0].path) or "(root)"
+            raise ModelBehaviorError(
+                f"output does not match output_schema at {where}: {errors[0].message}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run for a job: the agent, the models to try in order, and the call settings."""
+
+    agent: Agent[Any]
+    models: list[str]
+    model_settings: ModelSettings
+    max_turns: int
+    timeout_s: float
+
+
+def resolve_model(name: str, job: AgentJob, settings: Settings) -> str:
+    """Route "auto" by input complexity, as the guide's route_by_complexity does."""
+    if name != "auto":
+        return name
+    if len(job.input_text()) < settings.auto_threshold_chars:
+        return settings.auto_small_model
+    return settings.auto_large_model
+
+
+def plan(job: AgentJob, registry: Registry, settings: Settings) -> Plan:
+    profile_model: str | None = None
+    if job.agent is None:
+        spec = AgentSpec()
+    elif isinstance(job.agent, str):
+        profile = registry.agents.get(job.agent)
+        if profile is None:
+            offered = ", ".join(sorted(registry.agents)) or "none"
+            raise InvalidJob(
+                f"unknown agent profile {job.agent!r}; the workers offer: {offered} "
+                "(see `agentq agents`)"
+            )
+        spec, profile_model = profile.spec, profile.model
+    else:
+        spec = job.agent
+
+    unknown = [t for t in spec.tools if t not in registry.tools]
+    if unknown:
+        offered = ", ".join(sorted(registry.tools)) or "none"
+        raise InvalidJob(f"unknown tools {unknown}; the workers offer: {offered}")
+    if spec.mcp_servers:
+        raise InvalidJob(f"MCP servers {spec.mcp_servers} are not configured on the workers")
+
+    bad = sorted(set(spec.model_settings) - _MODEL_SETTINGS)
+    if bad:
+        raise InvalidJob(f"unknown model_settings {bad}; allowed: {sorted(_MODEL_SETTINGS)}")
+    headers: dict[str, str] = {}
+    extra_args: dict[str, Any] = {}
+    if job.metadata.user_id:
+        headers["X-User-ID"] = job.metadata.user_id
+        extra_args["user"] = job.metadata.user_id
+    if job.metadata.tags:
+        headers["x-llm-tags"] = ",".join(job.metadata.tags)
+    try:
+        model_settings = ModelSettings(
+            **spec.model_settings, extra_headers=headers or None, extra_args=extra_args or None
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(f"bad model_settings: {exc}") from None
+
+    agent: Agent[Any] = Agent(
+        name=spec.name,
+        instructions=spec.instructions,
+        tools=[registry.tools[t] for t in spec.tools],  # type: ignore[misc]
+        output_type=JsonSchemaOutput(spec.output_schema) if spec.output_schema else None,
+    )
+    first = job.model or profile_model or settings.default_model
+    models = [resolve_model(m, job, settings) for m in [first, *job.fallbacks]]
+    return Plan(
+        agent=agent,
+        models=models,
+        model_settings=model_settings,
+        max_turns=job.max_turns or settings.max_turns,
+        timeout_s=min(job.timeout_s or settings.job_timeout_s, settings.max_job_timeout_s),
+    )

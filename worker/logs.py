@@ -1,0 +1,127 @@
+"""structlog set-up: JSON on stdout, secrets redacted, and every event of a job also kept in that
+job's result record."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from structlog.types import EventDict, Processor
+
+_job_events: ContextVar[list[dict[str, Any]] | None] = ContextVar("agentq_job_events", default=None)
+
+MAX_EVENTS_PER_JOB = 200
+"""A runaway job must not grow its record without bound."""
+
+_SECRET_KEYS = re.compile(r"(api[_-]?key|authorization|password|secret|token)$", re.I)
+_CONTENT_KEYS = frozenset({"input", "output", "prompt", "messages"})
+_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._\-]+")
+
+
+def redactor(secrets: list[str]) -> Processor:
+    """A processor that hides secret values wherever they appear, and secret-named keys."""
+    values = [s for s in secrets if s and len(s) >= 4]
+
+    def scrub(text: str) -> str:
+        for s in values:
+            text = text.replace(s, "[REDACTED]")
+        return _BEARER.sub(r"\1[REDACTED]", text)
+
+    def redact(_: Any, __: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if _SECRET_KEYS.search(key) and not key.endswith("_tokens"):
+                event[key] = "[REDACTED]"
+            elif isinstance(value, str):
+                event[key] = scrub(value)
+        return event
+
+    return redact
+
+
+def drop_content(_: Any, __: str, event: EventDict) -> EventDict:
+    """Leave prompts and outputs out of logs (AGENTQ_LOG_CONTENT=false)."""
+    for key in _CONTENT_KEYS & event.keys():
+        event[key] = "[omitted]"
+    return event
+
+
+def keep_for_job(_: Any, __: str, event: EventDict) -> EventDict:
+    """Append a copy of the event to the running job's log, if a job is running."""
+    events = _job_events.get()
+    if events is not None and len(events) < MAX_EVENTS_PER_JOB:
+        events.append({k: v for k, v in event.items() if k not in _JOB_CONTEXT})
+    return event
+
+
+_JOB_CONTEXT = frozenset({"job_id", "batch_id", "custom_id", "worker"})
+"""Fields bound on every event of a job: the record holds them once, not per event."""
+
+
+def add_static(fields: dict[str, Any]) -> Processor:
+    def add(_: Any, __: str, event: EventDict) -> EventDict:
+        for k, v in fields.items():
+            event.setdefault(k, v)
+        return event
+
+    return add
+
+
+def configure(
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    secrets: list[str] | None = None,
+    log_content: bool = True,
+    static: dict[str, Any] | None = None,
+    log_file: Path | None = None,
+) -> None:
+    """Configure structlog once per process: stdout, or a JSON-lines file (for `agentq run`,
+    whose stdout shows results)."""
+    out: IO[str] = sys.stdout
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = log_file.open("a", encoding="utf-8")
+    console = fmt == "console" or (fmt == "auto" and log_file is None and sys.stdout.isatty())
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_static(static or {}),
+        redactor(secrets or []),
+    ]
+    if not log_content:
+        processors.append(drop_content)
+    processors += [
+        keep_for_job,
+        structlog.processors.dict_tracebacks,
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(),
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+    # arq logs every job start and end through stdlib logging: too chatty at batch volume.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+@contextmanager
+def job_context(**bound: Any) -> Iterator[list[dict[str, Any]]]:
+    """Bind job fields to every event and collect the job's events (yielded list)."""
+    events: list[dict[str, Any]] = []
+    token = _job_events.set(events)
+    with structlog.contextvars.bound_contextvars(**bound):
+        try:
+            yield events
+        finally:
+            _job_events.reset(token)

@@ -1,0 +1,127 @@
+"""The worker's one pooled model provider: one AsyncOpenAI client for the Router per process,
+its connection pool sized to the concurrency, Model objects cached per name, and a bound on the
+model calls in flight (around the call itself, not around get_model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import structlog
+from agents import Model, ModelProvider
+from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
+from openai import AsyncOpenAI, DefaultAioHttpClient
+
+log = structlog.get_logger("agentq.provider")
+
+APP_NAME = "agentq"
+COST_HEADERS = ("x-llm-response-cost", "x-litellm-response-cost")
+
+
+@dataclass
+class CallMeter:
+    """Per-job totals the transport sees; one per job, found through a context variable."""
+
+    cost_usd: float = 0.0
+    calls: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)
+
+
+async def _on_response(response: httpx2.Response) -> None:
+    meter = current_meter.get()
+    if meter is None:
+        return
+    meter.calls += 1
+    for name in COST_HEADERS:
+        value = response.headers.get(name)
+        if value:
+            try:
+                meter.cost_usd += float(value)
+            except ValueError:
+                pass
+            break
+
+
+class RouterModel(OpenAIChatCompletionsModel):
+    """Chat-completions model that waits for a call slot and logs each call."""
+
+    def __init__(self, name: str, client: AsyncOpenAI, slots: asyncio.Semaphore) -> None:
+        super().__init__(model=name, openai_client=client)
+        self._slots = slots
+
+    async def get_response(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._slots:
+            start = time.perf_counter()
+            try:
+                response = await super().get_response(*args, **kwargs)
+            except Exception as exc:
+                log.info(
+                    "model_call",
+                    model=self.model,
+                    ok=False,
+                    latency_ms=round((time.perf_counter() - start) * 1000, 1),
+                    error=type(exc).__name__,
+                )
+                raise
+        u = response.usage
+        log.info(
+            "model_call",
+            model=self.model,
+            ok=True,
+            latency_ms=round((time.perf_counter() - start) * 1000, 1),
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            total_tokens=u.total_tokens,
+        )
+        return response
+
+
+class RouterProvider(ModelProvider):
+    """A plain ModelProvider: synchronous get_model returning a cached model on a pooled client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        concurrency: int,
+        max_calls: int,
+        call_timeout_s: float,
+    ) -> None:
+        self.base_url = base_url
+        # The SDK's own retries are off: agentq's runner is the one retry layer.
+        self.client = AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "unset",
+            max_retries=0,
+            timeout=call_timeout_s,
+            default_headers={"X-App-Name": APP_NAME},
+            http_client=DefaultAioHttpClient(
+                limits=httpx2.Limits(
+                    max_connections=concurrency, max_keepalive_connections=concurrency
+                ),
+                timeout=call_timeout_s,
+                event_hooks={"response": [_on_response]},
+            ),
+        )
+        self._slots = asyncio.Semaphore(max_calls)
+        self._models: dict[str, RouterModel] = {}
+
+    def get_model(self, model_name: str | None) -> Model:
+        if not model_name:
+            # Never let the SDK pick its default model: a job always names one.
+            raise ValueError("no model given: agentq always sets the model explicitly")
+        model = self._models.get(model_name)
+        if model is None:
+            model = self._models[model_name] = RouterModel(model_name, self.client, self._slots)
+        return model
+
+    async def aclose(self) -> None:
+        await self.client.close()

@@ -1,0 +1,233 @@
+"""Running one agent job: claim it, run the agent with retries and fallbacks, store one record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from agents import RunConfig, Runner
+
+from producer.models import AgentJob, Attempt, JobError, ResultRecord, Status, Usage
+from producer.settings import Settings
+from producer.store import Store, now_iso
+
+from .agents_build import Plan, plan
+from .errors import Failure, classify
+from .logs import job_context
+from .provider import CallMeter, RouterProvider, current_meter
+from .tools import Registry
+
+log = structlog.get_logger("agentq.runner")
+
+
+@dataclass
+class Runtime:
+    """What every job on this worker shares; built once in on_startup, kept in arq's ctx."""
+
+    settings: Settings
+    store: Store
+    provider: RouterProvider
+    registry: Registry
+    worker_id: str
+    in_flight: int = 0
+
+
+@dataclass
+class Outcome:
+    status: Status
+    output: str | None = None
+    output_json: Any = None
+    model: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    error: JobError | None = None
+
+
+def backoff_s(settings: Settings, attempt: int, hint: float | None) -> float:
+    """Exponential backoff with full jitter; a Router's retry-after hint wins when given."""
+    if hint is not None:
+        return min(hint, settings.backoff_max_s)
+    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * 2**attempt)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+async def run_agent_job(ctx: dict[str, Any], job_id: str, batch_id: str) -> None:
+    """The arq function: one job in, one stored record out (errors never escape to arq)."""
+    rt: Runtime = ctx["agentq"]
+    claim = await rt.store.claim(job_id, batch_id, rt.worker_id)
+    if claim.job is None:
+        log.info("job.skipped", job_id=job_id, batch_id=batch_id, state=claim.state)
+        return
+    job = claim.job
+    started_at = now_iso()
+    rt.in_flight += 1
+    meter = CallMeter()
+    meter_token = current_meter.set(meter)
+    try:
+        with job_context(
+            job_id=job_id, batch_id=batch_id, custom_id=job.custom_id, run=claim.runs
+        ) as events:
+            start = time.perf_counter()
+            log.info(
+                "job.started", input=job.input_text()[:2000] if rt.settings.log_content else None
+            )
+            outcome = await execute(rt, job)
+            duration_ms = round((time.perf_counter() - start) * 1000)
+            log.info(
+                "job.finished",
+                status=outcome.status.value,
+                model=outcome.model,
+                duration_ms=duration_ms,
+                turns=outcome.usage.requests,
+                input_tokens=outcome.usage.input_tokens,
+                output_tokens=outcome.usage.output_tokens,
+                total_tokens=outcome.usage.total_tokens,
+                cost_usd=round(meter.cost_usd, 8),
+                error_type=outcome.error.type if outcome.error else None,
+            )
+            record = ResultRecord(
+                custom_id=job.custom_id,
+                job_id=job_id,
+                batch_id=batch_id,
+                status=outcome.status,
+                output=outcome.output,
+                output_json=outcome.output_json,
+                model=outcome.model,
+                attempts=outcome.attempts,
+                usage=outcome.usage,
+                cost_usd=round(meter.cost_usd, 8),
+                enqueued_at=claim.enqueued_at,
+                started_at=started_at,
+                finished_at=now_iso(),
+                worker=rt.worker_id,
+                error=outcome.error,
+                logs=list(events),
+            )
+        # The final write must happen even if the job is being cancelled (as arq's finish_job).
+        stored = await asyncio.shield(rt.store.finish(record))
+        if not stored:
+            log.info("job.already_final", job_id=job_id, batch_id=batch_id)
+    finally:
+        current_meter.reset(meter_token)
+        rt.in_flight -= 1
+
+
+async def execute(rt: Runtime, job: AgentJob) -> Outcome:
+    """Try the job's model, then its fallbacks; retry retryable failures with backoff."""
+    out = Outcome(status=Status.FAILED)
+    try:
+        p = plan(job, rt.registry, rt.settings)
+    except Exception as exc:
+        out.error = classify(exc, router_url=rt.provider.base_url, model=job.model or "?").error
+        return out
+    failures: list[tuple[str, Failure]] = []
+    try:
+        async with asyncio.timeout(p.timeout_s):
+            for model in p.models:
+                failure = await _try_model(rt, job, p, model, out)
+                if failure is None:
+                    return out
+                failures.append((model, failure))
+                if not failure.error.retryable:
+                    break
+    except TimeoutError:
+        out.error = JobError(
+            type="timeout",
+            message=f"job ran out of its {p.timeout_s:g} s timeout — raise timeout_s in the job "
+            "or AGENTQ_JOB_TIMEOUT_S",
+            retryable=True,
+        )
+        return out
+    out.error = _summarize(failures)
+    return out
+
+
+async def _try_model(
+    rt: Runtime, job: AgentJob, p: Plan, model: str, out: Outcome
+) -> Failure | None:
+    """Run the agent on one model, retrying retryable failures; None on success."""
+    failure: Failure | None = None
+    for attempt in range(rt.settings.max_attempts_per_model):
+        if failure is not None:
+            delay = backoff_s(rt.settings, attempt - 1, failure.retry_after_s)
+            log.info(
+                "retry.wait",
+                model=model,
+                attempt=attempt + 1,
+                delay_s=round(delay, 3),
+                error_type=failure.error.type,
+            )
+            await asyncio.sleep(delay)
+        start = time.perf_counter()
+        try:
+            result = await Runner.run(
+                p.agent,
+                job.input
+                if isinstance(job.input, str)
+                else [
+                    m.model_dump(exclude_none=True)
+                    for m in job.input  # type: ignore[misc]
+                ],
+                max_turns=p.max_turns,
+                run_config=RunConfig(
+                    model=model,
+                    model_provider=rt.provider,
+                    model_settings=p.model_settings,
+                    tracing_disabled=True,
+                    workflow_name="agentq",
+                ),
+            )
+        except Exception as exc:
+            failure = classify(exc, router_url=rt.provider.base_url, model=model)
+            ms = round((time.perf_counter() - start) * 1000)
+            out.attempts.append(Attempt(model=model, ok=False, ms=ms, error=failure.error.type))
+            log.warning(
+                "attempt.failed",
+                model=model,
+                attempt=attempt + 1,
+                ms=ms,
+                error_type=failure.error.type,
+                error=failure.error.message,
+            )
+            if not failure.error.retryable:
+                return failure
+            continue
+        ms = round((time.perf_counter() - start) * 1000)
+        out.attempts.append(Attempt(model=model, ok=True, ms=ms))
+        u = result.context_wrapper.usage
+        out.usage = Usage(
+            requests=u.requests,
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            total_tokens=u.total_tokens,
+        )
+        out.status, out.model, out.error = Status.SUCCEEDED, model, None
+        final = result.final_output
+        if isinstance(final, str):
+            out.output = final
+        else:
+            out.output_json = final
+            out.output = json.dumps(final)
+        return None
+    return failure
+
+
+def _summarize(failures: list[tuple[str, Failure]]) -> JobError:
+    """One error for the job: the last cause, or every model's cause when fallbacks all failed."""
+    model, last = failures[-1]
+    if len(failures) == 1:
+        err = last.error
+        if err.type == "rate_limited":
+            return err.model_copy(update={"message": f"{err.message} (gave up after retries)"})
+        return err
+    causes = "; ".join(f"{m}: {f.error.message}" for m, f in failures)
+    return JobError(
+        type=last.error.type,
+        message=f"all {len(failures)} models failed — {causes}",
+        retryable=last.error.retryable,
+    )
