@@ -71,10 +71,9 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any], grace_s: float = 10
     """Stop an in-process arq worker: take no more jobs, let arq finish its bookkeeping of
     the jobs it ran, then close."""
     worker.allow_pick_jobs = False
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(grace_s):
-            while worker.tasks and not all(t.done() for t in worker.tasks.values()):
-                await asyncio.sleep(0.02)
+    pending = [t for t in worker.tasks.values() if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=grace_s)
     with contextlib.suppress(asyncio.CancelledError):
         await worker.close()
     task.cancel()
@@ -183,8 +182,8 @@ async def cmd_agents(args: argparse.Namespace, settings: Settings) -> int:
     tools: set[str] = set()
     agents: dict[str, Any] = {}
     for beat in workers.values():
-        tools.update(beat.get("tools", []))  # type: ignore[arg-type]
-        agents.update(beat.get("agents", {}))  # type: ignore[arg-type]
+        tools.update(beat.get("tools", []))
+        agents.update(beat.get("agents", {}))
     print("agent profiles:")
     for name, spec in sorted(agents.items()):
         print(f"  {name}: tools={spec.get('tools', [])}")

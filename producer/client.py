@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -50,7 +51,7 @@ class Producer:
     """Client side of agentq. `async with Producer.from_env() as p: ...`"""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis = redis
+        self.redis: Any = redis  # redis-py 5's async reply types are unions with sync ones
         self.settings = settings
         self.store = Store(redis, queue=settings.queue, result_ttl_s=settings.result_ttl_s)
 
@@ -161,7 +162,7 @@ class Producer:
             n += await self.store.cancel(batch_id, ids)
         return n
 
-    async def workers(self) -> dict[str, dict[str, object]]:
+    async def workers(self) -> dict[str, dict[str, Any]]:
         """Live workers (heartbeat in the last 15 s) with their load and registry."""
         raw = await self.redis.hgetall(keys.WORKERS)
         now = time.time()

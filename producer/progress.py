@@ -6,7 +6,7 @@ import sys
 import time
 from types import TracebackType
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
 from .models import BatchStatus, Status
@@ -19,7 +19,7 @@ class Progress:
         self.batch_id = batch_id
         self.tty = sys.stderr.isatty() if tty is None else tty
         self._bar: RichProgress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._last_line = 0.0
         self._last_done = -1
 

@@ -14,7 +14,7 @@ class ConfigError(Exception):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="AGENTQ_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="AGENTQ_", env_file=".env", extra="ignore", frozen=True, validate_by_name=True
     )
 
     router_url: str = Field(

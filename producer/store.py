@@ -103,7 +103,8 @@ class Store:
     """Job records, batch counters and their change notifications, on one Redis connection pool."""
 
     def __init__(self, redis: Redis, *, queue: str, result_ttl_s: int) -> None:
-        self.redis = redis
+        # redis-py 5 types async replies as `Awaitable[T] | T`; Any keeps call sites honest.
+        self.redis: Any = redis
         self.queue = queue
         self.ttl = result_ttl_s
         self._submit = redis.register_script(_SUBMIT)

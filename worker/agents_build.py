@@ -125,7 +125,7 @@ def plan(job: AgentJob, registry: Registry, settings: Settings) -> Plan:
     agent: Agent[Any] = Agent(
         name=spec.name,
         instructions=spec.instructions,
-        tools=[registry.tools[t] for t in spec.tools],  # type: ignore[misc]
+        tools=[registry.tools[t] for t in spec.tools],
         output_type=JsonSchemaOutput(spec.output_schema) if spec.output_schema else None,
     )
     first = job.model or profile_model or settings.default_model

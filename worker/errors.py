@@ -8,6 +8,7 @@ import email.utils
 import time
 from dataclasses import dataclass
 
+import aiohttp
 import openai
 from agents.exceptions import MaxTurnsExceeded, ModelBehaviorError, UserError
 
@@ -62,13 +63,26 @@ def _router_message(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
+def _is_connection_failure(exc: BaseException) -> bool:
+    """The aiohttp transport reports a refused or dropped connection as a ConnectTimeout; its
+    cause chain tells a real timeout from a connection failure."""
+    seen: BaseException | None = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, TimeoutError):
+            return False
+        if isinstance(seen, aiohttp.ClientConnectionError | ConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def classify(exc: BaseException, *, router_url: str, model: str) -> Failure:
     """The contract's error for an exception raised while running one attempt of a job."""
 
     def fail(kind: str, message: str, retryable: bool, after: float | None = None) -> Failure:
         return Failure(JobError(type=kind, message=message, retryable=retryable), after)  # type: ignore[arg-type]
 
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _is_connection_failure(exc):
         return fail("timeout", f"model call to {model} timed out at the Router {router_url}", True)
     if isinstance(exc, openai.APIConnectionError):
         return fail(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 from structlog.types import EventDict, Processor
@@ -84,7 +84,7 @@ def configure(
 ) -> None:
     """Configure structlog once per process: stdout, or a JSON-lines file (for `agentq run`,
     whose stdout shows results)."""
-    out: IO[str] = sys.stdout
+    out: TextIO = sys.stdout
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         out = log_file.open("a", encoding="utf-8")

@@ -167,12 +167,7 @@ async def _try_model(
         try:
             result = await Runner.run(
                 p.agent,
-                job.input
-                if isinstance(job.input, str)
-                else [
-                    m.model_dump(exclude_none=True)
-                    for m in job.input  # type: ignore[misc]
-                ],
+                _sdk_input(job),
                 max_turns=p.max_turns,
                 run_config=RunConfig(
                     model=model,
@@ -217,9 +212,16 @@ async def _try_model(
     return failure
 
 
+def _sdk_input(job: AgentJob) -> Any:
+    """The job's input as the SDK takes it: a string, or chat messages as input items."""
+    if isinstance(job.input, str):
+        return job.input
+    return [m.model_dump(exclude_none=True) for m in job.input]
+
+
 def _summarize(failures: list[tuple[str, Failure]]) -> JobError:
     """One error for the job: the last cause, or every model's cause when fallbacks all failed."""
-    model, last = failures[-1]
+    last = failures[-1][1]
     if len(failures) == 1:
         err = last.error
         if err.type == "rate_limited":

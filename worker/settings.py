@@ -9,7 +9,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from agents import set_trace_processors, set_tracing_disabled
@@ -127,7 +127,7 @@ def build_worker(
     # never starts it a second time while it still runs.
     arq_timeout = settings.max_job_timeout_s + 60
     return Worker(
-        functions=[func(run_agent_job, name=RUN_FUNCTION, timeout=arq_timeout)],  # type: ignore[arg-type]
+        functions=[func(run_agent_job, name=RUN_FUNCTION, timeout=arq_timeout)],
         queue_name=settings.queue,
         redis_settings=RedisSettings.from_dsn(redis_url(settings)),
         max_jobs=settings.concurrency,
@@ -148,7 +148,7 @@ def build_worker(
 class WorkerSettings:
     """For `arq worker.WorkerSettings`; `agentq worker` is the usual way."""
 
-    functions = [func(run_agent_job, name=RUN_FUNCTION)]  # type: ignore[arg-type]
+    functions: ClassVar = [func(run_agent_job, name=RUN_FUNCTION)]
     on_startup = on_startup
     on_shutdown = on_shutdown
     job_serializer = json_dumps

@@ -49,18 +49,20 @@ def evaluate(expression: str) -> int | float:
 
 
 def _walk(node: ast.AST) -> int | float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value  # type: ignore[no-any-return]
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        if isinstance(node.value, bool):
+            raise CalculatorError("booleans are not numbers here")
+        return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _walk(node.left), _walk(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
             raise CalculatorError(f"exponent {right} is too large (max {_MAX_EXPONENT})")
         try:
-            return _BINARY[type(node.op)](left, right)  # type: ignore[no-any-return]
+            return _BINARY[type(node.op)](left, right)
         except ZeroDivisionError:
             raise CalculatorError("division by zero") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_walk(node.operand))  # type: ignore[no-any-return]
+        return _UNARY[type(node.op)](_walk(node.operand))
     raise CalculatorError(f"unsupported element in expression: {ast.dump(node)[:60]}")
 
 

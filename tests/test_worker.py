@@ -1,0 +1,205 @@
+"""The worker path on a real Redis and the simulated Router over HTTP, with an in-process arq
+worker: outputs, routing, headers, retries, fallbacks, permanent failures, records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ops.simrouter import SimRouter
+from producer import AgentJob, Producer, Settings, Status
+from tests.helpers import records, run_batch
+
+
+def job(custom_id: str, text: str, **kw: Any) -> AgentJob:
+    return AgentJob.model_validate({"custom_id": custom_id, "input": text, **kw})
+
+
+async def run(producer: Producer, settings: Settings, *jobs: AgentJob) -> dict[str, Any]:
+    batch = await producer.submit(list(jobs))
+    await run_batch(producer, settings, batch.id)
+    return await records(producer, batch.id)
+
+
+async def test_plain_and_tool_jobs(producer: Producer, settings: Settings) -> None:
+    calc = {"name": "Calc", "instructions": "Use tools.", "tools": ["calculator"]}
+    out = await run(
+        producer,
+        settings,
+        job("q1", "What is 2+2?"),
+        job("q2", "What is 15 * 23?", agent=calc, model="gpt-4o"),
+        job("q3", "What is 6 * 7?", agent="calculator"),
+    )
+    assert out["q1"].status == Status.SUCCEEDED and out["q1"].output == "4"
+    q2 = out["q2"]
+    assert q2.output == "The result of 15 * 23 is 345."
+    assert q2.model == "gpt-4o" and q2.usage.requests == 2 and q2.usage.total_tokens > 0
+    assert q2.cost_usd > 0
+    assert [a.ok for a in q2.attempts] == [True]
+    assert out["q3"].output == "The result of 6 * 7 is 42."
+    events = [e["event"] for e in q2.logs]
+    assert events[0] == "job.started" and events[-1] == "job.finished"
+    assert events.count("model_call") == 2
+    call = next(e for e in q2.logs if e["event"] == "model_call")
+    assert call["model"] == "gpt-4o" and call["latency_ms"] >= 0 and call["total_tokens"] > 0
+    for r in out.values():
+        assert r.started_at and r.finished_at and r.enqueued_at and r.worker
+
+
+async def test_auto_routes_by_input_length(producer: Producer, settings: Settings) -> None:
+    out = await run(
+        producer,
+        settings,
+        job("short", "What is 1+1?", model="auto"),
+        job(
+            "long", "Explain in detail why queues help when running many agents. " * 2, model="auto"
+        ),
+    )
+    assert out["short"].model == settings.auto_small_model
+    assert out["long"].model == settings.auto_large_model
+
+
+async def test_headers_reach_router(producer: Producer, settings: Settings, sim: SimRouter) -> None:
+    await run(
+        producer,
+        settings,
+        job("h", "What is 3+3?", metadata={"user_id": "u-42", "tags": ["team-a", "nightly"]}),
+    )
+    req = sim.stats.requests[-1]
+    assert req["headers"]["x-app-name"] == "agentq"
+    assert req["headers"]["x-user-id"] == "u-42"
+    assert req["headers"]["x-llm-tags"] == "team-a,nightly"
+    assert req["body"]["user"] == "u-42"
+    assert req["body"]["model"] == settings.default_model
+    assert "authorization" not in req["headers"]
+
+
+async def test_retry_then_success_and_fallback(producer: Producer, settings: Settings) -> None:
+    out = await run(
+        producer,
+        settings,
+        job("flaky", "What is 5+5?", model="sim-flaky"),
+        job("fallback", "What is 7+7?", model="sim-500", fallbacks=["sim-503", "gpt-4o"]),
+    )
+    flaky = out["flaky"]
+    assert flaky.status == Status.SUCCEEDED and flaky.output == "10"
+    assert [(a.model, a.ok, a.error) for a in flaky.attempts] == [
+        ("sim-flaky", False, "router_error"),
+        ("sim-flaky", True, None),
+    ]
+    fb = out["fallback"]
+    assert fb.status == Status.SUCCEEDED and fb.model == "gpt-4o" and fb.output == "14"
+    tries = settings.max_attempts_per_model
+    assert [a.model for a in fb.attempts] == ["sim-500"] * tries + ["sim-503"] * tries + ["gpt-4o"]
+
+
+async def test_rate_limit_retries_then_reports(producer: Producer, settings: Settings) -> None:
+    out = await run(producer, settings, job("rl", "What is 1+2?", model="sim-429"))
+    r = out["rl"]
+    assert r.status == Status.FAILED and r.error is not None
+    assert r.error.type == "rate_limited" and r.error.retryable
+    assert len(r.attempts) == settings.max_attempts_per_model
+    assert "gave up after retries" in r.error.message
+
+
+@pytest.mark.parametrize(
+    ("model", "error_type", "needle"),
+    [
+        ("gpt-5", "model_not_found", "model 'gpt-5' not found — see `agentq models`"),
+        ("sim-bad-json", "output_invalid", "not JSON"),
+    ],
+)
+async def test_permanent_failures_fail_fast(
+    producer: Producer, settings: Settings, model: str, error_type: str, needle: str
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    agent = {"output_schema": schema} if model == "sim-bad-json" else None
+    out = await run(
+        producer, settings, job("x", "What is 2+2?", model=model, fallbacks=["gpt-4o"], agent=agent)
+    )
+    r = out["x"]
+    assert r.status == Status.FAILED and r.error is not None
+    assert r.error.type == error_type and not r.error.retryable
+    assert needle in r.error.message
+    assert len(r.attempts) == 1  # never retried, no fallback for a permanent error
+
+
+async def test_wrong_key_is_auth_failed(producer: Producer, settings: Settings) -> None:
+    bad = settings.model_copy(update={"api_key": type(settings.api_key)("sk-wrong-key-123")})
+    batch = await producer.submit([job("k", "What is 2+2?")])
+    await run_batch(producer, bad, batch.id)
+    r = (await records(producer, batch.id))["k"]
+    assert r.error is not None and r.error.type == "auth_failed"
+    assert "HANZO_API_KEY" in r.error.message and len(r.attempts) == 1
+    assert "sk-wrong-key-123" not in r.model_dump_json()
+
+
+async def test_router_unreachable(producer: Producer, settings: Settings) -> None:
+    down = settings.model_copy(update={"router_url": "http://127.0.0.1:9/v1"})
+    batch = await producer.submit([job("u", "What is 2+2?")])
+    await run_batch(producer, down, batch.id)
+    r = (await records(producer, batch.id))["u"]
+    assert r.error is not None and r.error.type == "router_unreachable"
+    assert "Cannot connect to Router at http://127.0.0.1:9/v1 — is it running?" in r.error.message
+    assert len(r.attempts) == settings.max_attempts_per_model
+
+
+async def test_structured_output(producer: Producer, settings: Settings) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    out = await run(
+        producer, settings, job("s", "Paris has 2100000 people", agent={"output_schema": schema})
+    )
+    r = out["s"]
+    assert r.status == Status.SUCCEEDED, r.error
+    assert isinstance(r.output_json, dict) and set(r.output_json) == {"city", "population"}
+
+
+async def test_invalid_jobs_fail_with_what_to_do(producer: Producer, settings: Settings) -> None:
+    out = await run(
+        producer,
+        settings,
+        job("tool", "hi", agent={"tools": ["no_such_tool"]}),
+        job("profile", "hi", agent="no_such_profile"),
+        job("schema", "hi", agent={"output_schema": {"type": "no-such-type"}}),
+        job("settings", "hi", agent={"model_settings": {"temprature": 0.2}}),
+    )
+    for cid, needle in [
+        ("tool", "unknown tools ['no_such_tool']; the workers offer: calculator"),
+        ("profile", "unknown agent profile 'no_such_profile'"),
+        ("schema", "output_schema is not a valid JSON Schema"),
+        ("settings", "unknown model_settings ['temprature']"),
+    ]:
+        r = out[cid]
+        assert r.status == Status.FAILED and r.error is not None, cid
+        assert r.error.type == "invalid_job" and needle in r.error.message, (cid, r.error)
+        assert r.attempts == []
+
+
+async def test_timeout(producer: Producer, settings: Settings) -> None:
+    out = await run(producer, settings, job("t", "What is 2+2?", model="sim-slow", timeout_s=0.3))
+    r = out["t"]
+    assert r.status == Status.FAILED and r.error is not None and r.error.type == "timeout"
+
+
+async def test_batch_counters_add_up(producer: Producer, settings: Settings) -> None:
+    jobs = [job(f"j{i}", f"What is {i} + {i}?") for i in range(40)]
+    jobs += [job("bad", "What is 1+1?", model="gpt-5")]
+    batch = await producer.submit(jobs)
+    st = await run_batch(producer, settings, batch.id)
+    assert st.total == 41 and st.counts[Status.SUCCEEDED] == 40 and st.counts[Status.FAILED] == 1
+    assert st.counts[Status.QUEUED] == st.counts[Status.RUNNING] == 0
+    recs = [r async for r in producer.results(batch.id)]
+    assert [r.custom_id for r in recs] == [j.custom_id for j in jobs]  # input order
+    assert sum(r.usage.total_tokens for r in recs) == st.usage.total_tokens
+    assert abs(sum(r.cost_usd for r in recs) - st.cost_usd) < 1e-6
+    assert {r.output for r in recs if r.custom_id == "j7"} == {"14"}
