@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e . >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e . \
+  2> >(grep -v 'is ignored: it is neither' >&2) >/dev/null
 PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 .venv/bin/agentq-simrouter --port "$PORT" > .venv/simrouter.log 2>&1 &
 SIM=$!

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' \
+  2> >(grep -v 'is ignored: it is neither' >&2) >/dev/null
 .venv/bin/ruff check producer worker ops tests
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

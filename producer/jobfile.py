@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -37,11 +38,30 @@ class JobFileError(Exception):
         )
 
 
+_UNION_TAGS = {
+    "str": "a string",
+    "list[ChatMessage]": "a list of chat messages",
+    "AgentSpec": "an agent spec object",
+}
+
+
 def describe(exc: ValidationError) -> str:
-    """One readable reason from a pydantic error: which field, what is wrong."""
-    parts = []
+    """One readable reason from a pydantic error: which field, what is wrong. For a field that
+    takes one of several types, a wrong-type complaint about the branch the value was clearly
+    not meant for is left out."""
+    errors = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        tags = [str(p) for p in err["loc"] if str(p) in _UNION_TAGS]
+        loc = ".".join(str(p) for p in err["loc"] if str(p) not in _UNION_TAGS)
+        errors.append((loc, tags, err))
+    deep = {loc.split(".")[0] for loc, tags, e in errors if tags and not _wrong_type(e)}
+    parts: list[str] = []
+    mismatched: dict[str, list[str]] = {}
+    for loc, tags, err in errors:
+        if tags and _wrong_type(err):
+            if loc.split(".")[0] not in deep:
+                mismatched.setdefault(loc, []).extend(_UNION_TAGS[t] for t in tags)
+            continue
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field '{loc}'")
         elif err["type"] == "missing":
@@ -49,7 +69,13 @@ def describe(exc: ValidationError) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}" if loc else msg)
+    for loc, kinds in mismatched.items():
+        parts.append(f"{loc}: wrong type, expected {' or '.join(kinds)}")
     return "; ".join(parts)
+
+
+def _wrong_type(err: Any) -> bool:
+    return str(err["type"]).endswith("_type")
 
 
 def parse_line(text: str) -> AgentJob:
@@ -67,7 +93,7 @@ def parse_line(text: str) -> AgentJob:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("r", encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8-sig") as f:  # a BOM from some editors is fine
         for n, line in enumerate(f, 1):
             if line.strip():
                 yield n, line

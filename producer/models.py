@@ -86,9 +86,9 @@ class AgentJob(_Strict):
     @classmethod
     def _input_not_empty(cls, v: str | list[ChatMessage]) -> str | list[ChatMessage]:
         if isinstance(v, str) and not v.strip():
-            raise ValueError("input is empty: give the question or task as a non-empty string")
+            raise ValueError("empty: give the question or task as a non-empty string")
         if isinstance(v, list) and not v:
-            raise ValueError("input is an empty list: give at least one chat message")
+            raise ValueError("empty list: give at least one chat message")
         return v
 
     @field_validator("model")
@@ -119,7 +119,8 @@ class AgentJob(_Strict):
 
 def job_id_for(batch_id: str, custom_id: str) -> str:
     """Deterministic job id: the same batch and custom_id always name the same job."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"agentq:{batch_id}:{custom_id}").hex
+    # The length prefix keeps ("x", "y:z") and ("x:y", "z") apart.
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"agentq:{len(batch_id)}:{batch_id}:{custom_id}").hex
 
 
 def new_batch_id() -> str:

@@ -34,12 +34,20 @@ def redactor(secrets: list[str]) -> Processor:
             text = text.replace(s, "[REDACTED]")
         return _BEARER.sub(r"\1[REDACTED]", text)
 
+    def clean(key: str, value: Any) -> Any:
+        if _SECRET_KEYS.search(key):
+            return "[REDACTED]"
+        if isinstance(value, str):
+            return scrub(value)
+        if isinstance(value, dict):
+            return {k: clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean("", v) for v in value]
+        return value
+
     def redact(_: Any, __: str, event: EventDict) -> EventDict:
         for key, value in event.items():
-            if _SECRET_KEYS.search(key) and not key.endswith("_tokens"):
-                event[key] = "[REDACTED]"
-            elif isinstance(value, str):
-                event[key] = scrub(value)
+            event[key] = clean(key, value)
         return event
 
     return redact
@@ -94,13 +102,14 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_static(static or {}),
+        # Tracebacks become data first, so the redactor sees exception messages too.
+        structlog.processors.dict_tracebacks,
         redactor(secrets or []),
     ]
     if not log_content:
         processors.append(drop_content)
     processors += [
         keep_for_job,
-        structlog.processors.dict_tracebacks,
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(),
     ]
     structlog.configure(

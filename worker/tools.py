@@ -34,6 +34,7 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
 }
 _MAX_EXPONENT = 1000
 _MAX_CHARS = 500
+_MAX_BITS = 4096
 
 
 def evaluate(expression: str) -> int | float:
@@ -55,15 +56,37 @@ def _walk(node: ast.AST) -> int | float:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _walk(node.left), _walk(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-            raise CalculatorError(f"exponent {right} is too large (max {_MAX_EXPONENT})")
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right)
         try:
-            return _BINARY[type(node.op)](left, right)
+            return _bounded(_BINARY[type(node.op)](left, right))
         except ZeroDivisionError:
             raise CalculatorError("division by zero") from None
+        except OverflowError:
+            raise CalculatorError("result too large") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_walk(node.operand))
     raise CalculatorError(f"unsupported element in expression: {ast.dump(node)[:60]}")
+
+
+def _check_power(base: float, exponent: float) -> None:
+    """Refuse powers whose result would be huge before computing them: nested powers
+    otherwise build numbers of millions of bits and stall the worker."""
+    if abs(exponent) > _MAX_EXPONENT:
+        raise CalculatorError(f"exponent {exponent} is too large (max {_MAX_EXPONENT})")
+    if isinstance(base, int) and abs(base) > 1 and exponent > 0:
+        if abs(base).bit_length() * exponent > _MAX_BITS:
+            raise CalculatorError("result too large")
+
+
+def _bounded(value: object) -> int | float:
+    if isinstance(value, complex):
+        raise CalculatorError("the result is not a real number")
+    if isinstance(value, int) and value.bit_length() > _MAX_BITS:
+        raise CalculatorError("result too large")
+    if not isinstance(value, int | float):
+        raise CalculatorError("the result is not a number")
+    return value
 
 
 async def calculator(expression: str) -> str:
