@@ -31,3 +31,13 @@ WORKERS = f"{PREFIX}:workers"
 
 ARQ_JOB_PREFIX = "arq:job:"
 """arq's own key for a queued job's payload (arq.constants.job_key_prefix)."""
+
+ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
+"""arq's marker of a job being run (arq.constants.in_progress_key_prefix)."""
+
+LEASES = f"{PREFIX}:leases"
+"""Sorted set: running job id -> lease deadline (ms). A running job leaves arq's queue, so polls
+cost nothing per job in flight; a job whose worker stops renewing goes back to the queue."""
+
+CONTROL = f"{PREFIX}:control"
+"""Pub/sub channel to workers: "cancel <batch_id>" stops that batch's running jobs."""

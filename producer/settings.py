@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the environment variable."""
+
+
+class RouterSpec(BaseModel):
+    """Another OpenAI-compatible Router; its key is read from the named environment variable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    key_env: str | None = None
+
+    def api_key(self) -> str:
+        return os.environ.get(self.key_env, "") if self.key_env else ""
 
 
 class Settings(BaseSettings):
@@ -69,6 +90,24 @@ class Settings(BaseSettings):
 
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
+
+    lease_s: float = Field(30.0, ge=1)
+    """A running job's lease: if its worker dies, the job runs again elsewhere within about
+    this long. Workers renew leases every lease_s / 3."""
+
+    max_runs: int = Field(3, ge=1, le=100)
+    """Starts of one job whose worker died each time, before it fails instead."""
+
+    shutdown_grace_s: int = Field(30, ge=0)
+    """On SIGTERM a worker takes no new jobs and lets running ones finish for this long; the
+    rest go back to the queue."""
+
+    max_input_chars: int = Field(200_000, ge=1)
+    """Largest job input accepted at submit."""
+
+    routers: dict[str, RouterSpec] = Field(default_factory=dict)
+    """More Routers by name, as JSON: {"backup": {"url": "https://...", "key_env": "BACKUP_KEY"}};
+    a job's model or fallback "backup:gpt-4o" goes to that Router."""
 
     result_ttl_s: int = Field(7 * 86_400, ge=60)
     """How long job records and batch counters are kept."""

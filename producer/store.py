@@ -4,6 +4,7 @@ counts always add up and a re-run after a crash cannot count twice or overwrite 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,14 +42,19 @@ _CLAIM = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {{'missing'}} end
 if {_TERMINAL_LUA} then return {{st}} end
+local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+local f = redis.call('HMGET', KEYS[1], 'spec', 'enqueued_at')
+if tonumber(ARGV[5]) > 0 and runs > tonumber(ARGV[5]) then
+  return {{'exhausted', f[1], f[2], tostring(runs - 1)}}
+end
 if st == 'queued' then
   redis.call('HINCRBY', KEYS[2], 'queued', -1)
   redis.call('HINCRBY', KEYS[2], 'running', 1)
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
-local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+redis.call('ZREM', KEYS[4], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[3] .. ' running')
-local f = redis.call('HMGET', KEYS[1], 'spec', 'enqueued_at')
 return {{'running', f[1], f[2], tostring(runs)}}
 """
 
@@ -66,6 +72,7 @@ redis.call('HINCRBYFLOAT', KEYS[2], 'cost_usd', ARGV[7])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[8])
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
 redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('ZREM', KEYS[6], ARGV[10])
 if st == 'queued' then
   redis.call('ZREM', KEYS[4], ARGV[10])
   redis.call('DEL', KEYS[5])
@@ -73,6 +80,50 @@ end
 redis.call('PUBLISH', KEYS[3], ARGV[10] .. ' ' .. ARGV[1])
 return 1
 """
+
+_RELEASE = """
+redis.call('ZREM', KEYS[5], ARGV[1])
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HINCRBY', KEYS[2], 'running', -1)
+redis.call('HINCRBY', KEYS[2], 'queued', 1)
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HINCRBY', KEYS[1], 'runs', -1)
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' queued')
+return 1
+"""
+
+_REAP = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('DEL', ARGV[3] .. id)
+  redis.call('ZADD', KEYS[2], ARGV[1], id)
+end
+return #ids
+"""
+
+_RETRY = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 0 end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == st then allowed = true end end
+if not allowed then return 0 end
+redis.call('HINCRBY', KEYS[2], st, -1)
+redis.call('HINCRBY', KEYS[2], 'queued', 1)
+redis.call('HDEL', KEYS[1], 'result', 'started_at', 'finished_at', 'worker')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'runs', 0)
+redis.call('HINCRBY', KEYS[1], 'retries', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('PSETEX', KEYS[5], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' queued')
+return 1
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def now_iso() -> str:
@@ -93,7 +144,9 @@ def _i(v: Any) -> int:
 class Claim:
     """What a worker gets when it starts a job: the job, or why it must not run."""
 
-    state: str  # "running", "missing", or the terminal status the job already has
+    state: str
+    """ "running"; "exhausted" (started max_runs times already: its workers kept dying);
+    "missing"; or the terminal status the job already has."""
     job: AgentJob | None = None
     enqueued_at: str | None = None
     runs: int = 0
@@ -102,14 +155,27 @@ class Claim:
 class Store:
     """Job records, batch counters and their change notifications, on one Redis connection pool."""
 
-    def __init__(self, redis: Redis, *, queue: str, result_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        queue: str,
+        result_ttl_s: int,
+        lease_s: float = 30.0,
+        max_runs: int = 3,
+    ) -> None:
         # redis-py 5 types async replies as `Awaitable[T] | T`; Any keeps call sites honest.
         self.redis: Any = redis
         self.queue = queue
         self.ttl = result_ttl_s
+        self.lease_ms = int(lease_s * 1000)
+        self.max_runs = max_runs
         self._submit = redis.register_script(_SUBMIT)
         self._claim = redis.register_script(_CLAIM)
         self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
+        self._reap = redis.register_script(_REAP)
+        self._retry = redis.register_script(_RETRY)
 
     # -- producer side -------------------------------------------------------------------
 
@@ -118,16 +184,16 @@ class Store:
         Returns how many were new."""
         if not jobs:
             return 0
-        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        ms = now_ms()
         enqueued_at = now_iso()
         bkey, okey = keys.batch(batch_id), keys.batch_order(batch_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hsetnx(bkey, "created_at", enqueued_at)
-            pipe.zadd(keys.BATCHES, {batch_id: now_ms}, nx=True)
+            pipe.zadd(keys.BATCHES, {batch_id: ms}, nx=True)
             for job in jobs:
                 jid = job_id_for(batch_id, job.custom_id)
                 payload = serialize_job(
-                    RUN_FUNCTION, (jid, batch_id), {}, None, now_ms, serializer=json_dumps
+                    RUN_FUNCTION, (jid, batch_id), {}, None, ms, serializer=json_dumps
                 )
                 await self._submit(
                     keys=[keys.job(jid), bkey, okey, keys.ARQ_JOB_PREFIX + jid, self.queue],
@@ -138,7 +204,7 @@ class Store:
                         job.model_dump_json(exclude_defaults=True),
                         enqueued_at,
                         payload,
-                        now_ms,
+                        ms,
                         ARQ_EXPIRES_MS,
                         self.ttl,
                     ],
@@ -230,27 +296,97 @@ class Store:
                 )
         return out
 
+    async def retry(self, batch_id: str, job_ids: Iterable[str], statuses: Iterable[Status]) -> int:
+        """Re-enqueue jobs in one of `statuses` as new attempts of the same custom_id."""
+        allowed = ",".join(s.value for s in statuses)
+        ms = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for jid in job_ids:
+                payload = serialize_job(
+                    RUN_FUNCTION, (jid, batch_id), {}, None, ms, serializer=json_dumps
+                )
+                await self._retry(
+                    keys=[
+                        keys.job(jid),
+                        keys.batch(batch_id),
+                        keys.batch_events(batch_id),
+                        self.queue,
+                        keys.ARQ_JOB_PREFIX + jid,
+                    ],
+                    args=[jid, allowed, ms, payload, ARQ_EXPIRES_MS, self.ttl],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return sum(1 for r in replies if r == 1)
+
     async def cancel(self, batch_id: str, job_ids: Iterable[str]) -> int:
-        """Cancel every job of `job_ids` that is not terminal yet; returns how many changed."""
+        """Cancel every job of `job_ids` that is not terminal yet; returns how many changed.
+        Workers running them hear it on the control channel and stop them."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for jid in job_ids:
                 await self._finish_call(pipe, batch_id, jid, Status.CANCELLED, None)
+            pipe.publish(keys.CONTROL, f"cancel {batch_id}")
             replies = await pipe.execute()
-        return sum(1 for r in replies if r == 1)
+        return sum(1 for r in replies[:-1] if r == 1)
 
     # -- worker side ---------------------------------------------------------------------
 
     async def claim(self, job_id: str, batch_id: str, worker: str) -> Claim:
-        """Mark a job running (queued, or running after a crash) and get its spec."""
+        """Mark a job running (queued, or running after a crash), take it out of arq's queue
+        under a lease, and get its spec."""
         reply = await self._claim(
-            keys=[keys.job(job_id), keys.batch(batch_id), keys.batch_events(batch_id)],
-            args=[worker, now_iso(), job_id],
+            keys=[
+                keys.job(job_id),
+                keys.batch(batch_id),
+                keys.batch_events(batch_id),
+                self.queue,
+                keys.LEASES,
+            ],
+            args=[worker, now_iso(), job_id, now_ms() + self.lease_ms, self.max_runs],
         )
         state = _s(reply[0]) or "missing"
-        if state != "running":
+        if state not in ("running", "exhausted"):
             return Claim(state)
         job = AgentJob.model_validate_json(reply[1])
-        return Claim("running", job=job, enqueued_at=_s(reply[2]), runs=_i(reply[3]))
+        return Claim(state, job=job, enqueued_at=_s(reply[2]), runs=_i(reply[3]))
+
+    async def job_owner(self, job_id: str) -> tuple[str | None, str | None]:
+        """The batch id and custom_id of a job, if it exists."""
+        batch_id, custom_id = await self.redis.hmget(keys.job(job_id), ["batch_id", "custom_id"])
+        return _s(batch_id), _s(custom_id)
+
+    async def renew(self, job_ids: Iterable[str]) -> None:
+        """Extend the leases of jobs this worker runs (only those still leased)."""
+        deadline = now_ms() + self.lease_ms
+        mapping = {jid: deadline for jid in job_ids}
+        if mapping:
+            await self.redis.zadd(keys.LEASES, mapping, xx=True)
+
+    async def reap(self, limit: int = 500) -> int:
+        """Put jobs whose lease ran out (their worker died) back in arq's queue."""
+        return int(
+            await self._reap(
+                keys=[keys.LEASES, self.queue],
+                args=[now_ms(), limit, keys.ARQ_IN_PROGRESS_PREFIX],
+            )
+        )
+
+    async def release(self, job_id: str, batch_id: str) -> bool:
+        """A running job was interrupted (shutdown): back to queued, at the queue's front.
+        The interrupted run does not count towards max_runs."""
+        return (
+            await self._release(
+                keys=[
+                    keys.job(job_id),
+                    keys.batch(batch_id),
+                    keys.batch_events(batch_id),
+                    self.queue,
+                    keys.LEASES,
+                ],
+                args=[job_id, now_ms()],
+            )
+            == 1
+        )
 
     async def finish(self, record: ResultRecord) -> bool:
         """Store the final record; False if the job was already terminal (then nothing changes)."""
@@ -271,6 +407,7 @@ class Store:
                 keys.batch_events(batch_id),
                 self.queue,
                 keys.ARQ_JOB_PREFIX + job_id,
+                keys.LEASES,
             ],
             args=[
                 status.value,

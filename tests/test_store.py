@@ -102,7 +102,8 @@ async def test_cancel_ends_queued_jobs_and_dequeues_them(store: Store) -> None:
     st = await store.batch_status("b1")
     assert st is not None and st.finished
     assert st.counts[Status.CANCELLED] == 2 and st.counts[Status.SUCCEEDED] == 1
-    assert await store.redis.zcard(store.queue) == 1  # only the already-finished job's entry
+    assert await store.redis.zcard(store.queue) == 0  # claimed or cancelled: none left
+    assert await store.redis.zcard(keys.LEASES) == 0
     assert not await store.redis.exists(keys.ARQ_JOB_PREFIX + ids[1])
     assert (await store.claim(ids[1], "b1", "w")).state == "cancelled"
     recs = await store.records("b1", ids)
@@ -140,3 +141,87 @@ async def test_records_stream_in_input_order(store: Store) -> None:
     async for chunk in store.job_ids("b1", chunk=500):
         seen.extend(r.custom_id for r in await store.records("b1", chunk))
     assert seen == ids
+
+
+async def test_claim_moves_job_from_queue_to_lease(store: Store) -> None:
+    await store.submit_chunk("b1", jobs("a"))
+    jid = job_id_for("b1", "a")
+    await store.claim(jid, "b1", "w")
+    assert await store.redis.zscore(store.queue, jid) is None
+    assert await store.redis.zscore(keys.LEASES, jid) is not None
+    await store.finish(final(store, "b1", "a", Status.SUCCEEDED))
+    assert await store.redis.zscore(keys.LEASES, jid) is None
+
+
+async def test_expired_lease_goes_back_to_queue(store: Store) -> None:
+    store.lease_ms = 0  # every lease is already over
+    await store.submit_chunk("b1", jobs("a", "b"))
+    ja, jb = job_id_for("b1", "a"), job_id_for("b1", "b")
+    await store.claim(ja, "b1", "dead-worker")
+    await store.redis.set(keys.ARQ_IN_PROGRESS_PREFIX + ja, b"1")
+    assert await store.reap() == 1
+    assert await store.redis.zscore(store.queue, ja) is not None
+    assert not await store.redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + ja)
+    st = await store.batch_status("b1")
+    assert st is not None and st.counts[Status.RUNNING] == 1  # still running until re-claimed
+    again = await store.claim(ja, "b1", "w2")
+    assert again.state == "running" and again.runs == 2
+    st = await store.batch_status("b1")
+    assert st is not None and st.counts[Status.RUNNING] == 1 and st.counts[Status.QUEUED] == 1
+    assert await store.redis.zscore(store.queue, jb) is not None
+
+
+async def test_renew_keeps_live_leases(store: Store) -> None:
+    await store.submit_chunk("b1", jobs("a"))
+    jid = job_id_for("b1", "a")
+    store.lease_ms = 0
+    await store.claim(jid, "b1", "w")
+    store.lease_ms = 60_000
+    await store.renew([jid, "not-leased"])
+    assert await store.reap() == 0
+    assert await store.redis.zscore(keys.LEASES, "not-leased") is None
+
+
+async def test_max_runs_exhausted(store: Store) -> None:
+    store.max_runs = 2
+    await store.submit_chunk("b1", jobs("a"))
+    jid = job_id_for("b1", "a")
+    assert (await store.claim(jid, "b1", "w1")).state == "running"
+    assert (await store.claim(jid, "b1", "w2")).state == "running"
+    third = await store.claim(jid, "b1", "w3")
+    assert third.state == "exhausted" and third.runs == 2 and third.job is not None
+
+
+async def test_release_puts_job_back_without_counting_the_run(store: Store) -> None:
+    await store.submit_chunk("b1", jobs("a"))
+    jid = job_id_for("b1", "a")
+    await store.claim(jid, "b1", "w")
+    assert await store.release(jid, "b1")
+    st = await store.batch_status("b1")
+    assert st is not None and st.counts[Status.QUEUED] == 1 and st.counts[Status.RUNNING] == 0
+    assert await store.redis.zscore(store.queue, jid) is not None
+    assert await store.redis.zscore(keys.LEASES, jid) is None
+    assert (await store.claim(jid, "b1", "w")).runs == 1
+    await store.finish(final(store, "b1", "a", Status.SUCCEEDED))
+    assert not await store.release(jid, "b1")  # final stays final
+
+
+async def test_retry_requeues_failed_jobs_as_new_attempts(store: Store) -> None:
+    await store.submit_chunk("b1", jobs("a", "b", "c"))
+    await store.seal("b1")
+    ids = {c: job_id_for("b1", c) for c in "abc"}
+    for c, status in [("a", Status.FAILED), ("b", Status.SUCCEEDED)]:
+        await store.claim(ids[c], "b1", "w")
+        await store.finish(final(store, "b1", c, status))
+    await store.cancel("b1", [ids["c"]])
+    assert await store.retry("b1", ids.values(), [Status.FAILED]) == 1
+    st = await store.batch_status("b1")
+    assert st is not None and not st.finished
+    assert st.counts[Status.QUEUED] == 1 and st.counts[Status.FAILED] == 0
+    assert st.counts[Status.CANCELLED] == 1 and st.counts[Status.SUCCEEDED] == 1
+    assert await store.redis.zscore(store.queue, ids["a"]) is not None
+    payload = json.loads(await store.redis.get(keys.ARQ_JOB_PREFIX + ids["a"]))
+    assert payload["a"] == [ids["a"], "b1"]
+    (rec,) = await store.records("b1", [ids["a"]])
+    assert rec.status == Status.QUEUED and rec.output is None
+    assert await store.retry("b1", ids.values(), [Status.FAILED, Status.CANCELLED]) == 1

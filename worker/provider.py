@@ -83,36 +83,63 @@ class RouterModel(OpenAIChatCompletionsModel):
         return response
 
 
+@dataclass(frozen=True)
+class Route:
+    """One Router: its name ("default" for HANZO_ROUTER_URL), URL and pooled client."""
+
+    name: str
+    url: str
+    client: AsyncOpenAI
+
+
+def _client(url: str, api_key: str, concurrency: int, call_timeout_s: float) -> AsyncOpenAI:
+    # The SDK's own retries are off: agentq's runner is the one retry layer. The aiohttp
+    # transport is leaner than httpx's; its pool is sized to the concurrency, not 100/20.
+    return AsyncOpenAI(
+        base_url=url,
+        api_key=api_key or "unset",
+        max_retries=0,
+        timeout=call_timeout_s,
+        default_headers={"X-App-Name": APP_NAME},
+        http_client=DefaultAioHttpClient(
+            limits=httpx2.Limits(
+                max_connections=concurrency, max_keepalive_connections=concurrency
+            ),
+            timeout=call_timeout_s,
+            event_hooks={"response": [_on_response]},
+        ),
+    )
+
+
 class RouterProvider(ModelProvider):
-    """A plain ModelProvider: synchronous get_model returning a cached model on a pooled client."""
+    """A plain ModelProvider: synchronous get_model returning a cached model on a pooled client.
+    "name:model" picks a named Router (AGENTQ_ROUTERS); anything else goes to the default."""
 
     def __init__(
         self,
-        base_url: str,
-        api_key: str,
+        routers: dict[str, tuple[str, str]],
         *,
         concurrency: int,
         max_calls: int,
         call_timeout_s: float,
     ) -> None:
-        self.base_url = base_url
-        # The SDK's own retries are off: agentq's runner is the one retry layer.
-        self.client = AsyncOpenAI(
-            base_url=base_url,
-            api_key=api_key or "unset",
-            max_retries=0,
-            timeout=call_timeout_s,
-            default_headers={"X-App-Name": APP_NAME},
-            http_client=DefaultAioHttpClient(
-                limits=httpx2.Limits(
-                    max_connections=concurrency, max_keepalive_connections=concurrency
-                ),
-                timeout=call_timeout_s,
-                event_hooks={"response": [_on_response]},
-            ),
-        )
+        self.routes = {
+            name: Route(name, url, _client(url, key, concurrency, call_timeout_s))
+            for name, (url, key) in routers.items()
+        }
         self._slots = asyncio.Semaphore(max_calls)
         self._models: dict[str, RouterModel] = {}
+
+    @property
+    def base_url(self) -> str:
+        return self.routes["default"].url
+
+    def route(self, model_name: str) -> tuple[Route, str]:
+        """The Router a model name goes to, and the model name to send it."""
+        prefix, sep, rest = model_name.partition(":")
+        if sep and prefix in self.routes and rest:
+            return self.routes[prefix], rest
+        return self.routes["default"], model_name
 
     def get_model(self, model_name: str | None) -> Model:
         if not model_name:
@@ -120,8 +147,10 @@ class RouterProvider(ModelProvider):
             raise ValueError("no model given: agentq always sets the model explicitly")
         model = self._models.get(model_name)
         if model is None:
-            model = self._models[model_name] = RouterModel(model_name, self.client, self._slots)
+            route, name = self.route(model_name)
+            model = self._models[model_name] = RouterModel(name, route.client, self._slots)
         return model
 
     async def aclose(self) -> None:
-        await self.client.close()
+        for route in self.routes.values():
+            await route.client.close()

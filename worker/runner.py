@@ -26,6 +26,13 @@ log = structlog.get_logger("agentq.runner")
 
 
 @dataclass
+class Running:
+    batch_id: str
+    task: asyncio.Task[Outcome]
+    cancelled_by_user: bool = False
+
+
+@dataclass
 class Runtime:
     """What every job on this worker shares; built once in on_startup, kept in arq's ctx."""
 
@@ -34,7 +41,21 @@ class Runtime:
     provider: RouterProvider
     registry: Registry
     worker_id: str
-    in_flight: int = 0
+    running: dict[str, Running] = field(default_factory=dict)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def cancel_batch(self, batch_id: str) -> int:
+        """Stop this worker's running jobs of a cancelled batch."""
+        n = 0
+        for run in self.running.values():
+            if run.batch_id == batch_id and not run.task.done():
+                run.cancelled_by_user = True
+                run.task.cancel()
+                n += 1
+        return n
 
 
 @dataclass
@@ -56,33 +77,41 @@ def backoff_s(settings: Settings, attempt: int, hint: float | None) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-async def run_agent_job(ctx: dict[str, Any], job_id: str, batch_id: str) -> None:
+async def run_agent_job(
+    ctx: dict[str, Any], *args: str, invalid_payload: str | None = None
+) -> None:
     """The arq function: one job in, one stored record out (errors never escape to arq)."""
     rt: Runtime = ctx["agentq"]
+    if invalid_payload is not None:
+        await _fail_invalid_payload(rt, ctx["job_id"], invalid_payload)
+        return
+    job_id, batch_id = args
     claim = await rt.store.claim(job_id, batch_id, rt.worker_id)
     if claim.job is None:
         log.info("job.skipped", job_id=job_id, batch_id=batch_id, state=claim.state)
         return
     job = claim.job
-    started_at = now_iso()
-    rt.in_flight += 1
     meter = CallMeter()
     meter_token = current_meter.set(meter)
     try:
         with job_context(
             job_id=job_id, batch_id=batch_id, custom_id=job.custom_id, run=claim.runs
         ) as events:
-            start = time.perf_counter()
-            log.info(
-                "job.started", input=job.input_text()[:2000] if rt.settings.log_content else None
-            )
-            outcome = await execute(rt, job)
-            duration_ms = round((time.perf_counter() - start) * 1000)
+            started_at, start = now_iso(), time.perf_counter()
+            if claim.state == "exhausted":
+                outcome = _exhausted(claim.runs)
+            else:
+                log.info("job.started", input=job.input_text()[:2000])
+                ran = await _run_tracked(rt, job_id, batch_id, job)
+                if ran is None:  # cancelled by `agentq cancel`: already recorded
+                    log.info("job.cancelled")
+                    return
+                outcome = ran
             log.info(
                 "job.finished",
                 status=outcome.status.value,
                 model=outcome.model,
-                duration_ms=duration_ms,
+                duration_ms=round((time.perf_counter() - start) * 1000),
                 turns=outcome.usage.requests,
                 input_tokens=outcome.usage.input_tokens,
                 output_tokens=outcome.usage.output_tokens,
@@ -109,12 +138,60 @@ async def run_agent_job(ctx: dict[str, Any], job_id: str, batch_id: str) -> None
                 logs=list(events),
             )
         # The final write must happen even if the job is being cancelled (as arq's finish_job).
-        stored = await asyncio.shield(rt.store.finish(record))
-        if not stored:
+        if not await asyncio.shield(rt.store.finish(record)):
             log.info("job.already_final", job_id=job_id, batch_id=batch_id)
     finally:
         current_meter.reset(meter_token)
-        rt.in_flight -= 1
+
+
+async def _run_tracked(rt: Runtime, job_id: str, batch_id: str, job: AgentJob) -> Outcome | None:
+    """Run the job as its own task, so `agentq cancel` can stop it without stopping arq's;
+    if arq stops us (worker shutdown), give the job back to the queue."""
+    task = asyncio.create_task(execute(rt, job))
+    run = rt.running[job_id] = Running(batch_id, task)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if run.cancelled_by_user and not (current and current.cancelling()):
+            return None
+        await asyncio.shield(rt.store.release(job_id, batch_id))
+        log.info("job.released", reason="worker shutting down")
+        raise
+    finally:
+        rt.running.pop(job_id, None)
+
+
+def _exhausted(runs: int) -> Outcome:
+    return Outcome(
+        status=Status.FAILED,
+        error=JobError(
+            type="invalid_job",
+            message=f"the job was started {runs} times and its worker stopped each time "
+            "(killed, or out of memory?) — check the workers' logs; raise AGENTQ_MAX_RUNS to "
+            "allow more",
+            retryable=False,
+        ),
+    )
+
+
+async def _fail_invalid_payload(rt: Runtime, job_id: str, reason: str) -> None:
+    """Something other than agentq wrote this queue entry: fail our job of that id, if any."""
+    log.warning("job.invalid_payload", job_id=job_id, reason=reason)
+    batch_id, custom_id = await rt.store.job_owner(job_id)
+    if batch_id is None:
+        return
+    await rt.store.finish(
+        ResultRecord(
+            custom_id=custom_id or "",
+            job_id=job_id,
+            batch_id=batch_id,
+            status=Status.FAILED,
+            finished_at=now_iso(),
+            worker=rt.worker_id,
+            error=JobError(type="invalid_job", message=reason + " — resubmit the job"),
+        )
+    )
 
 
 async def execute(rt: Runtime, job: AgentJob) -> Outcome:

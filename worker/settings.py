@@ -16,14 +16,18 @@ from agents import set_trace_processors, set_tracing_disabled
 from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from producer import keys
 from producer.connect import redis_url
-from producer.serde import json_dumps, json_loads
+from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
 from . import logs
+from .payload import load_job
 from .provider import RouterProvider
 from .runner import Runtime, run_agent_job
 from .tools import default_registry, load_plugins
@@ -49,35 +53,46 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     _disable_tracing()
     registry = default_registry()
     load_plugins(registry, settings.plugins)
+    routers = {"default": (settings.router_url, settings.api_key.get_secret_value())}
+    routers |= {name: (spec.url, spec.api_key()) for name, spec in settings.routers.items()}
     provider = RouterProvider(
-        settings.router_url,
-        settings.api_key.get_secret_value(),
+        routers,
         concurrency=settings.concurrency,
         max_calls=settings.model_call_limit,
         call_timeout_s=settings.call_timeout_s,
     )
-    store = Store(ctx["redis"], queue=settings.queue, result_ttl_s=settings.result_ttl_s)
+    store = Store(
+        ctx["redis"],
+        queue=settings.queue,
+        result_ttl_s=settings.result_ttl_s,
+        lease_s=settings.lease_s,
+        max_runs=settings.max_runs,
+    )
     rt = Runtime(settings, store, provider, registry, worker_id())
     ctx["agentq"] = rt
-    ctx["agentq_heartbeat"] = asyncio.create_task(_heartbeat(rt))
+    ctx["agentq_tasks"] = [
+        asyncio.create_task(_maintain(rt)),
+        asyncio.create_task(_listen(rt)),
+    ]
     log.info(
         "worker.started",
         worker=rt.worker_id,
         router_url=settings.router_url,
+        routers=sorted(settings.routers),
         concurrency=settings.concurrency,
         queue=settings.queue,
+        lease_s=settings.lease_s,
         tools=sorted(registry.tools),
         agents=sorted(registry.agents),
     )
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    rt: Runtime | None = ctx.get("agentq")
-    task: asyncio.Task[None] | None = ctx.get("agentq_heartbeat")
-    if task:
+    for task in ctx.get("agentq_tasks", []):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    rt: Runtime | None = ctx.get("agentq")
     if rt is None:
         return
     with contextlib.suppress(Exception):
@@ -86,24 +101,59 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     log.info("worker.stopped", worker=rt.worker_id)
 
 
-async def _heartbeat(rt: Runtime) -> None:
-    """Publish this worker's registry and load, so `agentq health`/`agents` can list them."""
+async def _maintain(rt: Runtime) -> None:
+    """Every few seconds: renew the leases of running jobs, put jobs of dead workers back in
+    the queue, and publish this worker's registry and load (`agentq health`, `agentq agents`,
+    and submit-time checks read it)."""
+    every = min(HEARTBEAT_S, rt.settings.lease_s / 3)
     while True:
-        beat = {
-            "version": VERSION,
-            "concurrency": rt.settings.concurrency,
-            "in_flight": rt.in_flight,
-            "tools": sorted(rt.registry.tools),
-            "agents": {
-                n: p.spec.model_dump(exclude_defaults=True) for n, p in rt.registry.agents.items()
-            },
-            "seen_at": time.time(),
-        }
         try:
-            await rt.store.redis.hset(keys.WORKERS, rt.worker_id, json.dumps(beat))
-        except Exception as exc:  # Redis away: keep beating, arq reconnects
-            log.warning("worker.heartbeat_failed", error=str(exc))
-        await asyncio.sleep(HEARTBEAT_S)
+            await rt.store.renew(list(rt.running))
+            reaped = await rt.store.reap()
+            if reaped:
+                log.warning("leases.expired", requeued=reaped)
+            await rt.store.redis.hset(keys.WORKERS, rt.worker_id, json.dumps(_beat(rt)))
+        except Exception as exc:  # Redis away: keep going, the client reconnects
+            log.warning("worker.maintenance_failed", error=str(exc))
+        await asyncio.sleep(every)
+
+
+def _beat(rt: Runtime) -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "concurrency": rt.settings.concurrency,
+        "in_flight": rt.in_flight,
+        "tools": sorted(rt.registry.tools),
+        "agents": {
+            n: p.spec.model_dump(exclude_defaults=True) for n, p in rt.registry.agents.items()
+        },
+        "mcp_servers": [],
+        "seen_at": time.time(),
+    }
+
+
+async def _listen(rt: Runtime) -> None:
+    """Hear `agentq cancel` and stop that batch's running jobs here."""
+    while True:
+        pubsub = rt.store.redis.pubsub()
+        try:
+            await pubsub.subscribe(keys.CONTROL)
+            async for msg in pubsub.listen():
+                if msg.get("type") != "message":
+                    continue
+                verb, _, batch_id = msg["data"].decode().partition(" ")
+                if verb == "cancel":
+                    n = rt.cancel_batch(batch_id)
+                    if n:
+                        log.info("batch.cancel_heard", batch_id=batch_id, stopped=n)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("worker.control_channel_lost", error=str(exc))
+            await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
 
 def build_worker(
@@ -126,23 +176,38 @@ def build_worker(
     # arq's own job timeout stays above any job's timeout, so arq never cuts a run short and
     # never starts it a second time while it still runs.
     arq_timeout = settings.max_job_timeout_s + 60
-    return Worker(
+    worker = Worker(
         functions=[func(run_agent_job, name=RUN_FUNCTION, timeout=arq_timeout)],
         queue_name=settings.queue,
-        redis_settings=RedisSettings.from_dsn(redis_url(settings)),
+        redis_settings=redis_settings(settings),
         max_jobs=settings.concurrency,
         job_timeout=arq_timeout,
         keep_result=0,
         poll_delay=settings.poll_delay_s,
         burst=burst,
         handle_signals=handle_signals,
+        job_completion_wait=settings.shutdown_grace_s,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         ctx={"agentq_settings": settings},
         job_serializer=json_dumps,
-        job_deserializer=json_loads,
-        max_tries=5,
+        job_deserializer=load_job,
+        # agentq counts runs itself (AGENTQ_MAX_RUNS); arq's count would end a job silently.
+        max_tries=1_000_000,
     )
+    # arq marks a job "in progress" until its function starts; a worker dying in that moment
+    # must not hold the job for arq's full job timeout. Running jobs are covered by leases.
+    worker.in_progress_timeout_s = settings.lease_s
+    return worker
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection, retrying commands with backoff through Redis restarts and drops."""
+    rs = RedisSettings.from_dsn(redis_url(settings))
+    rs.conn_retries = 30
+    rs.retry_on_error = [ConnectionError, TimeoutError, BusyLoadingError]
+    rs.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+    return rs
 
 
 class WorkerSettings:
@@ -152,5 +217,5 @@ class WorkerSettings:
     on_startup = on_startup
     on_shutdown = on_shutdown
     job_serializer = json_dumps
-    job_deserializer = json_loads
+    job_deserializer = load_job
     keep_result = 0
