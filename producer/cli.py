@@ -121,6 +121,15 @@ async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    async with Producer.from_env(settings) as p:
+        n = await p.retry(args.batch, failed_only=args.failed)
+        st = await p.status(args.batch)
+    print(f"re-enqueued {n} jobs", file=sys.stderr)
+    _print_summary(st, sys.stdout)
+    return EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.settings import build_worker
 
@@ -357,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel the jobs of a batch not finished yet")
     cancel.add_argument("batch")
 
+    retry = sub.add_parser("retry", help="re-enqueue failed (and cancelled) jobs")
+    retry.add_argument("batch")
+    retry.add_argument("--failed", action="store_true", help="only failed jobs, not cancelled")
+
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument("--concurrency", type=int)
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
@@ -374,6 +387,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "wait": cmd_wait,
     "results": cmd_results,
     "cancel": cmd_cancel,
+    "retry": cmd_retry,
     "health": cmd_health,
     "models": cmd_models,
     "agents": cmd_agents,

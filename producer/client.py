@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from . import keys
+from .checks import Check, job_checker
 from .connect import connect
 from .jobfile import JobFileError, LineError, iter_jobs, validate_file
 from .models import AgentJob, BatchStatus, ResultRecord, Status, new_batch_id
@@ -77,17 +78,17 @@ class Producer:
         """Enqueue jobs as one batch. Duplicate custom_ids are rejected before anything is
         enqueued; submitting the same batch id and custom_id again enqueues it once."""
         jobs = jobs if isinstance(jobs, Sequence) else list(jobs)
+        check = await self.checker()
         seen: dict[str, int] = {}
         errors = []
         for n, job in enumerate(jobs, 1):
-            if job.custom_id in seen:
-                errors.append(
-                    LineError(
-                        n,
-                        f"duplicate custom_id {job.custom_id!r} "
-                        f"(first at job {seen[job.custom_id]})",
-                    )
+            reason = check(job)
+            if reason is None and job.custom_id in seen:
+                reason = (
+                    f"duplicate custom_id {job.custom_id!r} (first at job {seen[job.custom_id]})"
                 )
+            if reason:
+                errors.append(LineError(n, reason, kind="job"))
             seen.setdefault(job.custom_id, n)
         if errors:
             raise JobFileError("jobs", errors[:50], len(errors))
@@ -95,8 +96,12 @@ class Producer:
 
     async def submit_file(self, path: str | Path, *, batch_id: str | None = None) -> Batch:
         """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again)."""
-        count = validate_file(path)
+        count = validate_file(path, await self.checker())
         return await self._enqueue(iter_jobs(path), count, batch_id or new_batch_id())
+
+    async def checker(self) -> Check:
+        """Checks against the size limit and the live workers' tools and agent profiles."""
+        return job_checker(self.settings.max_input_chars, await self.workers())
 
     async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
         new = 0
@@ -160,6 +165,16 @@ class Producer:
         n = 0
         async for ids in self.store.job_ids(batch_id):
             n += await self.store.cancel(batch_id, ids)
+        return n
+
+    async def retry(self, batch_id: str, *, failed_only: bool = False) -> int:
+        """Re-enqueue failed (and, unless failed_only, cancelled) jobs as new attempts of the
+        same custom_id; returns how many."""
+        await self.status(batch_id)
+        statuses = [Status.FAILED] if failed_only else [Status.FAILED, Status.CANCELLED]
+        n = 0
+        async for ids in self.store.job_ids(batch_id):
+            n += await self.store.retry(batch_id, ids, statuses)
         return n
 
     async def workers(self) -> dict[str, dict[str, Any]]:

@@ -1,11 +1,23 @@
-"""Where Redis is: REDIS_URL, or the embedded Valkey server every agentq command shares."""
+"""Where Redis is (REDIS_URL, or the embedded Valkey server every agentq command shares), and
+how to talk to it: every command retries with backoff through restarts and dropped links."""
 
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from .embedded import ensure_embedded_redis
 from .settings import Settings
+
+RETRY_ON: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError]
+
+
+def retry_policy() -> Retry:
+    """About a minute of retries (50 ms doubling to 2 s): a Redis restart or failover passes
+    unnoticed. Retried commands are safe: agentq's state changes are idempotent scripts."""
+    return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
 
 
 def redis_url(settings: Settings) -> str:
@@ -13,10 +25,10 @@ def redis_url(settings: Settings) -> str:
 
 
 def connect(settings: Settings) -> Redis:
-    """A client whose connections retry on connection errors (Redis restarts, dropped links)."""
     return Redis.from_url(
         redis_url(settings),
         health_check_interval=30,
         socket_keepalive=True,
-        retry_on_timeout=True,
+        retry=retry_policy(),
+        retry_on_error=RETRY_ON,
     )

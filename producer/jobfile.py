@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .checks import Check
 from .models import AgentJob
 
 MAX_REPORTED = 50
@@ -20,9 +21,11 @@ MAX_REPORTED = 50
 class LineError:
     line: int
     reason: str
+    kind: str = "line"
+    """"line" in a file; "job" (1-based position) for jobs given through the Python API."""
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}"
+        return f"{self.kind} {self.line}: {self.reason}"
 
 
 class JobFileError(Exception):
@@ -99,7 +102,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield n, line
 
 
-def validate_file(path: str | Path) -> int:
+def validate_file(path: str | Path, check: Check | None = None) -> int:
     """Check every line; return the number of jobs, or raise JobFileError listing bad lines.
 
     Streams the file; remembers only an 8-byte digest per custom_id, so memory stays small."""
@@ -117,6 +120,12 @@ def validate_file(path: str | Path) -> int:
                 total_bad += 1
                 if len(errors) < MAX_REPORTED:
                     errors.append(LineError(n, str(exc)))
+                continue
+            reason = check(job) if check else None
+            if reason:
+                total_bad += 1
+                if len(errors) < MAX_REPORTED:
+                    errors.append(LineError(n, reason))
                 continue
             digest = hashlib.blake2b(job.custom_id.encode(), digest_size=8).digest()
             if digest in seen:

@@ -6,6 +6,7 @@ import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -59,6 +60,16 @@ class AgentSpec(_Strict):
     output_schema: dict[str, Any] | None = None
     model_settings: dict[str, Any] = Field(default_factory=dict)
     mcp_servers: list[str] = Field(default_factory=list)
+
+    @field_validator("output_schema")
+    @classmethod
+    def _schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(v)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return v
 
 
 class JobMetadata(BaseModel):

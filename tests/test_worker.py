@@ -170,13 +170,11 @@ async def test_invalid_jobs_fail_with_what_to_do(producer: Producer, settings: S
         settings,
         job("tool", "hi", agent={"tools": ["no_such_tool"]}),
         job("profile", "hi", agent="no_such_profile"),
-        job("schema", "hi", agent={"output_schema": {"type": "no-such-type"}}),
         job("settings", "hi", agent={"model_settings": {"temprature": 0.2}}),
     )
     for cid, needle in [
         ("tool", "unknown tools ['no_such_tool']; the workers offer: calculator"),
         ("profile", "unknown agent profile 'no_such_profile'"),
-        ("schema", "output_schema is not a valid JSON Schema"),
         ("settings", "unknown model_settings ['temprature']"),
     ]:
         r = out[cid]

@@ -1,0 +1,75 @@
+"""Submit-time checks: nothing is enqueued unless every job is valid, including against the
+tools and agent profiles the live workers publish."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from producer import AgentJob, JobFileError, Producer, Settings, keys
+
+
+async def publish_worker(redis: Redis, tools: list[str], agents: list[str]) -> None:
+    beat = {
+        "tools": tools,
+        "agents": {a: {} for a in agents},
+        "mcp_servers": [],
+        "seen_at": time.time(),
+        "concurrency": 1,
+        "in_flight": 0,
+        "version": "t",
+    }
+    await redis.hset(keys.WORKERS, "host:1", json.dumps(beat))
+
+
+async def test_file_checked_against_live_workers(
+    producer: Producer, redis: Redis, tmp_path: Path
+) -> None:
+    await publish_worker(redis, ["calculator"], ["calculator"])
+    f = tmp_path / "jobs.jsonl"
+    f.write_text(
+        '{"custom_id": "a", "input": "1+1", "agent": {"tools": ["calculator"]}}\n'
+        '{"custom_id": "b", "input": "1+1", "agent": {"tools": ["web_search"]}}\n'
+        '{"custom_id": "c", "input": "1+1", "agent": "researcher"}\n'
+        '{"custom_id": "d", "input": "1+1", "agent": {"mcp_servers": ["files"]}}\n'
+        '{"custom_id": "e", "input": "1+1", "agent": {"output_schema": {"type": 3}}}\n'
+    )
+    with pytest.raises(JobFileError) as err:
+        await producer.submit_file(f)
+    text = str(err.value)
+    assert "line 2: unknown tools ['web_search']; the workers offer: calculator" in text
+    assert "line 3: unknown agent profile 'researcher'; the workers offer: calculator" in text
+    assert "line 4: unknown MCP servers ['files']; the workers offer: none" in text
+    assert "line 5: agent.output_schema: not a valid JSON Schema" in text
+    assert await redis.zcard("agentq:queue") == 0
+
+
+async def test_stale_workers_are_not_the_registry(producer: Producer, redis: Redis) -> None:
+    beat = {"tools": [], "agents": {}, "seen_at": time.time() - 3600}
+    await redis.hset(keys.WORKERS, "gone:1", json.dumps(beat))
+    batch = await producer.submit(
+        [
+            AgentJob.model_validate(
+                {"custom_id": "a", "input": "x", "agent": {"tools": ["anything"]}}
+            )
+        ]
+    )
+    assert batch.enqueued == 1  # no live worker: the worker checks when it runs the job
+
+
+async def test_input_size_limit(settings: Settings, redis: Redis) -> None:
+    small = settings.model_copy(update={"max_input_chars": 10})
+    async with Producer.from_env(small) as p:
+        with pytest.raises(
+            JobFileError,
+            match=r"job 2: input is 11 characters, over the limit "
+            r"of 10 \(AGENTQ_MAX_INPUT_CHARS\)",
+        ):
+            await p.submit(
+                [AgentJob(custom_id="a", input="short"), AgentJob(custom_id="b", input="x" * 11)]
+            )
+    assert await redis.dbsize() == 0
