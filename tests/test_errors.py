@@ -307,3 +307,35 @@ def test_classify_rate_limit_with_garbage_retry_after() -> None:
     failure = run(exc)
     assert failure.error.type == "rate_limited"
     assert failure.retry_after_s is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("20ms", 0.02),
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("1h2m3.5s", 3723.5),
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    from worker.errors import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+def test_retry_after_from_spent_ratelimit_budget() -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "2s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    assert retry_after(headers) == 360.0
+    assert retry_after({**headers, "x-ratelimit-remaining-tokens": "1000"}) == 2.0
+    assert (
+        retry_after({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "2s"})
+        is None
+    )

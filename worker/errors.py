@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import openai
@@ -29,9 +31,32 @@ class Failure:
     retry_after_s: float | None = None
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """OpenAI-style durations in x-ratelimit-reset-*: "20ms", "1s", "6m0s", "1h2m3.5s"."""
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+def _ratelimit_reset(get: Any) -> float | None:
+    """When a budget is spent (x-ratelimit-remaining-* is 0), its reset time."""
+    waits = []
+    for kind in ("requests", "tokens"):
+        if str(get(f"x-ratelimit-remaining-{kind}", "")).strip() == "0":
+            reset = parse_duration(str(get(f"x-ratelimit-reset-{kind}", "")))
+            if reset is not None:
+                waits.append(reset)
+    return max(waits) if waits else None
+
+
 def retry_after(headers: object) -> float | None:
     """Seconds the Router asks us to wait: retry-after-ms, retry-after (seconds or HTTP date),
-    or LiteLLM's llm_provider-retry-after."""
+    LiteLLM's llm_provider-retry-after, or the reset time of a spent x-ratelimit-* budget."""
     get = getattr(headers, "get", None)
     if get is None:
         return None
@@ -54,7 +79,7 @@ def retry_after(headers: object) -> float | None:
         except (TypeError, ValueError):
             continue
         return max(0.0, parsed.timestamp() - time.time())
-    return None
+    return _ratelimit_reset(get)
 
 
 def _router_message(exc: openai.APIStatusError) -> str:
