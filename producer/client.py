@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import keys
 from .checks import Check, job_checker
@@ -46,6 +47,15 @@ def _chunks(jobs: Iterable[AgentJob], n: int) -> Iterator[list[AgentJob]]:
     it = iter(jobs)
     while chunk := list(islice(it, n)):
         yield chunk
+
+
+async def _next_burst(pubsub: Any) -> None:
+    """Wait for a change notification (or a second: pub/sub drops what nobody heard, e.g.
+    across a reconnect), then drain the burst of notifications that came with it."""
+    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    deadline = time.monotonic() + 0.05
+    while msg is not None and time.monotonic() < deadline:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
 
 
 class Producer:
@@ -129,21 +139,21 @@ class Producer:
         then re-reads them after each burst of change notifications (never a poll per job).
         Raises TimeoutError after `timeout` seconds."""
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(keys.batch_events(batch_id))
         try:
             async with asyncio.timeout(timeout):
+                await pubsub.subscribe(keys.batch_events(batch_id))
                 while True:
-                    st = await self.status(batch_id)
-                    if on_progress:
-                        on_progress(st)
-                    if st.finished:
-                        return st
-                    # Wait for a change (or re-read every second: pub/sub drops unheard
-                    # messages, e.g. across a reconnect), then drain the burst.
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    deadline = time.monotonic() + 0.05
-                    while msg is not None and time.monotonic() < deadline:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                    try:
+                        st = await self.status(batch_id)
+                        if on_progress:
+                            on_progress(st)
+                        if st.finished:
+                            return st
+                        await _next_burst(pubsub)
+                    except RedisConnectionError:
+                        # Redis restarting: the client's own retries ran out; keep waiting.
+                        # pub/sub re-subscribes when it reconnects.
+                        await asyncio.sleep(1.0)
         finally:
             await pubsub.aclose()
 

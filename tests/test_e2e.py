@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,81 +13,36 @@ import pytest
 import redis as redis_sync
 
 from producer.embedded import stop_embedded_redis
+from tests.procs import (
+    KEY,
+    ROOT,
+    agentq,
+    base_env,
+    keys_containing,
+    start_sim,
+    start_worker,
+    stop,
+)
 
 pytestmark = pytest.mark.e2e
 
-KEY = "sk-e2e-router-key-987654321"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def agentq(
-    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
 
 @pytest.fixture(scope="module")
-def router_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ops.simrouter",
-            "--port",
-            "0",
-            "--api-key",
-            KEY,
-            "--latency-ms",
-            "5",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "simulated Router listening on" in line, line
-    yield line.rsplit(" ", 1)[1].strip()
-    proc.terminate()
-    proc.wait(10)
+def router_url() -> Iterator[str]:
+    proc, url = start_sim("--latency-ms", "5")
+    yield url
+    stop(proc)
 
 
 @pytest.fixture
 def env(redis_url: str, router_url: str) -> dict[str, str]:
     redis_sync.Redis.from_url(redis_url).flushdb()
-    return {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "HANZO_ROUTER_URL": router_url,
-        "HANZO_API_KEY": KEY,
-        "AGENTQ_POLL_DELAY_S": "0.02",
-        "AGENTQ_CONCURRENCY": "50",
-        "AGENTQ_BACKOFF_BASE_S": "0.05",
-        "PYTHONPATH": str(ROOT),
-    }
+    return base_env(redis_url, router_url)
 
 
 @pytest.fixture
 def workers(env: dict[str, str], tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs = []
-    for i in range(2):
-        log = (tmp_path / f"worker{i}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "worker"],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+    procs = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
     yield procs
     for p in procs:
         p.terminate()
@@ -148,6 +102,8 @@ def test_500_job_batch_across_two_worker_processes(
 
     dump = "".join(p.read_text() for p in tmp_path.glob("worker*.log"))
     assert KEY not in dump and KEY not in out.read_text()
+    assert keys_containing(env["REDIS_URL"], KEY) == []
+    assert keys_containing(env["REDIS_URL"], "What is 3 * 5?")  # the scan does find things
 
 
 def test_bad_file_is_rejected_and_nothing_enqueued(env: dict[str, str], tmp_path: Path) -> None:
