@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
 
+from redis.exceptions import RedisError
+
 from .client import BatchNotFound, Producer
 from .connect import redis_url
 from .jobfile import JobFileError
@@ -396,6 +398,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    settings = None
     try:
         settings = load_settings()
         if args.command == "worker":
@@ -408,6 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     except BatchNotFound as exc:
         _err(str(exc))
         code = EXIT_BAD_INPUT
+    except RedisError as exc:
+        url = _safe_url((settings and settings.redis_url) or "the embedded server")
+        _err(f"Redis at {url}: {exc} — check REDIS_URL (host, port, password, TLS)")
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:

@@ -10,18 +10,16 @@ import socket
 import time
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlparse
 
 import structlog
 from agents import set_trace_processors, set_tracing_disabled
 from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from producer import keys
-from producer.connect import redis_url
+from producer.connect import RETRY_ON, redis_url, retry_policy
 from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
@@ -203,10 +201,17 @@ def build_worker(
 
 def redis_settings(settings: Settings) -> RedisSettings:
     """arq's connection, retrying commands with backoff through Redis restarts and drops."""
-    rs = RedisSettings.from_dsn(redis_url(settings))
+    url = redis_url(settings)
+    rs = RedisSettings.from_dsn(url)
+    # TLS options in the URL's query, as redis-py's from_url reads them for the producer.
+    query = {k: v[-1] for k, v in parse_qs(urlparse(url).query).items()}
+    rs.ssl_ca_certs = query.get("ssl_ca_certs", rs.ssl_ca_certs)
+    rs.ssl_certfile = query.get("ssl_certfile", rs.ssl_certfile)
+    rs.ssl_keyfile = query.get("ssl_keyfile", rs.ssl_keyfile)
+    rs.ssl_cert_reqs = query.get("ssl_cert_reqs", rs.ssl_cert_reqs)
     rs.conn_retries = 30
-    rs.retry_on_error = [ConnectionError, TimeoutError, BusyLoadingError]
-    rs.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+    rs.retry_on_error = RETRY_ON
+    rs.retry = retry_policy()
     return rs
 
 
