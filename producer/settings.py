@@ -120,6 +120,9 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    trace_events: bool = True
+    """Agent and tool spans of the Agents SDK become events in the job's log."""
+
     log_content: bool = True
     """Keep prompts and outputs in log events (set false to leave them out)."""
 

@@ -201,3 +201,16 @@ async def test_batch_counters_add_up(producer: Producer, settings: Settings) -> 
     assert sum(r.usage.total_tokens for r in recs) == st.usage.total_tokens
     assert abs(sum(r.cost_usd for r in recs) - st.cost_usd) < 1e-6
     assert {r.output for r in recs if r.custom_id == "j7"} == {"14"}
+
+
+async def test_trace_spans_become_job_log_events(producer: Producer, settings: Settings) -> None:
+    out = await run(producer, settings,
+                    job("c", "What is 15 * 23?", agent={"tools": ["calculator"]}))
+    events = out["c"].logs
+    tool = next(e for e in events if e["event"] == "tool_call")
+    assert tool["tool"] == "calculator" and tool["output"] == "345" and tool["ms"] >= 0
+    assert '"expression"' in tool["input"]
+    agent = next(e for e in events if e["event"] == "agent_span")
+    assert agent["agent"] == "Assistant" and agent["tools"] == ["calculator"]
+    for e in events:  # every event carries the job's context once bound
+        assert e["run"] == 1 and "timestamp" in e and "level" in e

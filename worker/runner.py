@@ -250,7 +250,7 @@ async def _try_model(
                     model=model,
                     model_provider=rt.provider,
                     model_settings=p.model_settings,
-                    tracing_disabled=True,
+                    tracing_disabled=not rt.settings.trace_events,
                     workflow_name="agentq",
                 ),
             )

@@ -29,6 +29,7 @@ from .payload import load_job
 from .provider import RouterProvider
 from .runner import Runtime, run_agent_job
 from .tools import default_registry, load_plugins
+from .tracing import JobLogProcessor
 
 VERSION = "0.1.0"
 HEARTBEAT_S = 5.0
@@ -39,16 +40,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _disable_tracing() -> None:
-    """No trace export: the default exporter would send prompts, with the Router key, to
-    api.openai.com."""
-    set_tracing_disabled(True)
-    set_trace_processors([])
+def _set_up_tracing(settings: Settings) -> None:
+    """Spans go to the job's log only: the SDK's default exporter would send prompts, with
+    the Router key, to api.openai.com."""
+    set_trace_processors([JobLogProcessor()])
+    set_tracing_disabled(not settings.trace_events)
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.get("agentq_settings") or load_settings()
-    _disable_tracing()
+    _set_up_tracing(settings)
     registry = default_registry()
     load_plugins(registry, settings.plugins)
     routers = {"default": (settings.router_url, settings.api_key.get_secret_value())}
