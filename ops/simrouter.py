@@ -74,6 +74,8 @@ class SimConfig:
     hang_s: float = 3600.0
     seed: int | None = None
     price_per_1k_tokens: float = 0.002
+    cost_header: bool = True
+    """Send x-llm-response-cost (a Router without cost tracking sends none)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.fault_rates) - set(FAULTS)
@@ -482,7 +484,11 @@ class _SimState:
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage,
         }
-        headers = {"x-llm-response-cost": cost, "x-litellm-response-cost": cost}
+        headers = (
+            {"x-llm-response-cost": cost, "x-litellm-response-cost": cost}
+            if self.config.cost_header
+            else {}
+        )
         return web.json_response(payload, headers=headers)
 
     async def models_list(self, request: web.Request) -> web.Response:

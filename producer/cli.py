@@ -234,6 +234,7 @@ def _status_dict(st: BatchStatus) -> dict[str, Any]:
         "usage": st.usage.model_dump(),
         "cost_usd": st.cost_usd,
         "created_at": st.created_at,
+        "models": {m: u.model_dump() for m, u in st.models.items()},
     }
 
 
@@ -247,6 +248,12 @@ def _print_summary(st: BatchStatus, out: IO[str]) -> None:
         f"cost ${st.cost_usd:.6f}",
         file=out,
     )
+    for model, u in st.models.items():
+        print(
+            f"  {model}: {u.jobs} jobs, tokens in {u.input_tokens} out {u.output_tokens}, "
+            f"cost ${u.cost_usd:.6f}",
+            file=out,
+        )
 
 
 CSV_FIELDS = [

@@ -180,6 +180,15 @@ class ResultRecord(BaseModel):
     logs: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class ModelUsage(BaseModel):
+    """What the succeeded jobs of one model used."""
+
+    jobs: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
 class BatchStatus(BaseModel):
     """Counters of one batch; they change atomically with each job's record."""
 
@@ -190,6 +199,7 @@ class BatchStatus(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     created_at: str | None = None
+    models: dict[str, ModelUsage] = Field(default_factory=dict)
 
     @property
     def done(self) -> int:

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     """More Routers by name, as JSON: {"backup": {"url": "https://...", "key_env": "BACKUP_KEY"}};
     a job's model or fallback "backup:gpt-4o" goes to that Router."""
 
+    prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    """USD per million input and output tokens by model, as JSON {"gpt-4o": [2.5, 10]}: the
+    cost of calls whose Router sends no x-llm-response-cost header."""
+
     result_ttl_s: int = Field(7 * 86_400, ge=60)
     """How long job records and batch counters are kept."""
 

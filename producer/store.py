@@ -14,7 +14,16 @@ from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from . import keys
-from .models import AgentJob, BatchStatus, JobError, ResultRecord, Status, Usage, job_id_for
+from .models import (
+    AgentJob,
+    BatchStatus,
+    JobError,
+    ModelUsage,
+    ResultRecord,
+    Status,
+    Usage,
+    job_id_for,
+)
 from .serde import json_dumps
 
 RUN_FUNCTION = "run_agent_job"
@@ -69,6 +78,12 @@ redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'total_tokens', ARGV[6])
 redis.call('HINCRBYFLOAT', KEYS[2], 'cost_usd', ARGV[7])
+if ARGV[11] ~= '' then
+  redis.call('HINCRBY', KEYS[2], 'm:' .. ARGV[11] .. ':jobs', 1)
+  redis.call('HINCRBY', KEYS[2], 'm:' .. ARGV[11] .. ':input_tokens', ARGV[4])
+  redis.call('HINCRBY', KEYS[2], 'm:' .. ARGV[11] .. ':output_tokens', ARGV[5])
+  redis.call('HINCRBYFLOAT', KEYS[2], 'm:' .. ARGV[11] .. ':cost_usd', ARGV[7])
+end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[8])
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
 redis.call('EXPIRE', KEYS[1], ARGV[9])
@@ -138,6 +153,24 @@ def _s(v: Any) -> str | None:
 
 def _i(v: Any) -> int:
     return int(float(_s(v) or 0))
+
+
+def _per_model(h: dict[str | None, str | None]) -> dict[str, ModelUsage]:
+    """Fields "m:<model>:<name>" of the batch hash, grouped by model."""
+    grouped: dict[str, dict[str, str | None]] = {}
+    for key, value in h.items():
+        if key and key.startswith("m:"):
+            model, _, name = key[2:].rpartition(":")
+            grouped.setdefault(model, {})[name] = value
+    return {
+        m: ModelUsage(
+            jobs=_i(f.get("jobs")),
+            input_tokens=_i(f.get("input_tokens")),
+            output_tokens=_i(f.get("output_tokens")),
+            cost_usd=round(float(f.get("cost_usd") or 0), 8),
+        )
+        for m, f in sorted(grouped.items())
+    }
 
 
 @dataclass(frozen=True)
@@ -243,6 +276,7 @@ class Store:
             ),
             cost_usd=round(float(h.get("cost_usd") or 0), 8),
             created_at=h.get("created_at"),
+            models=_per_model(h),
         )
 
     async def job_ids(self, batch_id: str, chunk: int = 500) -> AsyncIterator[list[str]]:
@@ -420,6 +454,7 @@ class Store:
                 (record.finished_at if record else None) or now_iso(),
                 self.ttl,
                 job_id,
+                (record.model if record else None) or "",
             ],
             client=client,
         )

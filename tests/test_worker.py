@@ -204,8 +204,9 @@ async def test_batch_counters_add_up(producer: Producer, settings: Settings) -> 
 
 
 async def test_trace_spans_become_job_log_events(producer: Producer, settings: Settings) -> None:
-    out = await run(producer, settings,
-                    job("c", "What is 15 * 23?", agent={"tools": ["calculator"]}))
+    out = await run(
+        producer, settings, job("c", "What is 15 * 23?", agent={"tools": ["calculator"]})
+    )
     events = out["c"].logs
     tool = next(e for e in events if e["event"] == "tool_call")
     assert tool["tool"] == "calculator" and tool["output"] == "345" and tool["ms"] >= 0
@@ -214,3 +215,33 @@ async def test_trace_spans_become_job_log_events(producer: Producer, settings: S
     assert agent["agent"] == "Assistant" and agent["tools"] == ["calculator"]
     for e in events:  # every event carries the job's context once bound
         assert e["run"] == 1 and "timestamp" in e and "level" in e
+
+
+async def test_cost_from_price_table_without_router_header(
+    producer: Producer, settings: Settings
+) -> None:
+    from ops.simrouter import SimConfig
+    from tests.conftest import ROUTER_KEY
+
+    async with SimRouter(SimConfig(api_key=ROUTER_KEY, cost_header=False)) as plain:
+        priced = settings.model_copy(
+            update={"router_url": plain.url, "prices": {"gpt-4o": (1000.0, 2000.0)}}
+        )
+        batch = await producer.submit(
+            [
+                job("priced", "What is 2+2?", model="gpt-4o"),
+                job("unpriced", "What is 2+3?", model="gpt-4o-mini"),
+            ]
+        )
+        await run_batch(producer, priced, batch.id)
+    out = await records(producer, batch.id)
+    u = out["priced"].usage
+    assert out["priced"].cost_usd == pytest.approx(
+        (u.input_tokens * 1000 + u.output_tokens * 2000) / 1e6
+    )
+    assert out["unpriced"].cost_usd == 0
+    st = await producer.status(batch.id)
+    assert set(st.models) == {"gpt-4o", "gpt-4o-mini"}
+    assert st.models["gpt-4o"].jobs == 1
+    assert st.models["gpt-4o"].cost_usd == pytest.approx(out["priced"].cost_usd)
+    assert st.models["gpt-4o"].input_tokens == u.input_tokens

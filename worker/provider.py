@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
@@ -28,7 +28,8 @@ class CallMeter:
 
     cost_usd: float = 0.0
     calls: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
+    priced_by_router: bool = False
+    """Whether the last response carried the Router's cost header."""
 
 
 current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)
@@ -39,11 +40,13 @@ async def _on_response(response: httpx2.Response) -> None:
     if meter is None:
         return
     meter.calls += 1
+    meter.priced_by_router = False
     for name in COST_HEADERS:
         value = response.headers.get(name)
         if value:
             try:
                 meter.cost_usd += float(value)
+                meter.priced_by_router = True
             except ValueError:
                 pass
             break
@@ -52,9 +55,17 @@ async def _on_response(response: httpx2.Response) -> None:
 class RouterModel(OpenAIChatCompletionsModel):
     """Chat-completions model that waits for a call slot and logs each call."""
 
-    def __init__(self, name: str, client: AsyncOpenAI, slots: asyncio.Semaphore) -> None:
+    def __init__(
+        self,
+        name: str,
+        client: AsyncOpenAI,
+        slots: asyncio.Semaphore,
+        price: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__(model=name, openai_client=client)
         self._slots = slots
+        self._price = price
+        """USD per million input and output tokens, for Routers that send no cost header."""
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
         async with self._slots:
@@ -71,6 +82,11 @@ class RouterModel(OpenAIChatCompletionsModel):
                 )
                 raise
         u = response.usage
+        meter = current_meter.get()
+        if meter is not None and not meter.priced_by_router and self._price is not None:
+            meter.cost_usd += (
+                u.input_tokens * self._price[0] + u.output_tokens * self._price[1]
+            ) / 1_000_000
         log.info(
             "model_call",
             model=self.model,
@@ -122,7 +138,9 @@ class RouterProvider(ModelProvider):
         concurrency: int,
         max_calls: int,
         call_timeout_s: float,
+        prices: dict[str, tuple[float, float]] | None = None,
     ) -> None:
+        self.prices = prices or {}
         self.routes = {
             name: Route(name, url, _client(url, key, concurrency, call_timeout_s))
             for name, (url, key) in routers.items()
@@ -148,7 +166,8 @@ class RouterProvider(ModelProvider):
         model = self._models.get(model_name)
         if model is None:
             route, name = self.route(model_name)
-            model = self._models[model_name] = RouterModel(name, route.client, self._slots)
+            price = self.prices.get(model_name) or self.prices.get(name)
+            model = self._models[model_name] = RouterModel(name, route.client, self._slots, price)
         return model
 
     async def aclose(self) -> None:

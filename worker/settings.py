@@ -59,6 +59,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         concurrency=settings.concurrency,
         max_calls=settings.model_call_limit,
         call_timeout_s=settings.call_timeout_s,
+        prices=settings.prices,
     )
     store = Store(
         ctx["redis"],
