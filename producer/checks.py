@@ -39,6 +39,10 @@ def job_checker(max_input_chars: int, workers: Mapping[str, Mapping[str, Any]]) 
             if job.agent not in agents:
                 return f"unknown agent profile {job.agent!r}; the workers offer: {offered(agents)}"
             return None
+        if job.agent.profile is not None and job.agent.profile not in agents:
+            return (
+                f"unknown agent profile {job.agent.profile!r}; the workers offer: {offered(agents)}"
+            )
         missing = [t for t in job.agent.tools if t not in tools]
         if missing:
             return f"unknown tools {missing}; the workers offer: {offered(tools)}"

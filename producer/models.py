@@ -52,8 +52,11 @@ class ChatMessage(BaseModel):
 
 
 class AgentSpec(_Strict):
-    """An inline agent. Tools and MCP servers are names: code never travels through Redis."""
+    """An inline agent. Tools and MCP servers are names: code never travels through Redis.
+    With `profile`, the named profile registered on the workers is the base and the fields
+    given here override it."""
 
+    profile: str | None = None
     name: str = Field(default="Assistant", min_length=1)
     instructions: str = "You are a helpful assistant. Be concise."
     tools: list[str] = Field(default_factory=list)

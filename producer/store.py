@@ -234,7 +234,7 @@ class Store:
                         jid,
                         job.custom_id,
                         batch_id,
-                        job.model_dump_json(exclude_defaults=True),
+                        job.model_dump_json(exclude_unset=True),
                         enqueued_at,
                         payload,
                         ms,

@@ -245,3 +245,40 @@ async def test_cost_from_price_table_without_router_header(
     assert st.models["gpt-4o"].jobs == 1
     assert st.models["gpt-4o"].cost_usd == pytest.approx(out["priced"].cost_usd)
     assert st.models["gpt-4o"].input_tokens == u.input_tokens
+
+
+async def test_profile_with_per_job_overrides(producer: Producer, settings: Settings) -> None:
+    out = await run(
+        producer,
+        settings,
+        job("base", "What is 9 * 9?", agent="calculator"),
+        job(
+            "over", "What is 9 * 9?", agent={"profile": "calculator", "name": "Quick", "tools": []}
+        ),
+        job("bad", "hi", agent={"profile": "nope"}),
+    )
+    assert out["base"].output == "The result of 9 * 9 is 81."
+    assert out["over"].output == "81"  # the override dropped the profile's tool
+    assert next(e for e in out["over"].logs if e["event"] == "agent_span")["agent"] == "Quick"
+    assert (
+        out["bad"].error is not None and "unknown agent profile 'nope'" in out["bad"].error.message
+    )
+
+
+async def test_conversation_input_and_max_turns(producer: Producer, settings: Settings) -> None:
+    convo = [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "I have 3 apples."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "What is 3 + 4?"},
+    ]
+    out = await run(
+        producer,
+        settings,
+        job("convo", "x", **{"input": convo}),
+        job("turns", "What is 15 * 23?", agent={"tools": ["calculator"]}, max_turns=1),
+    )
+    assert out["convo"].output == "7"
+    err = out["turns"].error
+    assert err is not None and err.type == "max_turns_exceeded" and not err.retryable
+    assert "Max turns (1) exceeded" in err.message and "raise max_turns" in err.message

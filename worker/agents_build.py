@@ -95,6 +95,15 @@ def plan(job: AgentJob, registry: Registry, settings: Settings) -> Plan:
                 "(see `agentq agents`)"
             )
         spec, profile_model = profile.spec, profile.model
+    elif job.agent.profile is not None:
+        base = registry.agents.get(job.agent.profile)
+        if base is None:
+            offered = ", ".join(sorted(registry.agents)) or "none"
+            raise InvalidJob(
+                f"unknown agent profile {job.agent.profile!r}; the workers offer: {offered}"
+            )
+        overrides = {f: getattr(job.agent, f) for f in job.agent.model_fields_set - {"profile"}}
+        spec, profile_model = base.spec.model_copy(update=overrides), base.model
     else:
         spec = job.agent
 
