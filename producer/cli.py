@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -16,6 +15,7 @@ from redis.exceptions import RedisError
 
 from .client import BatchNotFound, Producer
 from .connect import redis_url
+from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
 from .models import BatchStatus, ResultRecord, Status
 from .progress import Progress
@@ -60,7 +60,7 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await _stop_worker(worker, worker_task)
         if args.output:
-            n = await _write_results(p.results(batch.id), args.output, "jsonl")
+            n = await _write_results(lambda: p.results(batch.id), args.output, "jsonl")
             print(f"wrote {n} result records to {args.output}", file=sys.stderr)
         else:
             await _print_table(p.results(batch.id))
@@ -108,7 +108,9 @@ async def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     statuses = {Status.FAILED} if args.failed else None
     async with Producer.from_env(settings) as p:
-        n = await _write_results(p.results(args.batch, statuses=statuses), args.output, args.format)
+        n = await _write_results(
+            lambda: p.results(args.batch, statuses=statuses), args.output, args.format
+        )
     if args.output:
         print(f"wrote {n} result records to {args.output}", file=sys.stderr)
     return EXIT_OK
@@ -256,63 +258,14 @@ def _print_summary(st: BatchStatus, out: IO[str]) -> None:
         )
 
 
-CSV_FIELDS = [
-    "custom_id",
-    "status",
-    "model",
-    "output",
-    "error_type",
-    "error_message",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "cost_usd",
-    "job_id",
-    "batch_id",
-    "started_at",
-    "finished_at",
-    "worker",
-]
-
-
-def _csv_row(r: ResultRecord) -> dict[str, Any]:
-    return {
-        "custom_id": r.custom_id,
-        "status": r.status.value,
-        "model": r.model,
-        "output": r.output,
-        "error_type": r.error.type if r.error else None,
-        "error_message": r.error.message if r.error else None,
-        "input_tokens": r.usage.input_tokens,
-        "output_tokens": r.usage.output_tokens,
-        "total_tokens": r.usage.total_tokens,
-        "cost_usd": r.cost_usd,
-        "job_id": r.job_id,
-        "batch_id": r.batch_id,
-        "started_at": r.started_at,
-        "finished_at": r.finished_at,
-        "worker": r.worker,
-    }
-
-
-async def _write_results(records: AsyncIterator[ResultRecord], output: str | None, fmt: str) -> int:
-    n = 0
+async def _write_results(records: Records, output: str | None, fmt: str) -> int:
     with contextlib.ExitStack() as stack:
         out: IO[str] = (
             stack.enter_context(open(output, "w", encoding="utf-8", newline=""))
             if output
             else sys.stdout
         )
-        writer = csv.DictWriter(out, CSV_FIELDS) if fmt == "csv" else None
-        if writer:
-            writer.writeheader()
-        async for r in records:
-            if writer:
-                writer.writerow(_csv_row(r))
-            else:
-                out.write(r.model_dump_json() + "\n")
-            n += 1
-    return n
+        return await (write_csv if fmt == "csv" else write_jsonl)(records, out)
 
 
 async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
