@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +25,7 @@ from .settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_TIMEOUT = 2
+WORKER_RESTART_S = 5.0
 
 
 def _err(msg: str) -> None:
@@ -143,9 +145,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.set_event_loop(asyncio.new_event_loop())
-    build_worker(settings, burst=args.burst).run()
-    return EXIT_OK
+    while True:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            build_worker(settings, burst=args.burst).run()
+            return EXIT_OK
+        except (RedisError, OSError) as exc:
+            # Redis stayed away longer than the client's retries: start over, don't die.
+            # Running jobs' leases lapse meanwhile and other workers take them over.
+            _err(f"lost Redis ({exc}); restarting the worker in {WORKER_RESTART_S:g} s")
+            time.sleep(WORKER_RESTART_S)
+        finally:
+            with contextlib.suppress(Exception):
+                loop.close()
 
 
 async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:

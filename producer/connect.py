@@ -11,13 +11,19 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from .embedded import ensure_embedded_redis
 from .settings import Settings
 
-RETRY_ON: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError]
+RETRY_ON: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError, OSError]
+"""OSError covers a refused connect while Redis restarts, which redis-py does not retry."""
 
 
-def retry_policy() -> Retry:
-    """About a minute of retries (50 ms doubling to 2 s): a Redis restart or failover passes
-    unnoticed. Retried commands are safe: agentq's state changes are idempotent scripts."""
-    return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+def retry_policy(retries: int = 40) -> Retry:
+    """Retries with backoff from 50 ms doubling to 2 s: 40 ride out about a minute of Redis
+    restart or failover. Retried commands are safe: agentq's state changes are idempotent."""
+    return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries)
+
+
+PRODUCER_RETRIES = 12
+"""About 15 s: a command line should not hang a minute on a wrong REDIS_URL. `wait` keeps
+going through longer outages on its own."""
 
 
 def redis_url(settings: Settings) -> str:
@@ -29,6 +35,6 @@ def connect(settings: Settings) -> Redis:
         redis_url(settings),
         health_check_interval=30,
         socket_keepalive=True,
-        retry=retry_policy(),
+        retry=retry_policy(PRODUCER_RETRIES),
         retry_on_error=RETRY_ON,
     )

