@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     """More Routers by name, as JSON: {"backup": {"url": "https://...", "key_env": "BACKUP_KEY"}};
     a job's model or fallback "backup:gpt-4o" goes to that Router."""
 
+    mcp_servers: str = ""
+    """MCP servers the workers connect to, as JSON: {"files": {"command": "python", "args":
+    [...]}, "search": {"url": "http://host/mcp", "headers": {...}}}; jobs name them."""
+
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
     """USD per million input and output tokens by model, as JSON {"gpt-4o": [2.5, 10]}: the
     cost of calls whose Router sends no x-llm-response-cost header."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import jsonschema
@@ -71,6 +72,7 @@ class Plan:
     model_settings: ModelSettings
     max_turns: int
     timeout_s: float
+    mcp_servers: list[str] = field(default_factory=list)
 
 
 def resolve_model(name: str, job: AgentJob, settings: Settings) -> str:
@@ -82,7 +84,9 @@ def resolve_model(name: str, job: AgentJob, settings: Settings) -> str:
     return settings.auto_large_model
 
 
-def plan(job: AgentJob, registry: Registry, settings: Settings) -> Plan:
+def plan(
+    job: AgentJob, registry: Registry, settings: Settings, mcp_names: Collection[str] = ()
+) -> Plan:
     profile_model: str | None = None
     if job.agent is None:
         spec = AgentSpec()
@@ -111,8 +115,10 @@ def plan(job: AgentJob, registry: Registry, settings: Settings) -> Plan:
     if unknown:
         offered = ", ".join(sorted(registry.tools)) or "none"
         raise InvalidJob(f"unknown tools {unknown}; the workers offer: {offered}")
-    if spec.mcp_servers:
-        raise InvalidJob(f"MCP servers {spec.mcp_servers} are not configured on the workers")
+    unknown_mcp = [m for m in spec.mcp_servers if m not in mcp_names]
+    if unknown_mcp:
+        offered = ", ".join(sorted(mcp_names)) or "none"
+        raise InvalidJob(f"unknown MCP servers {unknown_mcp}; the workers offer: {offered}")
 
     bad = sorted(set(spec.model_settings) - _MODEL_SETTINGS)
     if bad:
@@ -145,4 +151,5 @@ def plan(job: AgentJob, registry: Registry, settings: Settings) -> Plan:
         model_settings=model_settings,
         max_turns=job.max_turns or settings.max_turns,
         timeout_s=min(job.timeout_s or settings.job_timeout_s, settings.max_job_timeout_s),
+        mcp_servers=list(spec.mcp_servers),
     )

@@ -159,6 +159,10 @@ def classify(exc: BaseException, *, router_url: str, model: str) -> Failure:
         return fail("output_invalid", f"model output is not valid: {exc}", False)
     if isinstance(exc, InvalidJob | UserError):
         return fail("invalid_job", str(exc), False)
+    from .mcp import McpUnavailable  # here: worker.mcp imports this module
+
+    if isinstance(exc, McpUnavailable):
+        return fail("tool_error", str(exc), True)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return fail("timeout", "job timed out", False)
     return fail("tool_error", f"{type(exc).__name__}: {exc}", False)

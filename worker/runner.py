@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -19,6 +20,7 @@ from producer.store import Store, now_iso
 from .agents_build import Plan, plan
 from .errors import Failure, classify
 from .logs import job_context
+from .mcp import McpPool
 from .provider import CallMeter, RouterProvider, current_meter
 from .tools import Registry
 
@@ -41,6 +43,7 @@ class Runtime:
     provider: RouterProvider
     registry: Registry
     worker_id: str
+    mcp: McpPool = field(default_factory=McpPool)
     running: dict[str, Running] = field(default_factory=dict)
 
     @property
@@ -198,7 +201,10 @@ async def execute(rt: Runtime, job: AgentJob) -> Outcome:
     """Try the job's model, then its fallbacks; retry retryable failures with backoff."""
     out = Outcome(status=Status.FAILED)
     try:
-        p = plan(job, rt.registry, rt.settings)
+        p = plan(job, rt.registry, rt.settings, mcp_names=rt.mcp.names())
+        if p.mcp_servers:
+            servers = await rt.mcp.servers(p.mcp_servers)
+            p = dataclasses.replace(p, agent=p.agent.clone(mcp_servers=servers))
     except Exception as exc:
         out.error = classify(exc, router_url=rt.provider.base_url, model=job.model or "?").error
         return out

@@ -25,6 +25,7 @@ from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
 from . import logs
+from .mcp import McpPool, parse_mcp_config
 from .payload import load_job
 from .provider import RouterProvider
 from .runner import Runtime, run_agent_job
@@ -68,7 +69,9 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         lease_s=settings.lease_s,
         max_runs=settings.max_runs,
     )
-    rt = Runtime(settings, store, provider, registry, worker_id())
+    mcp = McpPool()
+    await mcp.start(parse_mcp_config(settings.mcp_servers))
+    rt = Runtime(settings, store, provider, registry, worker_id(), mcp=mcp)
     ctx["agentq"] = rt
     ctx["agentq_tasks"] = [
         asyncio.create_task(_maintain(rt)),
@@ -84,6 +87,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         lease_s=settings.lease_s,
         tools=sorted(registry.tools),
         agents=sorted(registry.agents),
+        mcp_servers=mcp.status(),
     )
 
 
@@ -97,6 +101,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         return
     with contextlib.suppress(Exception):
         await rt.store.redis.hdel(keys.WORKERS, rt.worker_id)
+    await rt.mcp.close()
     await rt.provider.aclose()
     log.info("worker.stopped", worker=rt.worker_id)
 
@@ -127,7 +132,7 @@ def _beat(rt: Runtime) -> dict[str, Any]:
         "agents": {
             n: p.spec.model_dump(exclude_defaults=True) for n, p in rt.registry.agents.items()
         },
-        "mcp_servers": [],
+        "mcp_servers": rt.mcp.names(),
         "seen_at": time.time(),
     }
 
