@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     poll_delay_s: float = Field(0.05, gt=0)
     """How often an idle worker looks at the queue."""
 
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Port of the worker's Prometheus /metrics endpoint; 0 turns it off (9108 in the compose
+    stack)."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     trace_events: bool = True

@@ -389,6 +389,14 @@ class Store:
         batch_id, custom_id = await self.redis.hmget(keys.job(job_id), ["batch_id", "custom_id"])
         return _s(batch_id), _s(custom_id)
 
+    async def depth(self) -> tuple[int, int]:
+        """Jobs waiting in the queue, and jobs running (leased) on all workers."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.queue)
+            pipe.zcard(keys.LEASES)
+            queued, leased = await pipe.execute()
+        return int(queued), int(leased)
+
     async def renew(self, job_ids: Iterable[str]) -> None:
         """Extend the leases of jobs this worker runs (only those still leased)."""
         deadline = now_ms() + self.lease_ms

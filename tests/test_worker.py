@@ -282,3 +282,52 @@ async def test_conversation_input_and_max_turns(producer: Producer, settings: Se
     err = out["turns"].error
     assert err is not None and err.type == "max_turns_exceeded" and not err.retryable
     assert "Max turns (1) exceeded" in err.message and "raise max_turns" in err.message
+
+
+async def test_failed_call_is_retried_without_rerunning_tools(
+    producer: Producer, settings: Settings
+) -> None:
+    out = await run(
+        producer,
+        settings,
+        job("f", "What is 12 * 12?", model="sim-flaky", agent={"tools": ["calculator"]}),
+    )
+    r = out["f"]
+    assert r.status == Status.SUCCEEDED and r.output == "The result of 12 * 12 is 144."
+    events = [e["event"] for e in r.logs]
+    assert events.count("tool_call") == 1  # the tool ran once, though both calls failed once
+    assert events.count("retry.wait") == 2
+    assert [(a.ok, a.error) for a in r.attempts] == [
+        (False, "router_error"),
+        (False, "router_error"),
+        (True, None),
+    ]
+
+
+async def test_metrics_count_jobs_calls_and_tokens(producer: Producer, settings: Settings) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (
+        value("agentq_jobs_total", status="succeeded", error_type=""),
+        value("agentq_jobs_total", status="failed", error_type="model_not_found"),
+        value("agentq_tokens_total", model="gpt-4o", kind="input"),
+        value("agentq_model_call_duration_seconds_count", model="gpt-4o", outcome="ok"),
+    )
+    out = await run(
+        producer,
+        settings,
+        job("a", "What is 1+1?", model="gpt-4o"),
+        job("b", "What is 1+1?", model="gpt-5"),
+    )
+    after = (
+        value("agentq_jobs_total", status="succeeded", error_type=""),
+        value("agentq_jobs_total", status="failed", error_type="model_not_found"),
+        value("agentq_tokens_total", model="gpt-4o", kind="input"),
+        value("agentq_model_call_duration_seconds_count", model="gpt-4o", outcome="ok"),
+    )
+    assert after[0] - before[0] == 1 and after[1] - before[1] == 1
+    assert after[2] - before[2] == out["a"].usage.input_tokens
+    assert after[3] - before[3] == 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
@@ -15,6 +15,12 @@ import structlog
 from agents import Model, ModelProvider
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import AsyncOpenAI, DefaultAioHttpClient
+
+from producer.models import Attempt
+
+from . import metrics
+from .errors import classify
+from .retry import RetryPolicy
 
 log = structlog.get_logger("agentq.provider")
 
@@ -24,12 +30,13 @@ COST_HEADERS = ("x-llm-response-cost", "x-litellm-response-cost")
 
 @dataclass
 class CallMeter:
-    """Per-job totals the transport sees; one per job, found through a context variable."""
+    """What one job's model calls did; one per job, found through a context variable."""
 
     cost_usd: float = 0.0
-    calls: int = 0
     priced_by_router: bool = False
     """Whether the last response carried the Router's cost header."""
+    attempts: list[Attempt] = field(default_factory=list)
+    """Failed model calls (and the runner's per-model outcomes), in order."""
 
 
 current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)
@@ -39,7 +46,6 @@ async def _on_response(response: httpx2.Response) -> None:
     meter = current_meter.get()
     if meter is None:
         return
-    meter.calls += 1
     meter.priced_by_router = False
     for name in COST_HEADERS:
         value = response.headers.get(name)
@@ -53,50 +59,85 @@ async def _on_response(response: httpx2.Response) -> None:
 
 
 class RouterModel(OpenAIChatCompletionsModel):
-    """Chat-completions model that waits for a call slot and logs each call."""
+    """Chat-completions model that waits for a call slot, retries retryable failures by the
+    policy, and logs and meters each call."""
 
     def __init__(
         self,
+        label: str,
         name: str,
-        client: AsyncOpenAI,
+        route: Route,
         slots: asyncio.Semaphore,
+        policy: RetryPolicy,
         price: tuple[float, float] | None = None,
     ) -> None:
-        super().__init__(model=name, openai_client=client)
+        super().__init__(model=name, openai_client=route.client)
+        self.label = label
+        """The name the job used, e.g. "backup:gpt-4o"."""
+        self.route = route
         self._slots = slots
+        self._policy = policy
         self._price = price
         """USD per million input and output tokens, for Routers that send no cost header."""
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._slots:
+        meter = current_meter.get()
+        for attempt in range(1, self._policy.max_attempts + 1):
             start = time.perf_counter()
             try:
-                response = await super().get_response(*args, **kwargs)
+                async with self._slots:
+                    response = await super().get_response(*args, **kwargs)
             except Exception as exc:
+                ms = round((time.perf_counter() - start) * 1000, 1)
+                failure = classify(exc, router_url=self.route.url, model=self.label)
+                kind = failure.error.type
+                metrics.CALL_SECONDS.labels(self.label, "error").observe(ms / 1000)
+                log.info("model_call", model=self.label, ok=False, latency_ms=ms, error_type=kind)
+                if meter is not None:
+                    meter.attempts.append(
+                        Attempt(
+                            model=self.label,
+                            ok=False,
+                            ms=round(ms),
+                            router=self.route.name,
+                            error=kind,
+                        )
+                    )
+                if not failure.error.retryable or attempt == self._policy.max_attempts:
+                    raise
+                delay = self._policy.delay(attempt - 1, failure.retry_after_s)
+                metrics.RETRIES.labels(self.label, kind).inc()
                 log.info(
-                    "model_call",
-                    model=self.model,
-                    ok=False,
-                    latency_ms=round((time.perf_counter() - start) * 1000, 1),
-                    error=type(exc).__name__,
+                    "retry.wait",
+                    model=self.label,
+                    attempt=attempt + 1,
+                    delay_s=round(delay, 3),
+                    error_type=kind,
                 )
-                raise
+                await asyncio.sleep(delay)
+                continue
+            self._record(response, time.perf_counter() - start, meter)
+            return response
+        raise AssertionError("unreachable")
+
+    def _record(self, response: Any, seconds: float, meter: CallMeter | None) -> None:
         u = response.usage
-        meter = current_meter.get()
         if meter is not None and not meter.priced_by_router and self._price is not None:
             meter.cost_usd += (
                 u.input_tokens * self._price[0] + u.output_tokens * self._price[1]
             ) / 1_000_000
+        metrics.CALL_SECONDS.labels(self.label, "ok").observe(seconds)
+        metrics.TOKENS.labels(self.label, "input").inc(u.input_tokens)
+        metrics.TOKENS.labels(self.label, "output").inc(u.output_tokens)
         log.info(
             "model_call",
-            model=self.model,
+            model=self.label,
             ok=True,
-            latency_ms=round((time.perf_counter() - start) * 1000, 1),
+            latency_ms=round(seconds * 1000, 1),
             input_tokens=u.input_tokens,
             output_tokens=u.output_tokens,
             total_tokens=u.total_tokens,
         )
-        return response
 
 
 @dataclass(frozen=True)
@@ -138,8 +179,10 @@ class RouterProvider(ModelProvider):
         concurrency: int,
         max_calls: int,
         call_timeout_s: float,
+        policy: RetryPolicy | None = None,
         prices: dict[str, tuple[float, float]] | None = None,
     ) -> None:
+        self.policy = policy or RetryPolicy()
         self.prices = prices or {}
         self.routes = {
             name: Route(name, url, _client(url, key, concurrency, call_timeout_s))
@@ -167,7 +210,9 @@ class RouterProvider(ModelProvider):
         if model is None:
             route, name = self.route(model_name)
             price = self.prices.get(model_name) or self.prices.get(name)
-            model = self._models[model_name] = RouterModel(name, route.client, self._slots, price)
+            model = self._models[model_name] = RouterModel(
+                model_name, name, route, self._slots, self.policy, price
+            )
         return model
 
     async def aclose(self) -> None:

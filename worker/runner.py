@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import openai
 import structlog
-from agents import RunConfig, Runner
+from agents import ModelSettings, RunConfig, Runner
 
 from producer.models import AgentJob, Attempt, JobError, ResultRecord, Status, Usage
 from producer.settings import Settings
 from producer.store import Store, now_iso
 
+from . import metrics
 from .agents_build import Plan, plan
 from .errors import Failure, classify
 from .logs import job_context
@@ -45,10 +46,28 @@ class Runtime:
     worker_id: str
     mcp: McpPool = field(default_factory=McpPool)
     running: dict[str, Running] = field(default_factory=dict)
+    _run_configs: dict[tuple[str, str], RunConfig] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> int:
         return len(self.running)
+
+    def run_config(self, model: str, model_settings: ModelSettings) -> RunConfig:
+        """RunConfigs are costly to build (type-hint checks); jobs with the same model and
+        settings share one."""
+        key = (model, repr(model_settings))
+        config = self._run_configs.get(key)
+        if config is None:
+            if len(self._run_configs) > 1024:
+                self._run_configs.clear()
+            config = self._run_configs[key] = RunConfig(
+                model=model,
+                model_provider=self.provider,
+                model_settings=model_settings,
+                tracing_disabled=not self.settings.trace_events,
+                workflow_name="agentq",
+            )
+        return config
 
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this worker's running jobs of a cancelled batch."""
@@ -70,14 +89,6 @@ class Outcome:
     attempts: list[Attempt] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     error: JobError | None = None
-
-
-def backoff_s(settings: Settings, attempt: int, hint: float | None) -> float:
-    """Exponential backoff with full jitter; a Router's retry-after hint wins when given."""
-    if hint is not None:
-        return min(hint, settings.backoff_max_s)
-    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * 2**attempt)
-    return random.uniform(ceiling / 2, ceiling)
 
 
 async def run_agent_job(
@@ -110,18 +121,24 @@ async def run_agent_job(
                     log.info("job.cancelled")
                     return
                 outcome = ran
+            seconds = time.perf_counter() - start
+            error_type = outcome.error.type if outcome.error else None
             log.info(
                 "job.finished",
                 status=outcome.status.value,
                 model=outcome.model,
-                duration_ms=round((time.perf_counter() - start) * 1000),
+                duration_ms=round(seconds * 1000),
                 turns=outcome.usage.requests,
                 input_tokens=outcome.usage.input_tokens,
                 output_tokens=outcome.usage.output_tokens,
                 total_tokens=outcome.usage.total_tokens,
                 cost_usd=round(meter.cost_usd, 8),
-                error_type=outcome.error.type if outcome.error else None,
+                error_type=error_type,
             )
+            metrics.JOBS.labels(outcome.status.value, error_type or "").inc()
+            metrics.JOB_SECONDS.observe(seconds)
+            if meter.cost_usd:
+                metrics.COST.labels(outcome.model or "unknown").inc(meter.cost_usd)
             record = ResultRecord(
                 custom_id=job.custom_id,
                 job_id=job_id,
@@ -150,8 +167,10 @@ async def run_agent_job(
 async def _run_tracked(rt: Runtime, job_id: str, batch_id: str, job: AgentJob) -> Outcome | None:
     """Run the job as its own task, so `agentq cancel` can stop it without stopping arq's;
     if arq stops us (worker shutdown), give the job back to the queue."""
-    task = asyncio.create_task(execute(rt, job))
+    meter = current_meter.get()
+    task = asyncio.create_task(execute(rt, job, meter.attempts if meter else []))
     run = rt.running[job_id] = Running(batch_id, task)
+    metrics.IN_FLIGHT.set(len(rt.running))
     try:
         return await task
     except asyncio.CancelledError:
@@ -163,6 +182,7 @@ async def _run_tracked(rt: Runtime, job_id: str, batch_id: str, job: AgentJob) -
         raise
     finally:
         rt.running.pop(job_id, None)
+        metrics.IN_FLIGHT.set(len(rt.running))
 
 
 def _exhausted(runs: int) -> Outcome:
@@ -197,9 +217,10 @@ async def _fail_invalid_payload(rt: Runtime, job_id: str, reason: str) -> None:
     )
 
 
-async def execute(rt: Runtime, job: AgentJob) -> Outcome:
-    """Try the job's model, then its fallbacks; retry retryable failures with backoff."""
-    out = Outcome(status=Status.FAILED)
+async def execute(rt: Runtime, job: AgentJob, attempts: list[Attempt]) -> Outcome:
+    """Run the job on its model, then on its fallbacks in order. Each model call is retried
+    by the provider's policy; a model whose tries are spent hands over to the next one."""
+    out = Outcome(status=Status.FAILED, attempts=attempts)
     try:
         p = plan(job, rt.registry, rt.settings, mcp_names=rt.mcp.names())
         if p.mcp_servers:
@@ -233,66 +254,47 @@ async def execute(rt: Runtime, job: AgentJob) -> Outcome:
 async def _try_model(
     rt: Runtime, job: AgentJob, p: Plan, model: str, out: Outcome
 ) -> Failure | None:
-    """Run the agent on one model, retrying retryable failures; None on success."""
-    failure: Failure | None = None
-    for attempt in range(rt.settings.max_attempts_per_model):
-        if failure is not None:
-            delay = backoff_s(rt.settings, attempt - 1, failure.retry_after_s)
-            log.info(
-                "retry.wait",
-                model=model,
-                attempt=attempt + 1,
-                delay_s=round(delay, 3),
-                error_type=failure.error.type,
-            )
-            await asyncio.sleep(delay)
-        start = time.perf_counter()
-        try:
-            result = await Runner.run(
-                p.agent,
-                _sdk_input(job),
-                max_turns=p.max_turns,
-                run_config=RunConfig(
-                    model=model,
-                    model_provider=rt.provider,
-                    model_settings=p.model_settings,
-                    tracing_disabled=not rt.settings.trace_events,
-                    workflow_name="agentq",
-                ),
-            )
-        except Exception as exc:
-            failure = classify(exc, router_url=rt.provider.base_url, model=model)
-            ms = round((time.perf_counter() - start) * 1000)
-            out.attempts.append(Attempt(model=model, ok=False, ms=ms, error=failure.error.type))
-            log.warning(
-                "attempt.failed",
-                model=model,
-                attempt=attempt + 1,
-                ms=ms,
-                error_type=failure.error.type,
-                error=failure.error.message,
-            )
-            if not failure.error.retryable:
-                return failure
-            continue
-        ms = round((time.perf_counter() - start) * 1000)
-        out.attempts.append(Attempt(model=model, ok=True, ms=ms))
-        u = result.context_wrapper.usage
-        out.usage = Usage(
-            requests=u.requests,
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            total_tokens=u.total_tokens,
+    """One run of the agent on one model; None on success."""
+    route, _ = rt.provider.route(model)
+    start = time.perf_counter()
+    try:
+        result = await Runner.run(
+            p.agent,
+            _sdk_input(job),
+            max_turns=p.max_turns,
+            run_config=rt.run_config(model, p.model_settings),
         )
-        out.status, out.model, out.error = Status.SUCCEEDED, model, None
-        final = result.final_output
-        if isinstance(final, str):
-            out.output = final
-        else:
-            out.output_json = final
-            out.output = json.dumps(final)
-        return None
-    return failure
+    except Exception as exc:
+        failure = classify(exc, router_url=route.url, model=model)
+        if not isinstance(exc, openai.APIError):  # model-call failures are recorded per call
+            ms = round((time.perf_counter() - start) * 1000)
+            out.attempts.append(
+                Attempt(model=model, ok=False, ms=ms, router=route.name, error=failure.error.type)
+            )
+        log.warning(
+            "attempt.failed",
+            model=model,
+            error_type=failure.error.type,
+            error=failure.error.message,
+        )
+        return failure
+    ms = round((time.perf_counter() - start) * 1000)
+    out.attempts.append(Attempt(model=model, ok=True, ms=ms, router=route.name))
+    u = result.context_wrapper.usage
+    out.usage = Usage(
+        requests=u.requests,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        total_tokens=u.total_tokens,
+    )
+    out.status, out.model, out.error = Status.SUCCEEDED, model, None
+    final = result.final_output
+    if isinstance(final, str):
+        out.output = final
+    else:
+        out.output_json = final
+        out.output = json.dumps(final)
+    return None
 
 
 def _sdk_input(job: AgentJob) -> Any:

@@ -24,10 +24,11 @@ from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
-from . import logs
+from . import logs, metrics
 from .mcp import McpPool, parse_mcp_config
 from .payload import load_job
 from .provider import RouterProvider
+from .retry import RetryPolicy
 from .runner import Runtime, run_agent_job
 from .tools import default_registry, load_plugins
 from .tracing import JobLogProcessor
@@ -60,6 +61,9 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         concurrency=settings.concurrency,
         max_calls=settings.model_call_limit,
         call_timeout_s=settings.call_timeout_s,
+        policy=RetryPolicy(
+            settings.max_attempts_per_model, settings.backoff_base_s, settings.backoff_max_s
+        ),
         prices=settings.prices,
     )
     store = Store(
@@ -69,6 +73,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         lease_s=settings.lease_s,
         max_runs=settings.max_runs,
     )
+    metrics.serve(settings.metrics_port)
     mcp = McpPool()
     await mcp.start(parse_mcp_config(settings.mcp_servers))
     rt = Runtime(settings, store, provider, registry, worker_id(), mcp=mcp)
@@ -117,6 +122,9 @@ async def _maintain(rt: Runtime) -> None:
             reaped = await rt.store.reap()
             if reaped:
                 log.warning("leases.expired", requeued=reaped)
+            queued, leased = await rt.store.depth()
+            metrics.QUEUE_DEPTH.set(queued)
+            metrics.LEASED.set(leased)
             await rt.store.redis.hset(keys.WORKERS, rt.worker_id, json.dumps(_beat(rt)))
         except Exception as exc:  # Redis away: keep going, the client reconnects
             log.warning("worker.maintenance_failed", error=str(exc))

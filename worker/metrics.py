@@ -1,0 +1,30 @@
+"""Prometheus metrics of one worker process, served on AGENTQ_METRICS_PORT (0 = off)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+JOBS = Counter("agentq_jobs_total", "Jobs finished by this worker", ["status", "error_type"])
+JOB_SECONDS = Histogram(
+    "agentq_job_duration_seconds",
+    "Run time of a job, claim to stored record",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+CALL_SECONDS = Histogram(
+    "agentq_model_call_duration_seconds",
+    "Latency of one model call through the Router",
+    ["model", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+TOKENS = Counter("agentq_tokens_total", "Tokens used", ["model", "kind"])
+COST = Counter("agentq_cost_usd_total", "Cost reported by the Router or the price table", ["model"])
+RETRIES = Counter("agentq_retries_total", "Model calls retried", ["model", "error_type"])
+IN_FLIGHT = Gauge("agentq_jobs_in_flight", "Agent runs in flight in this worker")
+QUEUE_DEPTH = Gauge("agentq_queue_depth", "Jobs waiting in the queue (sampled by this worker)")
+LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")
+
+
+def serve(port: int) -> None:
+    """Start the /metrics endpoint in a thread (prometheus_client's own server)."""
+    if port:
+        start_http_server(port)
