@@ -18,7 +18,7 @@ from .client import BatchNotFound, Producer
 from .connect import redis_url
 from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
-from .models import BatchStatus, ResultRecord, Status
+from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
 from .progress import Progress
 from .routerinfo import RouterInfo, check_router
 from .settings import ConfigError, Settings, load_settings
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_worker(args, settings)
         else:
             code = asyncio.run(COMMANDS[args.command](args, settings))
-    except (ConfigError, JobFileError, FileNotFoundError) as exc:
+    except (ConfigError, JobFileError, FileNotFoundError, InvalidBatchId) as exc:
         _err(str(exc))
         code = EXIT_BAD_INPUT
     except BatchNotFound as exc:

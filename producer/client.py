@@ -19,7 +19,7 @@ from . import keys
 from .checks import Check, job_checker
 from .connect import connect
 from .jobfile import JobFileError, LineError, iter_jobs, validate_file
-from .models import AgentJob, BatchStatus, ResultRecord, Status, new_batch_id
+from .models import AgentJob, BatchStatus, ResultRecord, Status, check_batch_id, new_batch_id
 from .settings import Settings, load_settings
 from .store import Store
 
@@ -114,6 +114,7 @@ class Producer:
         return job_checker(self.settings.max_input_chars, await self.workers())
 
     async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
+        check_batch_id(batch_id)
         new = 0
         for chunk in _chunks(jobs, CHUNK):
             new += await self.store.submit_chunk(batch_id, chunk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from enum import StrEnum
 from typing import Any, Literal
@@ -129,6 +130,23 @@ class AgentJob(_Strict):
             elif m.content:
                 parts.extend(str(p.get("text", "")) for p in m.content)
         return "\n".join(parts)
+
+
+_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+class InvalidBatchId(ValueError):
+    pass
+
+
+def check_batch_id(batch_id: str) -> str:
+    """Batch ids name Redis keys and travel in job payloads: letters, digits and _ . : -"""
+    if not _BATCH_ID.fullmatch(batch_id):
+        raise InvalidBatchId(
+            f"batch id {batch_id!r} is not allowed: use up to 128 letters, digits and _ . : - "
+            "(starting with a letter or digit)"
+        )
+    return batch_id
 
 
 def job_id_for(batch_id: str, custom_id: str) -> str:

@@ -35,16 +35,29 @@ ARQ_EXPIRES_MS = 7 * 86_400_000
 _TERMINAL_LUA = "st == 'succeeded' or st == 'failed' or st == 'cancelled'"
 
 _SUBMIT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'custom_id', ARGV[2], 'batch_id', ARGV[3],
-           'spec', ARGV[4], 'enqueued_at', ARGV[5], 'runs', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[9])
-redis.call('RPUSH', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'total', 1)
-redis.call('HINCRBY', KEYS[2], 'queued', 1)
-redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
-redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
-return 1
+-- One call enqueues a chunk of jobs: ARGV[9..] are (job id, custom_id, spec) triples. The arq
+-- payload is built here, in the format arq.jobs.serialize_job writes with a JSON serializer.
+local bid, enq, score, expire, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local new = 0
+for i = 9, #ARGV, 3 do
+  local jid = ARGV[i]
+  local jkey = ARGV[6] .. jid
+  if redis.call('EXISTS', jkey) == 0 then
+    redis.call('HSET', jkey, 'status', 'queued', 'custom_id', ARGV[i + 1], 'batch_id', bid,
+               'spec', ARGV[i + 2], 'enqueued_at', enq, 'runs', 0)
+    redis.call('EXPIRE', jkey, ttl)
+    redis.call('RPUSH', KEYS[2], jid)
+    redis.call('PSETEX', ARGV[7] .. jid, expire, '{"t":null,"f":"' .. ARGV[8] .. '","a":["'
+               .. jid .. '","' .. bid .. '"],"k":{},"et":' .. score .. '}')
+    redis.call('ZADD', KEYS[3], score, jid)
+    new = new + 1
+  end
+end
+if new > 0 then
+  redis.call('HINCRBY', KEYS[1], 'total', new)
+  redis.call('HINCRBY', KEYS[1], 'queued', new)
+end
+return new
 """
 
 _CLAIM = f"""
@@ -220,33 +233,30 @@ class Store:
         ms = now_ms()
         enqueued_at = now_iso()
         bkey, okey = keys.batch(batch_id), keys.batch_order(batch_id)
+        args: list[str | int] = [
+            batch_id,
+            enqueued_at,
+            ms,
+            ARQ_EXPIRES_MS,
+            self.ttl,
+            keys.job(""),
+            keys.ARQ_JOB_PREFIX,
+            RUN_FUNCTION,
+        ]
+        for job in jobs:
+            args += (
+                job_id_for(batch_id, job.custom_id),
+                job.custom_id,
+                job.model_dump_json(exclude_unset=True),
+            )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hsetnx(bkey, "created_at", enqueued_at)
             pipe.zadd(keys.BATCHES, {batch_id: ms}, nx=True)
-            for job in jobs:
-                jid = job_id_for(batch_id, job.custom_id)
-                payload = serialize_job(
-                    RUN_FUNCTION, (jid, batch_id), {}, None, ms, serializer=json_dumps
-                )
-                await self._submit(
-                    keys=[keys.job(jid), bkey, okey, keys.ARQ_JOB_PREFIX + jid, self.queue],
-                    args=[
-                        jid,
-                        job.custom_id,
-                        batch_id,
-                        job.model_dump_json(exclude_unset=True),
-                        enqueued_at,
-                        payload,
-                        ms,
-                        ARQ_EXPIRES_MS,
-                        self.ttl,
-                    ],
-                    client=pipe,
-                )
+            await self._submit(keys=[bkey, okey, self.queue], args=args, client=pipe)
             pipe.expire(bkey, self.ttl)
             pipe.expire(okey, self.ttl)
             replies = await pipe.execute()
-        return sum(1 for r in replies[2 : 2 + len(jobs)] if r == 1)
+        return int(replies[2])
 
     async def seal(self, batch_id: str) -> None:
         """Mark the batch complete: `wait` may now finish once every job is terminal."""

@@ -73,3 +73,28 @@ async def test_input_size_limit(settings: Settings, redis: Redis) -> None:
                 [AgentJob(custom_id="a", input="short"), AgentJob(custom_id="b", input="x" * 11)]
             )
     assert await redis.dbsize() == 0
+
+
+@pytest.mark.parametrize("bad", ['x"y', "a b", "-lead", "ü", "x" * 129])
+async def test_batch_id_is_checked(producer: Producer, redis: Redis, bad: str) -> None:
+    from producer.models import InvalidBatchId
+
+    with pytest.raises(InvalidBatchId, match="is not allowed"):
+        await producer.submit([AgentJob(custom_id="a", input="x")], batch_id=bad)
+    assert await redis.dbsize() == 0
+
+
+async def test_payload_is_what_arq_writes(producer: Producer, redis: Redis) -> None:
+    from arq.jobs import deserialize_job_raw
+
+    from producer.models import job_id_for
+    from worker.payload import load_job
+
+    batch = await producer.submit(
+        [AgentJob(custom_id="a", input="x")], batch_id="nightly:2026-11.v1"
+    )
+    jid = job_id_for(batch.id, "a")
+    raw = await redis.get(keys.ARQ_JOB_PREFIX + jid)
+    f, args, kwargs, tries, et = deserialize_job_raw(raw, deserializer=load_job)
+    assert (f, args, kwargs, tries) == ("run_agent_job", [jid, "nightly:2026-11.v1"], {}, None)
+    assert et > 0 and json.loads(raw)["et"] == et
