@@ -116,8 +116,21 @@ class Producer:
     async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
         check_batch_id(batch_id)
         new = 0
-        for chunk in _chunks(jobs, CHUNK):
-            new += await self.store.submit_chunk(batch_id, chunk)
+        # One chunk in flight while the next is read and packed: Redis and the producer work
+        # at the same time (at most two chunks held, so memory stays flat).
+        sending: asyncio.Task[int] | None = None
+        try:
+            for chunk in _chunks(jobs, CHUNK):
+                task = asyncio.create_task(self.store.submit_chunk(batch_id, chunk))
+                if sending is not None:
+                    new += await sending
+                sending = task
+            if sending is not None:
+                new += await sending
+                sending = None
+        finally:
+            if sending is not None:
+                sending.cancel()
         await self.store.seal(batch_id)
         return Batch(id=batch_id, jobs=count, enqueued=new)
 

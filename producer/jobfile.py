@@ -84,6 +84,10 @@ def _wrong_type(err: Any) -> bool:
 def parse_line(text: str) -> AgentJob:
     """One job from one JSON line; raises ValueError with a readable reason."""
     try:
+        return AgentJob.model_validate_json(text)  # the fast path: pydantic parses the JSON
+    except ValidationError:
+        pass  # find out what is wrong, below
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"malformed JSON: {exc.msg} (column {exc.colno})") from None
