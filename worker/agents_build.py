@@ -84,6 +84,25 @@ def resolve_model(name: str, job: AgentJob, settings: Settings) -> str:
     return settings.auto_large_model
 
 
+_AGENTS: dict[tuple[int, str], Agent[Any]] = {}
+"""Agents by registry and spec: batches repeat a few specs, and building one is not free."""
+
+
+def _agent(spec: AgentSpec, registry: Registry) -> Agent[Any]:
+    key = (id(registry), spec.model_dump_json())
+    agent = _AGENTS.get(key)
+    if agent is None:
+        if len(_AGENTS) > 1024:
+            _AGENTS.clear()
+        agent = _AGENTS[key] = Agent(
+            name=spec.name,
+            instructions=spec.instructions,
+            tools=[registry.tools[t] for t in spec.tools],
+            output_type=JsonSchemaOutput(spec.output_schema) if spec.output_schema else None,
+        )
+    return agent
+
+
 def plan(
     job: AgentJob, registry: Registry, settings: Settings, mcp_names: Collection[str] = ()
 ) -> Plan:
@@ -137,12 +156,7 @@ def plan(
     except (TypeError, ValueError) as exc:
         raise InvalidJob(f"bad model_settings: {exc}") from None
 
-    agent: Agent[Any] = Agent(
-        name=spec.name,
-        instructions=spec.instructions,
-        tools=[registry.tools[t] for t in spec.tools],
-        output_type=JsonSchemaOutput(spec.output_schema) if spec.output_schema else None,
-    )
+    agent = _agent(spec, registry)
     first = job.model or profile_model or settings.default_model
     models = [resolve_model(m, job, settings) for m in [first, *job.fallbacks]]
     return Plan(

@@ -31,8 +31,9 @@ def redactor(secrets: list[str]) -> Processor:
 
     def scrub(text: str) -> str:
         for s in values:
-            text = text.replace(s, "[REDACTED]")
-        return _BEARER.sub(r"\1[REDACTED]", text)
+            if s in text:
+                text = text.replace(s, "[REDACTED]")
+        return _BEARER.sub(r"\1[REDACTED]", text) if "Bearer" in text else text
 
     def clean(key: str, value: Any) -> Any:
         if _SECRET_KEYS.search(key):
