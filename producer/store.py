@@ -350,13 +350,7 @@ class Store:
                     RUN_FUNCTION, (jid, batch_id), {}, None, ms, serializer=json_dumps
                 )
                 await self._retry(
-                    keys=[
-                        keys.job(jid),
-                        keys.batch(batch_id),
-                        keys.batch_events(batch_id),
-                        self.queue,
-                        keys.ARQ_JOB_PREFIX + jid,
-                    ],
+                    keys=self._job_keys(jid, batch_id, keys.ARQ_JOB_PREFIX + jid),
                     args=[jid, allowed, ms, payload, ARQ_EXPIRES_MS, self.ttl],
                     client=pipe,
                 )
@@ -379,13 +373,7 @@ class Store:
         """Mark a job running (queued, or running after a crash), take it out of arq's queue
         under a lease, and get its spec."""
         reply = await self._claim(
-            keys=[
-                keys.job(job_id),
-                keys.batch(batch_id),
-                keys.batch_events(batch_id),
-                self.queue,
-                keys.LEASES,
-            ],
+            keys=self._job_keys(job_id, batch_id, keys.LEASES),
             args=[worker, now_iso(), job_id, now_ms() + self.lease_ms, self.max_runs],
         )
         state = _s(reply[0]) or "missing"
@@ -393,6 +381,16 @@ class Store:
             return Claim(state)
         job = AgentJob.model_validate_json(reply[1])
         return Claim(state, job=job, enqueued_at=_s(reply[2]), runs=_i(reply[3]))
+
+    def _job_keys(self, job_id: str, batch_id: str, *extra: str) -> list[str]:
+        """The keys every job transition script starts with, then its own."""
+        return [
+            keys.job(job_id),
+            keys.batch(batch_id),
+            keys.batch_events(batch_id),
+            self.queue,
+            *extra,
+        ]
 
     async def job_owner(self, job_id: str) -> tuple[str | None, str | None]:
         """The batch id and custom_id of a job, if it exists."""
@@ -428,13 +426,7 @@ class Store:
         The interrupted run does not count towards max_runs."""
         return (
             await self._release(
-                keys=[
-                    keys.job(job_id),
-                    keys.batch(batch_id),
-                    keys.batch_events(batch_id),
-                    self.queue,
-                    keys.LEASES,
-                ],
+                keys=self._job_keys(job_id, batch_id, keys.LEASES),
                 args=[job_id, now_ms()],
             )
             == 1
@@ -453,14 +445,7 @@ class Store:
         """Run the finish script; without a record (cancel) the job keeps no result body."""
         u = record.usage if record else Usage()
         return await self._finish(
-            keys=[
-                keys.job(job_id),
-                keys.batch(batch_id),
-                keys.batch_events(batch_id),
-                self.queue,
-                keys.ARQ_JOB_PREFIX + job_id,
-                keys.LEASES,
-            ],
+            keys=self._job_keys(job_id, batch_id, keys.ARQ_JOB_PREFIX + job_id, keys.LEASES),
             args=[
                 status.value,
                 record.model_dump_json() if record else "",
