@@ -1,0 +1,443 @@
+"""The deployment files (Dockerfiles, docker-compose.yml, Prometheus and Grafana configs) are
+checked without a Docker engine: parsed and cross-checked against the code they deploy."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DASHBOARD = ROOT / "ops" / "grafana" / "agentq-dashboard.json"
+PROMETHEUS = ROOT / "ops" / "prometheus.yml"
+METRICS_PORT = 9108
+SHUTDOWN_GRACE_S = 30  # AGENTQ_SHUTDOWN_GRACE_S's default
+
+
+# --- YAML ----------------------------------------------------------------------------------
+
+
+def _yaml_via_router_venv(path: Path) -> Any:
+    """PyYAML is not among agentq's dependencies; the Router's venv (ops/router/install.sh,
+    which CI runs first) has it. Parse there and hand the document back as JSON."""
+    python = ROOT / ".venv-router" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("PyYAML is not installed here, nor in .venv-router (ops/router/install.sh)")
+    code = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))"
+    out = subprocess.run(
+        [str(python), "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+@cache
+def load_yaml(path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        return _yaml_via_router_venv(path)
+    return yaml.safe_load(path.read_text())
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's interpolation with an empty environment: ${X:-default} -> default."""
+    return _VAR.sub(lambda m: m.group(2) or "", value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = load_yaml(COMPOSE)
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: interpolate(str(v)) for k, v in env.items()}
+
+
+def duration_s(value: str) -> float:
+    """A compose duration: 45s, 1m30s, 2m."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(value))
+    assert parts and "".join(n + u for n, u in parts) == str(value), value
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- docker-compose.yml ------------------------------------------------------------------------
+
+
+def test_compose_services(services: dict[str, dict[str, Any]]) -> None:
+    assert {"redis", "router", "simrouter", "worker", "producer"} <= set(services)
+    assert services["producer"]["profiles"] == ["producer"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+    for name in ("redis", "router", "simrouter", "worker"):
+        assert "profiles" not in services[name], f"{name} must start with a plain `up`"
+
+
+def test_compose_redis_persists(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    command = redis["command"]
+    command = command if isinstance(command, list) else command.split()
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(str(v).split(":")[1] == "/data" for v in redis["volumes"])
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_compose_worker_scales_and_drains(services: dict[str, dict[str, Any]]) -> None:
+    worker = services["worker"]
+    assert "container_name" not in worker, "--scale worker=N needs generated names"
+    assert "ports" not in worker, "a published host port would clash between replicas"
+    assert worker["command"] == ["worker"]
+    env = env_of(worker)
+    grace = int(env.get("AGENTQ_SHUTDOWN_GRACE_S", SHUTDOWN_GRACE_S))
+    assert duration_s(worker["stop_grace_period"]) > grace
+    assert int(env["AGENTQ_METRICS_PORT"]) == METRICS_PORT
+    assert int(env["AGENTQ_CONCURRENCY"]) > 0
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["router"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", ["worker", "producer"])
+def test_compose_agentq_env_points_at_services(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    env = env_of(services[name])
+    redis = urlparse(env["REDIS_URL"])
+    assert (redis.scheme, redis.hostname, redis.port) == ("redis", "redis", 6379)
+    router = urlparse(env["HANZO_ROUTER_URL"])
+    assert (router.hostname, router.port, router.path) == ("router", 4000, "/v1")
+    assert env["HANZO_API_KEY"] == env_of(services["router"])["HANZO_API_KEY"]
+
+
+def test_compose_router(services: dict[str, dict[str, Any]]) -> None:
+    router = services["router"]
+    assert router["build"]["dockerfile"] == "ops/router/Dockerfile"
+    assert (ROOT / router["build"]["context"] / router["build"]["dockerfile"]).is_file()
+    env = env_of(router)
+    for key in ("HANZO_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "SIMROUTER_API_KEY"):
+        assert key in env
+    assert "/health/liveliness" in " ".join(router["healthcheck"]["test"])
+    # By default its models' upstream is the simulator service, on the port it listens on.
+    upstream = urlparse(env["SIMROUTER_URL"])
+    sim = services["simrouter"]
+    assert upstream.hostname == "simrouter"
+    assert sim["entrypoint"] == ["python", "-m", "ops.simrouter"]
+    command = sim["command"]
+    assert command[command.index("--port") + 1] == str(upstream.port)
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert env_of(sim)["SIMROUTER_API_KEY"] == env["SIMROUTER_API_KEY"]
+
+
+def test_compose_producer_one_shot(services: dict[str, dict[str, Any]]) -> None:
+    producer = services["producer"]
+    command = producer["command"]
+    assert command[0] == "submit" and "--wait" in command
+    mount = next(v for v in producer["volumes"] if v.split(":")[1] == "/jobs")
+    host, target, mode = mount.split(":")
+    assert mode == "ro"
+    job_file = command[1]
+    assert job_file.startswith(target + "/")
+    assert (ROOT / host / job_file.removeprefix(target + "/")).is_file()
+    assert producer.get("restart", "no") == "no"
+
+
+def test_compose_bind_mounts_exist(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_compose_config_cli() -> None:
+    """`docker compose config` (or the standalone docker-compose) validates the file against
+    the Compose schema without a Docker engine."""
+    if shutil.which("docker") and _ok(["docker", "compose", "version"]):
+        cmd = ["docker", "compose"]
+    elif shutil.which("docker-compose"):
+        cmd = ["docker-compose"]
+    else:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    for profiles in ([], ["--profile", "producer", "--profile", "monitoring"]):
+        out = subprocess.run(
+            [*cmd, "-f", str(COMPOSE), *profiles, "config", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+
+
+def _ok(cmd: list[str]) -> bool:
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"^\s*#.*\n", "", path.read_text(), flags=re.M)
+    text = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def last(instrs: list[tuple[str, str]], name: str) -> str:
+    values = [args for word, args in instrs if word == name]
+    assert values, f"no {name}"
+    return values[-1]
+
+
+def final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (word, _) in enumerate(instrs) if word == "FROM"]
+    return instrs[starts[-1] :]
+
+
+def dockerignored(path: str) -> bool:
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(
+        fnmatch.fnmatch(prefix, p.removeprefix("**/")) or fnmatch.fnmatch(prefix, p)
+        for p in patterns
+        for prefix in prefixes
+    )
+
+
+def copied_sources(instrs: list[tuple[str, str]]) -> list[str]:
+    sources = []
+    for word, args in instrs:
+        if word == "COPY" and "--from=" not in args:
+            sources += [a for a in args.split() if not a.startswith("--")][:-1]
+    return sources
+
+
+def assert_non_root(instrs: list[tuple[str, str]]) -> None:
+    user = last(final_stage(instrs), "USER").split(":")[0]
+    assert user not in ("root", "0", ""), user
+
+
+def test_agentq_dockerfile() -> None:
+    instrs = instructions(ROOT / "Dockerfile")
+    for word, args in instrs:
+        if word == "FROM":
+            assert args.split()[0] == "python:3.11-slim"
+    final = final_stage(instrs)
+    assert_non_root(instrs)
+    assert json.loads(last(final, "ENTRYPOINT")) == ["agentq"]
+    assert json.loads(last(final, "CMD")) == ["worker"]
+    assert str(METRICS_PORT) in last(final, "EXPOSE").split()
+    # No build tools, and the project is installed by pip without a cache.
+    assert not any(word == "RUN" and "apt-get" in args for word, args in final)
+    install = " ".join(args for word, args in instrs if word == "RUN")
+    assert re.search(r"pip install --no-cache-dir \.(\s|$)", install)
+
+
+def test_agentq_image_has_every_package() -> None:
+    """The build copies every top-level package pyproject installs, and pyproject's readme."""
+    instrs = instructions(ROOT / "Dockerfile")
+    sources = copied_sources(instrs)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert pattern.rstrip("*") in sources
+    assert project["project"]["readme"] in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not dockerignored(source), f"{source} is in .dockerignore"
+
+
+def test_agentq_image_installs_what_the_worker_imports() -> None:
+    """The image gets only pyproject's dependencies: the worker's metrics need prometheus_client."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = {
+        re.split(r"[\[<>=!~; ]", d)[0].lower().replace("_", "-")
+        for d in project["project"]["dependencies"]
+    }
+    assert "prometheus-client" in deps
+
+
+def test_router_dockerfile() -> None:
+    instrs = instructions(ROOT / "ops" / "router" / "Dockerfile")
+    assert last(instrs, "FROM").split()[0] == "python:3.11-slim"
+    assert_non_root(instrs)
+    sources = copied_sources(instrs)
+    for name in ("requirements.txt", "config.yaml", "custom_auth.py"):
+        assert f"ops/router/{name}" in sources
+        assert not dockerignored(f"ops/router/{name}")
+    runs = " ".join(args for word, args in instrs if word == "RUN")
+    assert re.search(r"pip install --no-cache-dir -r \S*requirements\.txt", runs)
+    env = " ".join(args for word, args in instrs if word == "ENV")
+    assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in env
+    command = json.loads(last(instrs, "ENTRYPOINT")) + json.loads(last(instrs, "CMD"))
+    assert command[0] == "litellm"
+    assert command[command.index("--config") + 1] == "/app/config.yaml"
+    assert command[command.index("--port") + 1] == "4000"
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    # config.yaml and custom_auth.py land in the same directory (custom_auth is found beside it).
+    copy = next(args for word, args in instrs if word == "COPY" and "config.yaml" in args)
+    assert "custom_auth.py" in copy and copy.split()[-1] in ("/app/", "/app")
+
+
+def test_router_image_uses_the_install_script_pins() -> None:
+    """Both ways of running the Router (install.sh, the image) read the same requirements."""
+    script = (ROOT / "ops" / "router" / "install.sh").read_text()
+    assert "REQ=ops/router/requirements.txt" in script
+    pins = (ROOT / "ops" / "router" / "requirements.txt").read_text()
+    assert re.search(r"^litellm==\d", pins, flags=re.M)
+    assert not re.search(r"^litellm==1\.107\.0\b", pins, flags=re.M)
+
+
+# --- Prometheus and Grafana ----------------------------------------------------------------
+
+
+@cache
+def metric_names() -> frozenset[str]:
+    """Every series name worker/metrics.py defines: counters' _total, histograms' _bucket..."""
+    from prometheus_client import REGISTRY
+
+    from worker import metrics
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+    }
+    ours = {id(v) for v in vars(metrics).values() if hasattr(v, "_name") and hasattr(v, "collect")}
+    names = set()
+    for collector in list(REGISTRY._collector_to_names):
+        if id(collector) not in ours:
+            continue
+        for family in collector.collect():
+            names |= {family.name + s for s in suffixes[family.type]}
+    assert names
+    return frozenset(names)
+
+
+PROMQL_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+    "unless", "offset", "inf", "nan",
+}  # fmt: skip
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names an expression selects: identifiers that are not functions, keywords,
+    label names, strings, durations or dashboard variables."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # $__rate_interval, ${var}
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([A-Za-z_:][\w:]*)(\s*\()?", expr):
+        if m.group(2) or m.group(1).lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(m.group(1))
+    return names
+
+
+def test_promql_parser() -> None:
+    expr = 'histogram_quantile(0.95, sum by (le, model) (rate(x_bucket{a="b"}[$__rate_interval])))'
+    assert promql_metrics(expr) == {"x_bucket"}
+    assert promql_metrics("sum(rate(a_total[5m])) * 3600 / on (i) b") == {"a_total", "b"}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_queries_use_worker_metrics(dashboard: dict[str, Any]) -> None:
+    known = metric_names()
+    used: set[str] = set()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        names = promql_metrics(expr)
+        assert names, f"no metric in {expr!r}"
+        assert names <= known, f"{expr!r} uses {names - known}; worker/metrics.py has {known}"
+        assert expr.count("(") == expr.count(")"), expr
+        used |= names
+    # Every metric the worker serves is on the dashboard.
+    families = {re.sub(r"_(total|bucket|sum|count|created)$", "", n) for n in known}
+    for family in families:
+        assert any(n.startswith(family) for n in used), f"{family} is on no panel"
+
+
+def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(agentq_job_duration" in exprs
+    assert "sum by (status) (rate(agentq_jobs_total" in exprs
+    assert 'agentq_jobs_total{status="failed"}' in exprs
+    assert "sum by (instance) (agentq_jobs_in_flight)" in exprs
+    assert "sum by (model, kind) (rate(agentq_tokens_total" in exprs
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_datasource_is_templated(dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    ds = variables["DS_PROMETHEUS"]
+    assert (ds["type"], ds["query"]) == ("datasource", "prometheus")
+    for panel in dashboard["panels"]:
+        for item in (panel, *panel.get("targets", [])):
+            assert item["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+
+
+def test_grafana_provisions_the_dashboard(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    mount = next(v for v in grafana["volumes"] if "agentq-dashboard.json" in v)
+    source, target = mount.split(":")[:2]
+    assert (ROOT / source).resolve() == DASHBOARD
+    script = "\n".join(grafana["command"])
+    assert f"path: {Path(target).parent}" in script
+    assert "url: http://prometheus:9090" in script
+    assert script.rstrip().endswith("exec /run.sh")
+    if shutil.which("sh"):
+        assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
+
+
+def test_prometheus_scrapes_workers(services: dict[str, dict[str, Any]]) -> None:
+    config = load_yaml(PROMETHEUS)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    sd = jobs["agentq-worker"]["dns_sd_configs"]
+    assert {"names": ["worker"], "type": "A", "port": METRICS_PORT}.items() <= sd[0].items()
+    assert "worker" in services
+    mount = next(v for v in services["prometheus"]["volumes"] if "prometheus.yml" in v)
+    assert (ROOT / mount.split(":")[0]).resolve() == PROMETHEUS
+    promtool = shutil.which("promtool")
+    if promtool:
+        out = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True)
+        assert out.returncode == 0, out.stderr
