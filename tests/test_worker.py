@@ -331,3 +331,23 @@ async def test_metrics_count_jobs_calls_and_tokens(producer: Producer, settings:
     assert after[0] - before[0] == 1 and after[1] - before[1] == 1
     assert after[2] - before[2] == out["a"].usage.input_tokens
     assert after[3] - before[3] == 1
+
+
+async def test_redis_trouble_becomes_an_arq_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If Redis fails a job's bookkeeping past the client's retries, arq must keep the job
+    (Retry) instead of finishing it with our record still queued: that would lose it."""
+    from arq import Retry
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker import runner
+
+    class BrokenStore:
+        async def claim(self, *args: object) -> None:
+            raise RedisConnectionError("Redis went away")
+
+    rt = runner.Runtime.__new__(runner.Runtime)
+    rt.store = BrokenStore()  # type: ignore[assignment]
+    rt.worker_id = "host:1"
+    with pytest.raises(Retry) as retry:
+        await runner.run_agent_job({"agentq": rt, "job_id": "j"}, "j", "b")
+    assert retry.value.defer_score == runner.REDIS_RETRY_S * 1000

@@ -12,6 +12,8 @@ from typing import Any
 import openai
 import structlog
 from agents import ModelSettings, RunConfig, Runner
+from arq import Retry
+from redis.exceptions import RedisError
 
 from producer.models import AgentJob, Attempt, JobError, ResultRecord, Status, Usage
 from producer.settings import Settings
@@ -91,10 +93,28 @@ class Outcome:
     error: JobError | None = None
 
 
+REDIS_RETRY_S = 5
+"""When Redis fails a job's bookkeeping past the client's retries, arq runs it again this
+much later (the job stays queued or leased meanwhile, so nothing is lost)."""
+
+
 async def run_agent_job(
     ctx: dict[str, Any], *args: str, invalid_payload: str | None = None
 ) -> None:
-    """The arq function: one job in, one stored record out (errors never escape to arq)."""
+    """The arq function: one job in, one stored record out. Agent and Router errors end in
+    the record; only Redis trouble reaches arq, as a Retry, so arq keeps the job."""
+    try:
+        await _run_agent_job(ctx, *args, invalid_payload=invalid_payload)
+    except RedisError as exc:
+        log.warning(
+            "job.redis_error", job_id=ctx.get("job_id"), error=str(exc), retry_in_s=REDIS_RETRY_S
+        )
+        raise Retry(defer=REDIS_RETRY_S) from exc
+
+
+async def _run_agent_job(
+    ctx: dict[str, Any], *args: str, invalid_payload: str | None = None
+) -> None:
     rt: Runtime = ctx["agentq"]
     if invalid_payload is not None:
         await _fail_invalid_payload(rt, ctx["job_id"], invalid_payload)

@@ -25,6 +25,7 @@ from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
 from . import logs, metrics
+from .arqworker import BatchStartWorker
 from .mcp import McpPool, parse_mcp_config
 from .payload import load_job
 from .provider import RouterProvider
@@ -189,7 +190,7 @@ def build_worker(
     # arq's own job timeout stays above any job's timeout, so arq never cuts a run short and
     # never starts it a second time while it still runs.
     arq_timeout = settings.max_job_timeout_s + 60
-    worker = Worker(
+    worker = BatchStartWorker(
         functions=[func(run_agent_job, name=RUN_FUNCTION, timeout=arq_timeout)],
         queue_name=settings.queue,
         redis_settings=redis_settings(settings),
