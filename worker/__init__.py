@@ -2,13 +2,12 @@
 
 from .provider import RouterProvider
 from .runner import run_agent_job
-from .settings import WorkerSettings, build_worker
+from .settings import build_worker
 from .tools import Registry, calculator, evaluate
 
 __all__ = [
     "Registry",
     "RouterProvider",
-    "WorkerSettings",
     "build_worker",
     "calculator",
     "evaluate",

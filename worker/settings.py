@@ -9,7 +9,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import structlog
@@ -229,14 +229,3 @@ def redis_settings(settings: Settings) -> RedisSettings:
     rs.retry_on_error = RETRY_ON
     rs.retry = retry_policy()
     return rs
-
-
-class WorkerSettings:
-    """For `arq worker.WorkerSettings`; `agentq worker` is the usual way."""
-
-    functions: ClassVar = [func(run_agent_job, name=RUN_FUNCTION)]
-    on_startup = on_startup
-    on_shutdown = on_shutdown
-    job_serializer = json_dumps
-    job_deserializer = load_job
-    keep_result = 0
