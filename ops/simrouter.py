@@ -16,13 +16,10 @@ Run it with ``python -m ops.simrouter --port 4000`` or in-process::
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import hashlib
 import hmac
 import json
-import math
-import operator
 import os
 import random
 import re
@@ -34,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from worker.tools import evaluate
 
 FAULTS = ("500", "503", "429", "401", "400", "hang", "drop")
 OUTCOMES = ("ok", *FAULTS)
@@ -110,40 +109,14 @@ class SimStats:
 
 
 # ---------------------------------------------------------------- arithmetic (no eval!)
-_BINOPS: dict[type[ast.operator], Any] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
 _RUN_RE = re.compile(r"[\d\s.+\-*/()%]+")
 _HAS_OP_RE = re.compile(r"[\d.)]\s*(?:\*\*|[-+*/%])\s*[-+(\s]*[\d.]")
 
 
-def _eval_node(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        value: Any = node.value
-        return value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        operand = _eval_node(node.operand)
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = _eval_node(node.left), _eval_node(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) * math.log2(abs(left) + 2) > 4096:
-            raise ValueError("result too large")
-        return _BINOPS[type(node.op)](left, right)
-    raise ValueError(f"unsupported expression: {ast.dump(node)}")
-
-
 def safe_eval(expr: str) -> float:
-    """Evaluate a plain arithmetic expression (numbers, + - * / // % **, parentheses)."""
-    result = _eval_node(ast.parse(expr.strip(), mode="eval").body)
-    if isinstance(result, complex):
-        raise ValueError("complex result")
-    return result
+    """Evaluate a plain arithmetic expression with the workers' own calculator (an AST walk,
+    never eval); ValueError when it is not one."""
+    return evaluate(expr.strip())
 
 
 def find_expression(text: str) -> tuple[str, float] | None:
@@ -155,7 +128,7 @@ def find_expression(text: str) -> tuple[str, float] | None:
         for candidate in (run, run.strip("()").strip(), run.rstrip(".").strip()):
             try:
                 return candidate, safe_eval(candidate)
-            except (SyntaxError, ValueError, ArithmeticError, TypeError):
+            except (ValueError, ArithmeticError):
                 continue
     return None
 
