@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     trace_events: bool = True
     """Agent and tool spans of the Agents SDK become events in the job's log."""
 
+    otlp_endpoint: str | None = None
+    """Also export agent, model and tool spans to OpenTelemetry at this OTLP/HTTP URL (e.g.
+    http://collector:4318/v1/traces); needs `pip install 'agentq[otel]'`."""
+
     log_content: bool = True
     """Keep prompts and outputs in log events (set false to leave them out)."""
 

@@ -54,6 +54,10 @@ class Runtime:
     def in_flight(self) -> int:
         return len(self.running)
 
+    @property
+    def tracing(self) -> bool:
+        return self.settings.trace_events or bool(self.settings.otlp_endpoint)
+
     def run_config(self, model: str, model_settings: ModelSettings) -> RunConfig:
         """RunConfigs are costly to build (type-hint checks); jobs with the same model and
         settings share one."""
@@ -66,7 +70,7 @@ class Runtime:
                 model=model,
                 model_provider=self.provider,
                 model_settings=model_settings,
-                tracing_disabled=not self.settings.trace_events,
+                tracing_disabled=not self.tracing,
                 workflow_name="agentq",
             )
         return config

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import structlog
-from agents import set_trace_processors, set_tracing_disabled
+from agents import TracingProcessor, set_trace_processors, set_tracing_disabled
 from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
@@ -43,16 +43,29 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _set_up_tracing(settings: Settings) -> None:
-    """Spans go to the job's log only: the SDK's default exporter would send prompts, with
-    the Router key, to api.openai.com."""
-    set_trace_processors([JobLogProcessor()])
-    set_tracing_disabled(not settings.trace_events)
+def _set_up_tracing(settings: Settings) -> list[TracingProcessor]:
+    """Spans go to the job's log (and to OTLP when configured), never to the SDK's default
+    exporter, which would send prompts, with the Router key, to api.openai.com."""
+    processors: list[TracingProcessor] = [JobLogProcessor()] if settings.trace_events else []
+    if settings.otlp_endpoint:
+        try:
+            from .otel import OtelExporter, otlp_provider
+        except ImportError as exc:
+            raise RuntimeError(
+                "AGENTQ_OTLP_ENDPOINT is set but OpenTelemetry is not installed: "
+                "pip install 'agentq[otel]'"
+            ) from exc
+        processors.append(
+            OtelExporter(otlp_provider(settings.otlp_endpoint), content=settings.log_content)
+        )
+    set_trace_processors(processors)
+    set_tracing_disabled(not processors)
+    return processors
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.get("agentq_settings") or load_settings()
-    _set_up_tracing(settings)
+    ctx["agentq_tracing"] = _set_up_tracing(settings)
     registry = default_registry()
     load_plugins(registry, settings.plugins)
     routers = {"default": (settings.router_url, settings.api_key.get_secret_value())}
@@ -108,6 +121,9 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         await rt.store.redis.hdel(keys.WORKERS, rt.worker_id)
     await rt.mcp.close()
+    for processor in ctx.get("agentq_tracing", []):
+        with contextlib.suppress(Exception):
+            processor.shutdown()  # flushes spans still queued for OTLP
     await rt.provider.aclose()
     log.info("worker.stopped", worker=rt.worker_id)
 
