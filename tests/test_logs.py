@@ -297,3 +297,18 @@ def test_secret_in_exception_is_redacted(capsys: pytest.CaptureFixture[str]) -> 
 
     assert SECRET not in capsys.readouterr().out
     assert SECRET not in json.dumps(events, default=str)
+
+
+def test_worker_redacts_every_key_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from producer.settings import Settings
+    from worker.settings import _secrets
+
+    monkeypatch.setenv("BACKUP_ROUTER_KEY", "sk-backup-1234")
+    settings = Settings(
+        api_key="sk-main-9999",  # type: ignore[arg-type]
+        routers={"b": {"url": "http://b/v1", "key_env": "BACKUP_ROUTER_KEY"}},  # type: ignore[dict-item]
+        mcp_servers=json.dumps(
+            {"s": {"url": "http://m/mcp", "headers": {"Authorization": "Bearer tok-5555"}}}
+        ),
+    )
+    assert _secrets(settings) == ["sk-main-9999", "sk-backup-1234", "tok-5555"]

@@ -186,6 +186,16 @@ async def _listen(rt: Runtime) -> None:
                 await pubsub.aclose()
 
 
+def _secrets(settings: Settings) -> list[str]:
+    """Every key the worker holds, for the log redactor: the Routers' keys and MCP headers."""
+    found = [settings.api_key.get_secret_value()]
+    found += [spec.api_key() for spec in settings.routers.values()]
+    with contextlib.suppress(ValueError):
+        for spec in parse_mcp_config(settings.mcp_servers).values():
+            found += [v.removeprefix("Bearer ") for v in (spec.headers or {}).values()]
+    return [s for s in found if s]
+
+
 def build_worker(
     settings: Settings | None = None,
     *,
@@ -198,7 +208,7 @@ def build_worker(
     logs.configure(
         level=settings.log_level,
         fmt=settings.log_format,
-        secrets=[settings.api_key.get_secret_value()],
+        secrets=_secrets(settings),
         log_content=settings.log_content,
         static={"worker": worker_id()},
         log_file=log_file,
