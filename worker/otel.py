@@ -12,11 +12,13 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from agents import Span, Trace, TracingProcessor
+from agents import Span
 from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import IdGenerator, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from .tracing import SpanEndProcessor
 
 _next_ids: ContextVar[tuple[int, int] | None] = ContextVar("agentq_otel_ids", default=None)
 
@@ -53,21 +55,12 @@ def otlp_provider(endpoint: str) -> TracerProvider:
     return provider
 
 
-class OtelExporter(TracingProcessor):
+class OtelExporter(SpanEndProcessor):
     def __init__(self, provider: TracerProvider, *, content: bool = True) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("agentq")
         self.content = content
         self.dropped = 0
-
-    def on_trace_start(self, trace: Trace) -> None:
-        pass
-
-    def on_trace_end(self, trace: Trace) -> None:
-        pass
-
-    def on_span_start(self, span: Span[Any]) -> None:
-        pass
 
     def on_span_end(self, span: Span[Any]) -> None:
         try:

@@ -24,10 +24,8 @@ def _ms(span: Span[Any]) -> float | None:
     return None
 
 
-class JobLogProcessor(TracingProcessor):
-    def __init__(self) -> None:
-        self.dropped = 0
-        """Spans that could not be turned into events (counted, never raised)."""
+class SpanEndProcessor(TracingProcessor):
+    """A processor that acts on finished spans only; the other hooks do nothing."""
 
     def on_trace_start(self, trace: Trace) -> None:
         pass
@@ -37,6 +35,18 @@ class JobLogProcessor(TracingProcessor):
 
     def on_span_start(self, span: Span[Any]) -> None:
         pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self) -> None:
+        pass
+
+
+class JobLogProcessor(SpanEndProcessor):
+    def __init__(self) -> None:
+        self.dropped = 0
+        """Spans that could not be turned into events (counted, never raised)."""
 
     def on_span_end(self, span: Span[Any]) -> None:
         try:
@@ -57,9 +67,3 @@ class JobLogProcessor(TracingProcessor):
                 log.info("mcp_tools", server=data.server, tools=data.result)
         except Exception:
             self.dropped += 1
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self) -> None:
-        pass
