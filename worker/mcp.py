@@ -209,23 +209,15 @@ def _is_connection_error(exc: BaseException, depth: int = 0) -> bool:
     return cause is not None and _is_connection_error(cause, depth + 1)
 
 
-async def _watch(server: _StdioServer | _HttpServer, request: Any) -> Any:
-    try:
-        return await request
-    except BaseException as exc:
-        if not server.lost and _is_connection_error(exc):
-            server.lost = True
-            log.warning(
-                "mcp.connection_lost", name=server.name, error=_error_text(exc), during="request"
-            )
-        raise
+class _Watched:
+    """Marks the server lost when a request fails for a lost connection (mixed in before the
+    SDK's server class, whose list_tools and call_tool it wraps)."""
 
-
-class _StdioServer(MCPServerStdio):
     lost = False
+    name: str
 
     async def list_tools(self, run_context: Any = None, agent: Any = None) -> Any:
-        return await _watch(self, super().list_tools(run_context, agent))
+        return await self._watch(super().list_tools(run_context, agent))  # type: ignore[misc]
 
     async def call_tool(
         self,
@@ -233,22 +225,26 @@ class _StdioServer(MCPServerStdio):
         arguments: dict[str, Any] | None,
         meta: dict[str, Any] | None = None,
     ) -> Any:
-        return await _watch(self, super().call_tool(tool_name, arguments, meta))
+        return await self._watch(super().call_tool(tool_name, arguments, meta))  # type: ignore[misc]
+
+    async def _watch(self, request: Any) -> Any:
+        try:
+            return await request
+        except BaseException as exc:
+            if not self.lost and _is_connection_error(exc):
+                self.lost = True
+                log.warning(
+                    "mcp.connection_lost", name=self.name, error=_error_text(exc), during="request"
+                )
+            raise
 
 
-class _HttpServer(MCPServerStreamableHttp):
-    lost = False
+class _StdioServer(_Watched, MCPServerStdio):
+    pass
 
-    async def list_tools(self, run_context: Any = None, agent: Any = None) -> Any:
-        return await _watch(self, super().list_tools(run_context, agent))
 
-    async def call_tool(
-        self,
-        tool_name: str,
-        arguments: dict[str, Any] | None,
-        meta: dict[str, Any] | None = None,
-    ) -> Any:
-        return await _watch(self, super().call_tool(tool_name, arguments, meta))
+class _HttpServer(_Watched, MCPServerStreamableHttp):
+    pass
 
 
 def _build(name: str, spec: McpServerSpec) -> _StdioServer | _HttpServer:
