@@ -35,9 +35,20 @@ def _err(msg: str) -> None:
 # -- commands -------------------------------------------------------------------------------
 
 
+def _announce_batch(batch_id: str) -> None:
+    print(
+        f"batch {batch_id}: enqueueing (if this stops, run the same submit with "
+        f"--batch-id {batch_id} to complete it)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     async with Producer.from_env(settings) as p:
-        batch = await p.submit_file(args.file, batch_id=args.batch_id)
+        batch = await p.submit_file(
+            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch
+        )
         print(f"submitted {batch.jobs} jobs ({batch.enqueued} new)", file=sys.stderr)
         print(batch.id)
         sys.stdout.flush()

@@ -104,10 +104,22 @@ class Producer:
             raise JobFileError("jobs", errors[:50], len(errors))
         return await self._enqueue(jobs, len(jobs), batch_id or new_batch_id())
 
-    async def submit_file(self, path: str | Path, *, batch_id: str | None = None) -> Batch:
-        """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again)."""
+    async def submit_file(
+        self,
+        path: str | Path,
+        *,
+        batch_id: str | None = None,
+        on_batch_id: Callable[[str], None] | None = None,
+    ) -> Batch:
+        """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again).
+        `on_batch_id` hears the batch id before the first job is enqueued: if submit fails
+        halfway, submitting the same file with that batch id completes the batch (idempotent)."""
         count = validate_file(path, await self.checker())
-        return await self._enqueue(iter_jobs(path), count, batch_id or new_batch_id())
+        batch_id = batch_id or new_batch_id()
+        check_batch_id(batch_id)
+        if on_batch_id is not None:
+            on_batch_id(batch_id)
+        return await self._enqueue(iter_jobs(path), count, batch_id)
 
     async def checker(self) -> Check:
         """Checks against the size limit and the live workers' tools and agent profiles."""
@@ -132,6 +144,8 @@ class Producer:
             if sending is not None:
                 sending.cancel()
         await self.store.seal(batch_id)
+        if batch_id in self.store.revived:
+            await self.store.keep_records(batch_id)
         return Batch(id=batch_id, jobs=count, enqueued=new)
 
     # -- read -----------------------------------------------------------------------------
@@ -184,11 +198,15 @@ class Producer:
                     yield record
 
     async def cancel(self, batch_id: str) -> int:
-        """Cancel every job of the batch not final yet; returns how many were cancelled."""
+        """Cancel every job of the batch not final yet; returns how many were cancelled.
+        The batch is flagged first, so even if this is interrupted no job of it runs on."""
         await self.status(batch_id)
+        await self.store.flag_cancelled(batch_id)
         n = 0
         async for ids in self.store.job_ids(batch_id):
             n += await self.store.cancel(batch_id, ids)
+        while await self.store.sweep():  # re-arm the records' TTLs now, not at the next worker
+            pass
         return n
 
     async def retry(self, batch_id: str, *, failed_only: bool = False) -> int:
@@ -199,6 +217,8 @@ class Producer:
         n = 0
         async for ids in self.store.job_ids(batch_id):
             n += await self.store.retry(batch_id, ids, statuses)
+        if n:  # the batch is active again: keep the records of the jobs not retried too
+            await self.store.keep_records(batch_id)
         return n
 
     async def workers(self) -> dict[str, dict[str, Any]]:

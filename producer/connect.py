@@ -35,6 +35,8 @@ def connect(settings: Settings) -> Redis:
         redis_url(settings),
         health_check_interval=30,
         socket_keepalive=True,
+        socket_connect_timeout=5,
+        socket_timeout=30,  # a half-open link fails and is retried instead of hanging
         retry=retry_policy(PRODUCER_RETRIES),
         retry_on_error=RETRY_ON,
     )

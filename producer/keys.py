@@ -36,8 +36,28 @@ ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
 """arq's marker of a job being run (arq.constants.in_progress_key_prefix)."""
 
 LEASES = f"{PREFIX}:leases"
-"""Sorted set: running job id -> lease deadline (ms). A running job leaves arq's queue, so polls
-cost nothing per job in flight; a job whose worker stops renewing goes back to the queue."""
+"""Sorted set: running job id -> lease deadline (ms on Redis's clock). A running job leaves
+arq's queue, so polls cost nothing per job in flight; a job whose worker stops renewing goes
+back to the queue."""
+
+CLOCK = f"{PREFIX}:clock"
+"""Redis time (ms) of the last lease renewal or reap by any worker. A gap longer than half a
+lease means nobody could renew (Redis or every worker was away): leases are extended by the gap
+instead of being reaped, so an outage never re-runs live jobs."""
+
+ACTIVE = f"{PREFIX}:active"
+"""Sorted set: batches with queued or running jobs (score: creation ms). Their keys never
+expire; the reconciler walks their jobs."""
+
+SWEEPS = f"{PREFIX}:sweeps"
+"""Sorted set: batches that just became inactive -> how many of their job records have had
+their TTL re-armed so far (a bounded background sweep)."""
+
+RECONCILE = f"{PREFIX}:reconcile"
+"""Hash: the reconciler's cursor (batch, offset), shared by all workers."""
+
+RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"
+"""Set for one reconcile interval by whichever worker ran the last sweep step."""
 
 CONTROL = f"{PREFIX}:control"
 """Pub/sub channel to workers: "cancel <batch_id>" stops that batch's running jobs."""

@@ -34,6 +34,7 @@ ErrorType = Literal[
     "tool_error",
     "output_invalid",
     "cancelled",
+    "internal_error",
 ]
 
 

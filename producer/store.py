@@ -4,14 +4,15 @@ counts always add up and a re-run after a crash cannot count twice or overwrite 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from arq.jobs import serialize_job
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from . import keys
 from .models import (
@@ -24,130 +25,367 @@ from .models import (
     Usage,
     job_id_for,
 )
-from .serde import json_dumps
 
 RUN_FUNCTION = "run_agent_job"
-"""The arq function name workers register; the arq payload carries only the job id."""
+"""The arq function name workers register; the arq payload carries only ids."""
 
-ARQ_EXPIRES_MS = 7 * 86_400_000
-"""arq drops a queued job not started within this time; agentq batches may wait long."""
+# The job hash is the one source of truth. arq's queue entry and payload are derived from it:
+# each enqueue of a job writes a new arq job id "<job id>.<q>" (q counts the job's enqueues),
+# so arq's own clean-up of an earlier run can never delete a later one, and any of them can be
+# rebuilt from the hash. A claim takes a fencing token; every later write of that run must
+# carry it. Times are Redis's (TIME), never a worker's clock.
 
-_TERMINAL_LUA = "st == 'succeeded' or st == 'failed' or st == 'cancelled'"
+_PRELUDE = """
+local QUEUE, LEASES, CLOCK, ACTIVE, SWEEPS, INDEX = {queue}, {leases}, {clock}, {active},
+  {sweeps}, {index}
+local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
+local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function jkey(id) return JOB .. id end
+local function bkey(b) return BATCH .. b end
+local function okey(b) return BATCH .. b .. ':order' end
+local function final(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
+local function arq_id(id, q) return id .. '.' .. (q or '0') end
+local function publish(b, msg) redis.call('PUBLISH', EVENTS .. b, msg) end
+local function move(b, from, to)
+  redis.call('HINCRBY', bkey(b), from, -1)
+  redis.call('HINCRBY', bkey(b), to, 1)
+end
+-- A new arq queue entry and payload for the job (its next generation), at `score`; `front`
+-- puts it before every job never started, in its original order among those put back.
+local function enqueue(id, b, score, front)
+  local q = redis.call('HINCRBY', jkey(id), 'q', 1)
+  local aid = arq_id(id, q)
+  redis.call('SET', ARQ .. aid, '{{"t":null,"f":"' .. FUNC .. '","a":["' .. id .. '","' .. b
+    .. '","' .. q .. '"],"k":{{}},"et":' .. score .. '}}', 'PX', PAYLOAD_MS)
+  if front then score = tonumber(score) - 1e13 end
+  redis.call('ZADD', QUEUE, score, aid)
+end
+local function dequeue(id, q)
+  redis.call('ZREM', QUEUE, arq_id(id, q))
+  redis.call('DEL', ARQ .. arq_id(id, q))
+end
+-- A batch with queued or running jobs: none of its keys expire meanwhile.
+local function activate(b, now)
+  redis.call('PERSIST', bkey(b))
+  redis.call('PERSIST', okey(b))
+  redis.call('ZADD', ACTIVE, 'NX', now, b)
+  redis.call('ZREM', SWEEPS, b)
+end
+-- After a job left queued/running: a batch with none left starts to expire, its job records
+-- with it (re-armed by the sweep, so TTLs count from the batch's last activity).
+local function settle(b)
+  local c = redis.call('HMGET', bkey(b), 'queued', 'running')
+  if (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) <= 0 then
+    redis.call('EXPIRE', bkey(b), TTL)
+    redis.call('EXPIRE', okey(b), TTL)
+    if redis.call('ZREM', ACTIVE, b) == 1 then redis.call('ZADD', SWEEPS, 0, b) end
+  end
+end
+-- Every renew and reap starts here: if nobody renewed for half a lease (Redis was down, or
+-- every worker was), credit the gap to every lease instead of reaping live jobs.
+local function tick(now)
+  local last = tonumber(redis.call('GET', CLOCK) or '')
+  redis.call('SET', CLOCK, now)
+  if last and now - last > LEASE_MS / 2 then
+    local all = redis.call('ZRANGE', LEASES, 0, -1, 'WITHSCORES')
+    for i = 1, #all, 2 do
+      redis.call('ZADD', LEASES, tonumber(all[i + 1]) + now - last, all[i])
+    end
+    return now - last
+  end
+  return 0
+end
+-- A running job goes back to the front of the queue (its original place).
+local function requeue(id, b)
+  move(b, 'running', 'queued')
+  redis.call('HSET', jkey(id), 'status', 'queued')
+  redis.call('ZREM', LEASES, id)
+  enqueue(id, b, redis.call('HGET', jkey(id), 'score') or '0', true)
+  publish(b, id .. ' queued')
+end
+"""
 
 _SUBMIT = """
--- One call enqueues a chunk of jobs: ARGV[9..] are (job id, custom_id, spec) triples. The arq
--- payload is built here, in the format arq.jobs.serialize_job writes with a JSON serializer.
-local bid, enq, score, expire, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local new = 0
-for i = 9, #ARGV, 3 do
-  local jid = ARGV[i]
-  local jkey = ARGV[6] .. jid
-  if redis.call('EXISTS', jkey) == 0 then
-    redis.call('HSET', jkey, 'status', 'queued', 'custom_id', ARGV[i + 1], 'batch_id', bid,
-               'spec', ARGV[i + 2], 'enqueued_at', enq, 'runs', 0)
-    redis.call('EXPIRE', jkey, ttl)
-    redis.call('RPUSH', KEYS[2], jid)
-    redis.call('PSETEX', ARGV[7] .. jid, expire, '{"t":null,"f":"' .. ARGV[8] .. '","a":["'
-               .. jid .. '","' .. bid .. '"],"k":{},"et":' .. score .. '}')
-    redis.call('ZADD', KEYS[3], score, jid)
+-- ARGV: batch id, enqueued_at, then (job id, custom_id, spec) triples.
+local b, enq, now, new = ARGV[1], ARGV[2], now_ms(), 0
+-- A batch that was done and gets more jobs: the caller keeps its older records (keep_records).
+local revived = redis.call('ZSCORE', ACTIVE, b) == false
+  and tonumber(redis.call('HGET', bkey(b), 'total') or '0') > 0
+for i = 3, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('EXISTS', jkey(id)) == 0 then
+    redis.call('HSET', jkey(id), 'status', 'queued', 'custom_id', ARGV[i + 1], 'batch_id', b,
+               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', now, 'qt', now, 'runs', 0,
+               'token', 0, 'q', 0)
+    redis.call('RPUSH', okey(b), id)
+    enqueue(id, b, now, false)
     new = new + 1
   end
 end
+redis.call('HSETNX', bkey(b), 'created_at', enq)
+redis.call('ZADD', INDEX, 'NX', now, b)
 if new > 0 then
-  redis.call('HINCRBY', KEYS[1], 'total', new)
-  redis.call('HINCRBY', KEYS[1], 'queued', new)
+  redis.call('HINCRBY', bkey(b), 'total', new)
+  redis.call('HINCRBY', bkey(b), 'queued', new)
+  activate(b, now)
+else
+  settle(b)
+  revived = false
 end
-return new
+return {new, revived and 1 or 0}
 """
 
-_CLAIM = f"""
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {{'missing'}} end
-if {_TERMINAL_LUA} then return {{st}} end
-local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
-local f = redis.call('HMGET', KEYS[1], 'spec', 'enqueued_at')
-if tonumber(ARGV[5]) > 0 and runs > tonumber(ARGV[5]) then
-  return {{'exhausted', f[1], f[2], tostring(runs - 1)}}
+_CLAIM = """
+-- ARGV: job id, queue generation (from the arq payload), worker, started_at.
+local id = ARGV[1]
+local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt')
+local st, b = h[1], h[3]
+if not st then return {'missing'} end
+if final(st) then return {st} end
+if st ~= 'queued' then return {'busy'} end
+if (h[2] or '0') ~= ARGV[2] then return {'stale'} end
+local now = now_ms()
+dequeue(id, h[2])
+local cancelled = redis.call('HGET', bkey(b), 'cancelled_at')
+if cancelled and tonumber(h[4] or 0) <= tonumber(cancelled) then
+  move(b, 'queued', 'cancelled')
+  redis.call('HSET', jkey(id), 'status', 'cancelled', 'finished_at', ARGV[4])
+  publish(b, id .. ' cancelled')
+  settle(b)
+  return {'cancelled'}
 end
-if st == 'queued' then
-  redis.call('HINCRBY', KEYS[2], 'queued', -1)
-  redis.call('HINCRBY', KEYS[2], 'running', 1)
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[3])
-redis.call('ZADD', KEYS[5], ARGV[4], ARGV[3])
-redis.call('PUBLISH', KEYS[3], ARGV[3] .. ' running')
-return {{'running', f[1], f[2], tostring(runs)}}
+local runs = redis.call('HINCRBY', jkey(id), 'runs', 1)
+-- The token is unique even if a crash lost the last claims: Redis time plus a counter.
+local token = now .. '.' .. redis.call('HINCRBY', jkey(id), 'token', 1)
+redis.call('HSET', jkey(id), 'fence', token)
+move(b, 'queued', 'running')
+redis.call('HSET', jkey(id), 'status', 'running', 'started_at', ARGV[4], 'worker', ARGV[3])
+redis.call('ZADD', LEASES, now + LEASE_MS, id)
+publish(b, id .. ' running')
+local f = redis.call('HMGET', jkey(id), 'spec', 'enqueued_at')
+local state = 'running'
+if runs > MAX_RUNS then state = 'exhausted' end
+return {state, f[1], f[2], runs, token}
 """
 
-_FINISH = f"""
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 0 end
-if {_TERMINAL_LUA} then return 0 end
-redis.call('HINCRBY', KEYS[2], st, -1)
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-redis.call('HINCRBY', KEYS[2], 'requests', ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[2], 'total_tokens', ARGV[6])
-redis.call('HINCRBYFLOAT', KEYS[2], 'cost_usd', ARGV[7])
+_FINISH = """
+-- ARGV: job id, fencing token ('' = any non-final job: cancel), status, record JSON ('' =
+-- none), requests, input, output, total tokens, cost, finished_at, model.
+local id, token, to = ARGV[1], ARGV[2], ARGV[3]
+local h = redis.call('HMGET', jkey(id), 'status', 'fence', 'batch_id', 'q')
+local st, b = h[1], h[3]
+if not st or final(st) then return 0 end
+if token ~= '' and (st ~= 'running' or h[2] ~= token) then return -1 end
+local bk = bkey(b)
+move(b, st, to)
+redis.call('HINCRBY', bk, 'requests', ARGV[5])
+redis.call('HINCRBY', bk, 'input_tokens', ARGV[6])
+redis.call('HINCRBY', bk, 'output_tokens', ARGV[7])
+redis.call('HINCRBY', bk, 'total_tokens', ARGV[8])
+redis.call('HINCRBYFLOAT', bk, 'cost_usd', ARGV[9])
 if ARGV[11] ~= '' then
-  redis.call('HINCRBY', KEYS[2], 'm:' .. ARGV[11] .. ':jobs', 1)
-  redis.call('HINCRBY', KEYS[2], 'm:' .. ARGV[11] .. ':input_tokens', ARGV[4])
-  redis.call('HINCRBY', KEYS[2], 'm:' .. ARGV[11] .. ':output_tokens', ARGV[5])
-  redis.call('HINCRBYFLOAT', KEYS[2], 'm:' .. ARGV[11] .. ':cost_usd', ARGV[7])
+  redis.call('HINCRBY', bk, 'm:' .. ARGV[11] .. ':jobs', 1)
+  redis.call('HINCRBY', bk, 'm:' .. ARGV[11] .. ':input_tokens', ARGV[6])
+  redis.call('HINCRBY', bk, 'm:' .. ARGV[11] .. ':output_tokens', ARGV[7])
+  redis.call('HINCRBYFLOAT', bk, 'm:' .. ARGV[11] .. ':cost_usd', ARGV[9])
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[8])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
-redis.call('EXPIRE', KEYS[1], ARGV[9])
-redis.call('ZREM', KEYS[6], ARGV[10])
-if st == 'queued' then
-  redis.call('ZREM', KEYS[4], ARGV[10])
-  redis.call('DEL', KEYS[5])
-end
-redis.call('PUBLISH', KEYS[3], ARGV[10] .. ' ' .. ARGV[1])
+redis.call('HSET', jkey(id), 'status', to, 'finished_at', ARGV[10])
+if ARGV[4] ~= '' then redis.call('HSET', jkey(id), 'result', ARGV[4]) end
+redis.call('ZREM', LEASES, id)
+if st == 'queued' then dequeue(id, h[4]) end
+publish(b, id .. ' ' .. to)
+settle(b)
 return 1
 """
 
-_RELEASE = """
-redis.call('ZREM', KEYS[5], ARGV[1])
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HINCRBY', KEYS[2], 'running', -1)
-redis.call('HINCRBY', KEYS[2], 'queued', 1)
-redis.call('HSET', KEYS[1], 'status', 'queued')
-redis.call('HINCRBY', KEYS[1], 'runs', -1)
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' queued')
-return 1
+_RENEW = """
+-- ARGV: (job id, token) pairs this worker runs. Returns {lost, cancelled}: runs whose lease
+-- is no longer theirs (stop them, write nothing), and runs of cancelled batches.
+local now = now_ms()
+tick(now)
+local lost, cancel = {}, {}
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  local h = redis.call('HMGET', jkey(id), 'status', 'fence', 'batch_id', 'qt')
+  if h[1] == 'running' and h[2] == ARGV[i + 1] then
+    redis.call('ZADD', LEASES, now + LEASE_MS, id)
+    local c = redis.call('HGET', bkey(h[3]), 'cancelled_at')
+    if c and tonumber(h[4] or 0) <= tonumber(c) then table.insert(cancel, id) end
+  else
+    table.insert(lost, id)
+  end
+end
+return {lost, cancel}
 """
 
 _REAP = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+-- ARGV: most jobs to requeue. Returns {requeued, ms credited to leases after an outage}.
+local now = now_ms()
+local gap = tick(now)
+local ids = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local n = 0
 for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('DEL', ARGV[3] .. id)
-  redis.call('ZADD', KEYS[2], ARGV[1], id)
+  redis.call('ZREM', LEASES, id)
+  local h = redis.call('HMGET', jkey(id), 'status', 'batch_id')
+  if h[1] == 'running' then
+    requeue(id, h[2])
+    n = n + 1
+  end
+end
+return {n, gap}
+"""
+
+_RELEASE = """
+-- ARGV: job id, token. A run given back (worker shutting down): front of the queue, and the
+-- run does not count towards max_runs.
+local id = ARGV[1]
+local h = redis.call('HMGET', jkey(id), 'status', 'fence', 'batch_id')
+if h[1] ~= 'running' or h[2] ~= ARGV[2] then return 0 end
+redis.call('HINCRBY', jkey(id), 'runs', -1)
+requeue(id, h[3])
+return 1
+"""
+
+_RETRY = """
+-- ARGV: job id, allowed statuses (comma-separated; none: only keep the record). A final job
+-- not retried keeps its record while its batch is active again (its TTL is re-armed when the
+-- batch is done again).
+local id = ARGV[1]
+local h = redis.call('HMGET', jkey(id), 'status', 'batch_id')
+local st, b = h[1], h[2]
+if not st then return 0 end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == st then allowed = true end end
+if not allowed then
+  if final(st) and redis.call('ZSCORE', ACTIVE, b) then redis.call('PERSIST', jkey(id)) end
+  return 0
+end
+local now = now_ms()
+move(b, st, 'queued')
+redis.call('HDEL', jkey(id), 'result', 'started_at', 'finished_at', 'worker')
+redis.call('HSET', jkey(id), 'status', 'queued', 'runs', 0, 'score', now, 'qt', now)
+redis.call('HINCRBY', jkey(id), 'retries', 1)
+redis.call('PERSIST', jkey(id))
+activate(b, now)
+enqueue(id, b, now, false)
+publish(b, id .. ' queued')
+return 1
+"""
+
+_CANCEL_FLAG = """
+-- ARGV: batch id. Jobs enqueued (submitted or retried) before now are cancelled wherever
+-- they are: at claim, at lease renewal, and by the cancel that follows.
+local now = now_ms()
+if redis.call('EXISTS', bkey(ARGV[1])) == 0 then return 0 end
+redis.call('HSET', bkey(ARGV[1]), 'cancelled_at', now)
+return now
+"""
+
+_RECONCILE = """
+-- ARGV: jobs to check, interval ms. One bounded step over the active batches, at most one
+-- step per interval across all workers. A queued job without its queue entry or payload is
+-- enqueued again; a running job without a lease goes back to the queue.
+if not redis.call('SET', KEYS[2], '1', 'PX', ARGV[2], 'NX') then return {-1, 0} end
+local limit = tonumber(ARGV[1])
+local b = redis.call('HGET', KEYS[1], 'batch')
+local off = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+if not b or not redis.call('ZSCORE', ACTIVE, b) then
+  b = redis.call('ZRANGE', ACTIVE, 0, 0)[1]
+  off = 0
+  if not b then redis.call('DEL', KEYS[1]) return {0, 0} end
+end
+local ids = redis.call('LRANGE', okey(b), off, off + limit - 1)
+local fixed = 0
+for _, id in ipairs(ids) do
+  local h = redis.call('HMGET', jkey(id), 'status', 'q', 'score')
+  if h[1] == 'queued' then
+    local aid = arq_id(id, h[2])
+    if not redis.call('ZSCORE', QUEUE, aid) or redis.call('EXISTS', ARQ .. aid) == 0 then
+      dequeue(id, h[2])
+      enqueue(id, b, h[3] or '0', false)
+      fixed = fixed + 1
+    end
+  elseif h[1] == 'running' and not redis.call('ZSCORE', LEASES, id) then
+    requeue(id, b)
+    fixed = fixed + 1
+  end
+end
+if #ids < limit then
+  local rank = redis.call('ZRANK', ACTIVE, b)
+  local nxt = redis.call('ZRANGE', ACTIVE, rank + 1, rank + 1)[1]
+  redis.call('HSET', KEYS[1], 'batch', nxt or '', 'offset', 0)
+else
+  redis.call('HSET', KEYS[1], 'batch', b, 'offset', off + #ids)
+end
+return {#ids, fixed}
+"""
+
+_SWEEP = """
+-- ARGV: records per step. Re-arms the TTL of an inactive batch's job records, a chunk a step.
+local limit = tonumber(ARGV[1])
+local top = redis.call('ZRANGE', SWEEPS, 0, 0, 'WITHSCORES')
+if #top == 0 then return 0 end
+local b, off = top[1], tonumber(top[2])
+local ids = redis.call('LRANGE', okey(b), off, off + limit - 1)
+for _, id in ipairs(ids) do redis.call('EXPIRE', jkey(id), TTL) end
+if #ids < limit then
+  redis.call('ZREM', SWEEPS, b)
+else
+  redis.call('ZADD', SWEEPS, 'XX', off + #ids, b)
 end
 return #ids
 """
 
-_RETRY = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 0 end
-local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do if s == st then allowed = true end end
-if not allowed then return 0 end
-redis.call('HINCRBY', KEYS[2], st, -1)
-redis.call('HINCRBY', KEYS[2], 'queued', 1)
-redis.call('HDEL', KEYS[1], 'result', 'started_at', 'finished_at', 'worker')
-redis.call('HSET', KEYS[1], 'status', 'queued', 'runs', 0)
-redis.call('HINCRBY', KEYS[1], 'retries', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('PSETEX', KEYS[5], ARGV[5], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('PUBLISH', KEYS[3], ARGV[1] .. ' queued')
-return 1
-"""
+
+def _lua_str(value: str) -> str:
+    """A Lua string literal for a key name or prefix (kept to characters that need no escape)."""
+    if any(c in value for c in "'\\\n\r\0"):
+        raise ValueError(f"Redis key names may not contain quotes or backslashes: {value!r}")
+    return f"'{value}'"
+
+
+def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, str]:
+    """The transition scripts, each with the prelude and this store's names and limits."""
+    prelude = _PRELUDE.format(
+        queue=_lua_str(queue),
+        leases=_lua_str(keys.LEASES),
+        clock=_lua_str(keys.CLOCK),
+        active=_lua_str(keys.ACTIVE),
+        sweeps=_lua_str(keys.SWEEPS),
+        index=_lua_str(keys.BATCHES),
+        job=_lua_str(keys.job("")),
+        batch=_lua_str(keys.batch("")),
+        events=_lua_str(keys.batch_events("")),
+        arq=_lua_str(keys.ARQ_JOB_PREFIX),
+        func=_lua_str(RUN_FUNCTION),
+        ttl=ttl_s,
+        lease_ms=lease_ms,
+        payload_ms=ttl_s * 1000,
+        max_runs=max_runs,
+    )
+    bodies = {
+        "submit": _SUBMIT,
+        "claim": _CLAIM,
+        "finish": _FINISH,
+        "renew": _RENEW,
+        "reap": _REAP,
+        "release": _RELEASE,
+        "retry": _RETRY,
+        "cancel_flag": _CANCEL_FLAG,
+        "reconcile": _RECONCILE,
+        "sweep": _SWEEP,
+    }
+    return {name: prelude + body for name, body in bodies.items()}
+
+
+def arq_job_id(job_id: str, q: int | str) -> str:
+    """arq's id for the q-th enqueue of a job."""
+    return f"{job_id}.{q}"
 
 
 def now_ms() -> int:
@@ -188,18 +426,36 @@ def _per_model(h: dict[str | None, str | None]) -> dict[str, ModelUsage]:
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker gets when it starts a job: the job, or why it must not run."""
+    """What a worker gets when it starts a job: the job and its fencing token, or why it must
+    not run."""
 
     state: str
-    """ "running"; "exhausted" (started max_runs times already: its workers kept dying);
-    "missing"; or the terminal status the job already has."""
+    """ "running"; "exhausted" (started max_runs times already: its workers kept dying; the
+    claim holds it, to fail it); "missing"; "busy" (another run holds it); "stale" (this arq
+    entry is from an earlier enqueue); "cancelled" (its batch was cancelled: recorded here);
+    or the final status the job already has."""
     job: AgentJob | None = None
     enqueued_at: str | None = None
     runs: int = 0
+    token: str = ""
+    """The run's fencing token: finish and release of this run must present it."""
+    spec_error: str | None = None
+    """Why the stored job could not be read (a newer producer's field?), when it could not."""
+    custom_id: str = ""
+
+    @property
+    def holds(self) -> bool:
+        """Whether this claim made the job this run's (it must end in finish or release)."""
+        return self.state in ("running", "exhausted")
+
+
+def _reply_list(reply: Any) -> list[str]:
+    return [_s(x) or "" for x in reply]
 
 
 class Store:
-    """Job records, batch counters and their change notifications, on one Redis connection pool."""
+    """Job records, batch counters and their change notifications, on one Redis connection pool.
+    Every transition is one script; see the module's notes on generations and tokens."""
 
     def __init__(
         self,
@@ -216,57 +472,72 @@ class Store:
         self.ttl = result_ttl_s
         self.lease_ms = int(lease_s * 1000)
         self.max_runs = max_runs
-        self._submit = redis.register_script(_SUBMIT)
-        self._claim = redis.register_script(_CLAIM)
-        self._finish = redis.register_script(_FINISH)
-        self._release = redis.register_script(_RELEASE)
-        self._reap = redis.register_script(_REAP)
-        self._retry = redis.register_script(_RETRY)
+        self.revived: set[str] = set()
+        """Batches this store's submits made active again after they were done."""
+        self._load()
+
+    def _load(self) -> None:
+        """(Re)build the scripts from the current settings (tests change lease_ms)."""
+        self._sources = _scripts(self.queue, self.ttl, self.lease_ms, self.max_runs)
+        self._script = {n: self.redis.register_script(src) for n, src in self._sources.items()}
+
+    def configure(self, *, lease_ms: int | None = None, max_runs: int | None = None) -> None:
+        if lease_ms is not None:
+            self.lease_ms = lease_ms
+        if max_runs is not None:
+            self.max_runs = max_runs
+        self._load()
+
+    async def _run(self, name: str, args: Sequence[Any], keys_: Sequence[str] = ()) -> Any:
+        return await self._script[name](keys=list(keys_), args=list(args))
+
+    async def _pipelined(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Scripts in one pipeline. A Redis restart between redis-py's script load and the
+        pipeline's (retried) execution loses the scripts: load them again and re-send (every
+        transition is idempotent or refused when repeated)."""
+        for attempt in range(5):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, args in calls:
+                        await self._script[name](keys=[], args=list(args), client=pipe)
+                    return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # -- producer side -------------------------------------------------------------------
 
     async def submit_chunk(self, batch_id: str, jobs: Sequence[AgentJob]) -> int:
-        """Enqueue jobs in one pipeline; jobs whose (batch, custom_id) exists are skipped.
+        """Enqueue jobs in one script call; jobs whose (batch, custom_id) exists are skipped.
         Returns how many were new."""
         if not jobs:
             return 0
-        ms = now_ms()
-        enqueued_at = now_iso()
-        bkey, okey = keys.batch(batch_id), keys.batch_order(batch_id)
-        args: list[str | int] = [
-            batch_id,
-            enqueued_at,
-            ms,
-            ARQ_EXPIRES_MS,
-            self.ttl,
-            keys.job(""),
-            keys.ARQ_JOB_PREFIX,
-            RUN_FUNCTION,
-        ]
+        args: list[str] = [batch_id, now_iso()]
         for job in jobs:
             args += (
                 job_id_for(batch_id, job.custom_id),
                 job.custom_id,
                 job.model_dump_json(exclude_unset=True),
             )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hsetnx(bkey, "created_at", enqueued_at)
-            pipe.zadd(keys.BATCHES, {batch_id: ms}, nx=True)
-            await self._submit(keys=[bkey, okey, self.queue], args=args, client=pipe)
-            pipe.expire(bkey, self.ttl)
-            pipe.expire(okey, self.ttl)
-            replies = await pipe.execute()
-        return int(replies[2])
+        ((new, revived),) = await self._pipelined([("submit", args)])
+        if revived:
+            self.revived.add(batch_id)
+        return int(new)
 
     async def seal(self, batch_id: str) -> None:
-        """Mark the batch complete: `wait` may now finish once every job is terminal."""
+        """Mark the batch complete: `wait` may now finish once every job is final."""
         bkey = keys.batch(batch_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(bkey, "created_at", now_iso())
             pipe.hset(bkey, "sealed", 1)
-            pipe.expire(bkey, self.ttl)
             pipe.publish(keys.batch_events(batch_id), "- sealed")
             await pipe.execute()
+        # A batch whose jobs all ended before it was sealed is already expiring; one that
+        # never had a job gets its TTL here.
+        if not await self.redis.zscore(keys.ACTIVE, batch_id):
+            await self.redis.expire(bkey, self.ttl)
 
     async def batch_status(self, batch_id: str) -> BatchStatus | None:
         raw = await self.redis.hgetall(keys.batch(batch_id))
@@ -301,7 +572,7 @@ class Store:
             start += len(ids)
 
     async def records(self, batch_id: str, job_ids: Iterable[str]) -> list[ResultRecord]:
-        """Result records for job ids; a job not yet terminal gets a record of where it is."""
+        """Result records for job ids; a job not yet final gets a record of where it is."""
         ids = list(job_ids)
         async with self.redis.pipeline(transaction=False) as pipe:
             for jid in ids:
@@ -343,54 +614,55 @@ class Store:
     async def retry(self, batch_id: str, job_ids: Iterable[str], statuses: Iterable[Status]) -> int:
         """Re-enqueue jobs in one of `statuses` as new attempts of the same custom_id."""
         allowed = ",".join(s.value for s in statuses)
-        ms = now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for jid in job_ids:
-                payload = serialize_job(
-                    RUN_FUNCTION, (jid, batch_id), {}, None, ms, serializer=json_dumps
-                )
-                await self._retry(
-                    keys=self._job_keys(jid, batch_id, keys.ARQ_JOB_PREFIX + jid),
-                    args=[jid, allowed, ms, payload, ARQ_EXPIRES_MS, self.ttl],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        replies = await self._pipelined([("retry", [jid, allowed]) for jid in job_ids])
         return sum(1 for r in replies if r == 1)
 
+    async def keep_records(self, batch_id: str) -> None:
+        """A batch is active again (retried, or more jobs submitted after it was done): take
+        the TTL off its final records, which were set to expire with it. A record whose batch
+        is no longer active is left alone (its TTL stays)."""
+        async for ids in self.job_ids(batch_id):
+            await self.retry(batch_id, ids, [])
+
+    async def flag_cancelled(self, batch_id: str) -> bool:
+        """Mark the batch cancelled as of now (durable: workers check it at claim and at lease
+        renewal, so a lost pub/sub message or an interrupted cancel cannot let a job run on)."""
+        return bool(await self._run("cancel_flag", [batch_id]))
+
     async def cancel(self, batch_id: str, job_ids: Iterable[str]) -> int:
-        """Cancel every job of `job_ids` that is not terminal yet; returns how many changed.
-        Workers running them hear it on the control channel and stop them."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for jid in job_ids:
-                await self._finish_call(pipe, batch_id, jid, Status.CANCELLED, None)
-            pipe.publish(keys.CONTROL, f"cancel {batch_id}")
-            replies = await pipe.execute()
-        return sum(1 for r in replies[:-1] if r == 1)
+        """Cancel every job of `job_ids` that is not final yet; returns how many changed.
+        Workers running them hear it on the control channel (or at their next renewal)."""
+        replies = await self._pipelined(
+            [("finish", self._finish_args(jid, "", Status.CANCELLED, None)) for jid in job_ids]
+        )
+        await self.redis.publish(keys.CONTROL, f"cancel {batch_id}")
+        return sum(1 for r in replies if r == 1)
 
     # -- worker side ---------------------------------------------------------------------
 
-    async def claim(self, job_id: str, batch_id: str, worker: str) -> Claim:
-        """Mark a job running (queued, or running after a crash), take it out of arq's queue
-        under a lease, and get its spec."""
-        reply = await self._claim(
-            keys=self._job_keys(job_id, batch_id, keys.LEASES),
-            args=[worker, now_iso(), job_id, now_ms() + self.lease_ms, self.max_runs],
-        )
-        state = _s(reply[0]) or "missing"
+    async def claim(self, job_id: str, batch_id: str, worker: str, q: str = "0") -> Claim:
+        """Take the job for one run (it must be queued, and `q` its current generation): it
+        leaves arq's queue, gets a lease and a fencing token."""
+        reply = _reply_list(await self._run("claim", [job_id, q, worker, now_iso()]))
+        state = reply[0] or "missing"
         if state not in ("running", "exhausted"):
             return Claim(state)
-        job = AgentJob.model_validate_json(reply[1])
-        return Claim(state, job=job, enqueued_at=_s(reply[2]), runs=_i(reply[3]))
-
-    def _job_keys(self, job_id: str, batch_id: str, *extra: str) -> list[str]:
-        """The keys every job transition script starts with, then its own."""
-        return [
-            keys.job(job_id),
-            keys.batch(batch_id),
-            keys.batch_events(batch_id),
-            self.queue,
-            *extra,
-        ]
+        spec, enqueued_at, runs, token = reply[1], reply[2] or None, int(reply[3]), reply[4]
+        try:
+            job: AgentJob | None = AgentJob.model_validate_json(spec)
+            error = None
+        except ValueError as exc:
+            job, error = None, str(exc).replace("\n", " ")[:1000]
+        custom_id = job.custom_id if job else (await self.job_owner(job_id))[1] or ""
+        return Claim(
+            state,
+            job=job,
+            enqueued_at=enqueued_at,
+            runs=runs,
+            token=token,
+            spec_error=error,
+            custom_id=custom_id,
+        )
 
     async def job_owner(self, job_id: str) -> tuple[str | None, str | None]:
         """The batch id and custom_id of a job, if it exists."""
@@ -405,59 +677,77 @@ class Store:
             queued, leased = await pipe.execute()
         return int(queued), int(leased)
 
-    async def renew(self, job_ids: Iterable[str]) -> None:
-        """Extend the leases of jobs this worker runs (only those still leased)."""
-        deadline = now_ms() + self.lease_ms
-        mapping = {jid: deadline for jid in job_ids}
-        if mapping:
-            await self.redis.zadd(keys.LEASES, mapping, xx=True)
+    async def renew(self, runs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+        """Extend the leases of this worker's runs, (job id, token) pairs. Returns the runs
+        whose lease is gone (stop them: another run has the job, or it is final) and the runs
+        whose batch was cancelled."""
+        args = [x for pair in runs for x in pair]
+        lost, cancelled = await self._run("renew", args)
+        return _reply_list(lost), _reply_list(cancelled)
 
-    async def reap(self, limit: int = 500) -> int:
-        """Put jobs whose lease ran out (their worker died) back in arq's queue."""
+    async def reap(self, limit: int = 500) -> tuple[int, int]:
+        """Put jobs whose lease ran out (their worker died or hung) back at the front of the
+        queue. Returns how many, and the ms credited to every lease after an outage."""
+        n, gap = await self._run("reap", [limit])
+        return int(n), int(gap)
+
+    async def reconcile(self, limit: int = 1000, interval_s: float = 5.0) -> tuple[int, int]:
+        """One bounded step of the fleet-wide repair sweep (at most one per interval across
+        all workers): returns (jobs checked, jobs repaired), (-1, 0) when not this one's turn."""
+        checked, fixed = await self._run(
+            "reconcile", [limit, int(interval_s * 1000)], [keys.RECONCILE, keys.RECONCILE_LOCK]
+        )
+        return int(checked), int(fixed)
+
+    async def sweep(self, limit: int = 1000) -> int:
+        """One step re-arming the TTL of records of batches that became inactive."""
+        return int(await self._run("sweep", [limit]))
+
+    async def release(self, job_id: str, token: str) -> bool:
+        """A run was interrupted (shutdown): the job goes back to the front of the queue, and
+        the run does not count towards max_runs. Refused for a stale token."""
+        return await self._run("release", [job_id, token]) == 1
+
+    async def finish(self, record: ResultRecord, token: str) -> int:
+        """Store the final record of the run holding `token`: 1 stored, 0 the job was already
+        final, -1 the token is stale (another run holds the job). Nothing changes unless 1."""
         return int(
-            await self._reap(
-                keys=[keys.LEASES, self.queue],
-                args=[now_ms(), limit, keys.ARQ_IN_PROGRESS_PREFIX],
+            await self._run(
+                "finish", self._finish_args(record.job_id, token, record.status, record)
             )
         )
 
-    async def release(self, job_id: str, batch_id: str) -> bool:
-        """A running job was interrupted (shutdown): back to queued, at the queue's front.
-        The interrupted run does not count towards max_runs."""
-        return (
-            await self._release(
-                keys=self._job_keys(job_id, batch_id, keys.LEASES),
-                args=[job_id, now_ms()],
-            )
-            == 1
-        )
-
-    async def finish(self, record: ResultRecord) -> bool:
-        """Store the final record; False if the job was already terminal (then nothing changes)."""
-        return (
-            await self._finish_call(None, record.batch_id, record.job_id, record.status, record)
-            == 1
-        )
-
-    async def _finish_call(
-        self, client: Any, batch_id: str, job_id: str, status: Status, record: ResultRecord | None
-    ) -> Any:
-        """Run the finish script; without a record (cancel) the job keeps no result body."""
+    def _finish_args(
+        self, job_id: str, token: str, status: Status, record: ResultRecord | None
+    ) -> list[Any]:
         u = record.usage if record else Usage()
-        return await self._finish(
-            keys=self._job_keys(job_id, batch_id, keys.ARQ_JOB_PREFIX + job_id, keys.LEASES),
-            args=[
-                status.value,
-                record.model_dump_json() if record else "",
-                u.requests,
-                u.input_tokens,
-                u.output_tokens,
-                u.total_tokens,
-                repr(float(record.cost_usd if record else 0.0)),
-                (record.finished_at if record else None) or now_iso(),
-                self.ttl,
-                job_id,
-                (record.model if record else None) or "",
-            ],
-            client=client,
-        )
+        return [
+            job_id,
+            token,
+            status.value,
+            record.model_dump_json() if record else "",
+            u.requests,
+            u.input_tokens,
+            u.output_tokens,
+            u.total_tokens,
+            repr(float(record.cost_usd if record else 0.0)),
+            (record.finished_at if record else None) or now_iso(),
+            (record.model if record else None) or "",
+        ]
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def trim_index(self, limit: int = 100) -> int:
+        """Drop batches older than the TTL whose keys are gone from the batch index."""
+        cutoff = now_ms() - self.ttl * 1000
+        old = await self.redis.zrangebyscore(keys.BATCHES, "-inf", cutoff, start=0, num=limit)
+        if not old:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in old:
+                pipe.exists(keys.batch(_s(b) or ""))
+            alive = await pipe.execute()
+        gone = [b for b, a in zip(old, alive, strict=True) if not a]
+        if gone:
+            await self.redis.zrem(keys.BATCHES, *gone)
+        return len(gone)

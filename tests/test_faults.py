@@ -17,6 +17,7 @@ import redis as redis_sync
 
 from producer import AgentJob, Producer, Settings, Status, keys
 from producer.models import job_id_for
+from producer.store import arq_job_id
 from tests.helpers import records, run_batch
 from tests.procs import ROOT, agentq, base_env, start_sim, start_worker, status, stop, until
 
@@ -161,14 +162,21 @@ def test_cancel_stops_running_and_queued_jobs_then_retry(fresh: str, tmp_path: P
         batch_id, expected = submit(env, tmp_path, 20)
         until(lambda: running(env, batch_id) == 5, what="five running")
         res = agentq("cancel", batch_id, env=env)
-        assert res.returncode == 0 and "cancelled 20 jobs" in res.stderr
+        # Jobs may finish between the count above and the cancel: count what it says.
+        n = int(res.stderr.split("cancelled ")[1].split()[0])
+        assert res.returncode == 0 and 15 <= n <= 20
         st = status(batch_id, env)
-        assert st["counts"]["cancelled"] == 20 and st["finished"]  # type: ignore[index]
-        until(lambda: log.read_text().count('"job.cancelled"') == 5, what="running jobs stopped")
+        counts = st["counts"]
+        assert counts["cancelled"] == n and counts["succeeded"] == 20 - n  # type: ignore[index]
+        assert st["finished"]
         recs = results(env, batch_id)
-        assert all(
-            r["status"] == "cancelled" and r["error"]["type"] == "cancelled"  # type: ignore[index]
-            for r in recs
+        cancelled = [r for r in recs if r["status"] == "cancelled"]
+        assert all(r["error"]["type"] == "cancelled" for r in cancelled)  # type: ignore[index]
+        were_running = sum(1 for r in cancelled if r["started_at"])
+        assert were_running >= 1
+        until(
+            lambda: log.read_text().count('"job.cancelled"') == were_running,
+            what="every running job stopped",
         )
         assert redis_sync.Redis.from_url(fresh).zcard("agentq:queue") == 0
 
@@ -235,11 +243,11 @@ async def test_foreign_payloads_fail_one_job_never_unpickled(
             return (os.system, (f"touch {marker}",))
 
     await r.set(
-        keys.ARQ_JOB_PREFIX + job_id_for(batch.id, "pickled"),
+        keys.ARQ_JOB_PREFIX + arq_job_id(job_id_for(batch.id, "pickled"), 1),
         pickle.dumps({"f": "run_agent_job", "a": [Evil()], "k": {}, "t": 1, "et": 0}),
     )
     await r.set(
-        keys.ARQ_JOB_PREFIX + job_id_for(batch.id, "foreign"),
+        keys.ARQ_JOB_PREFIX + arq_job_id(job_id_for(batch.id, "foreign"), 1),
         json.dumps({"f": "os.system", "a": ["true"], "k": {}, "t": 1, "et": 0}),
     )
     await r.set(keys.ARQ_JOB_PREFIX + "stranger", b"\x80\x04garbage")

@@ -88,13 +88,14 @@ async def test_payload_is_what_arq_writes(producer: Producer, redis: Redis) -> N
     from arq.jobs import deserialize_job_raw
 
     from producer.models import job_id_for
+    from producer.store import arq_job_id
     from worker.payload import load_job
 
     batch = await producer.submit(
         [AgentJob(custom_id="a", input="x")], batch_id="nightly:2026-11.v1"
     )
     jid = job_id_for(batch.id, "a")
-    raw = await redis.get(keys.ARQ_JOB_PREFIX + jid)
+    raw = await redis.get(keys.ARQ_JOB_PREFIX + arq_job_id(jid, 1))
     f, args, kwargs, tries, et = deserialize_job_raw(raw, deserializer=load_job)
-    assert (f, args, kwargs, tries) == ("run_agent_job", [jid, "nightly:2026-11.v1"], {}, None)
+    assert (f, args, kwargs, tries) == ("run_agent_job", [jid, "nightly:2026-11.v1", "1"], {}, None)
     assert et > 0 and json.loads(raw)["et"] == et

@@ -1,11 +1,17 @@
-"""arq's Worker with one change: it starts jobs a poll's worth at a time. arq checks and marks
+"""arq's Worker with two changes (arq 0.28's internals: pinned, and guarded by
+tests/test_arq_internals.py). It starts jobs a poll's worth at a time. arq checks and marks
 each job in its own WATCH/MULTI transaction, awaited one after another; a worker that frees
 fifty slots at once (agent runs of equal latency finish together) then spends tens of
 milliseconds starting them while the Router waits. Here one script checks and marks as many
-jobs as there are free slots, with arq's own rules: not in progress, due, still queued."""
+jobs as there are free slots, with arq's own rules: not in progress, due, still queued. And its
+close() runs on_shutdown even when Redis is gone, so a worker restarted after a long outage does
+not leak MCP subprocesses and HTTP sessions."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from typing import Any
 
 from arq import Worker
@@ -56,3 +62,21 @@ class BatchStartWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(taken[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def close(self) -> None:
+        """arq's close, but Redis failing here (the reason we are closing, often) does not skip
+        on_shutdown or the pool's close."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        try:
+            with contextlib.suppress(Exception):
+                await self.pool.delete(self.health_check_key)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pool.close(close_connection_pool=True)
+            self._pool = None

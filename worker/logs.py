@@ -3,6 +3,7 @@ job's result record."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -135,3 +136,31 @@ def job_context(**bound: Any) -> Iterator[list[dict[str, Any]]]:
             yield events
         finally:
             _job_events.reset(token)
+
+
+def json_safe(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's log as it can be stored: values JSON cannot hold (a plugin logged an object)
+    become their repr, and a last event says which events were changed."""
+    try:
+        json.dumps(events)
+        return events
+    except (TypeError, ValueError):
+        pass
+    changed: list[int] = []
+    out = []
+    for i, event in enumerate(events):
+        try:
+            json.dumps(event)
+            out.append(event)
+        except (TypeError, ValueError):
+            changed.append(i)
+            out.append(json.loads(json.dumps(event, default=repr, skipkeys=True)))
+    out.append(
+        {
+            "event": "log.values_stringified",
+            "level": "warning",
+            "events": changed,
+            "reason": "these events held values JSON cannot store; they are kept as repr()",
+        }
+    )
+    return out

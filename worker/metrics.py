@@ -24,7 +24,26 @@ QUEUE_DEPTH = Gauge("agentq_queue_depth", "Jobs waiting in the queue (sampled by
 LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")
 
 
+MAX_MODEL_LABELS = 50
+_model_labels: set[str] = set()
+
+
+def model_label(model: str) -> str:
+    """The model's label value: the first MAX_MODEL_LABELS names seen, then "other" (jobs name
+    models freely; a label per invented name would grow the registry without bound)."""
+    if model in _model_labels:
+        return model
+    if len(_model_labels) < MAX_MODEL_LABELS:
+        _model_labels.add(model)
+        return model
+    return "other"
+
+
+_served: set[int] = set()
+
+
 def serve(port: int) -> None:
     """Start the /metrics endpoint in a thread (prometheus_client's own server)."""
-    if port:
+    if port and port not in _served:  # once per process: a restarted worker loop reuses it
         start_http_server(port)
+        _served.add(port)

@@ -24,7 +24,7 @@ def load_job(data: bytes) -> dict[str, Any]:
     args = d.get("a")
     if (
         not isinstance(args, list)
-        or len(args) != 2
+        or len(args) not in (2, 3)  # (job id, batch id[, enqueue generation])
         or not all(isinstance(a, str) for a in args)
         or d.get("k") not in ({}, None)
     ):

@@ -16,7 +16,7 @@ from agents import Model, ModelProvider
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
-from producer.models import Attempt
+from producer.models import Attempt, Usage
 
 from . import metrics
 from .errors import classify
@@ -25,6 +25,7 @@ from .retry import RetryPolicy
 log = structlog.get_logger("agentq.provider")
 
 APP_NAME = "agentq"
+MAX_CACHED_MODELS = 256
 COST_HEADERS = ("x-llm-response-cost", "x-litellm-response-cost")
 
 
@@ -37,6 +38,8 @@ class CallMeter:
     """Whether the last response carried the Router's cost header."""
     attempts: list[Attempt] = field(default_factory=list)
     """Failed model calls (and the runner's per-model outcomes), in order."""
+    usage: Usage = field(default_factory=Usage)
+    """Tokens of every answered call: failed runs and fallbacks included, as cost is."""
 
 
 current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)
@@ -74,6 +77,7 @@ class RouterModel(OpenAIChatCompletionsModel):
         super().__init__(model=name, openai_client=route.client)
         self.label = label
         """The name the job used, e.g. "backup:gpt-4o"."""
+        self.metric_label = metrics.model_label(label)
         self.route = route
         self._slots = slots
         self._policy = policy
@@ -91,7 +95,7 @@ class RouterModel(OpenAIChatCompletionsModel):
                 ms = round((time.perf_counter() - start) * 1000, 1)
                 failure = classify(exc, router_url=self.route.url, model=self.label)
                 kind = failure.error.type
-                metrics.CALL_SECONDS.labels(self.label, "error").observe(ms / 1000)
+                metrics.CALL_SECONDS.labels(self.metric_label, "error").observe(ms / 1000)
                 log.info("model_call", model=self.label, ok=False, latency_ms=ms, error_type=kind)
                 if meter is not None:
                     meter.attempts.append(
@@ -106,7 +110,7 @@ class RouterModel(OpenAIChatCompletionsModel):
                 if not failure.error.retryable or attempt == self._policy.max_attempts:
                     raise
                 delay = self._policy.delay(attempt - 1, failure.retry_after_s)
-                metrics.RETRIES.labels(self.label, kind).inc()
+                metrics.RETRIES.labels(self.metric_label, kind).inc()
                 log.info(
                     "retry.wait",
                     model=self.label,
@@ -126,9 +130,15 @@ class RouterModel(OpenAIChatCompletionsModel):
             meter.cost_usd += (
                 u.input_tokens * self._price[0] + u.output_tokens * self._price[1]
             ) / 1_000_000
-        metrics.CALL_SECONDS.labels(self.label, "ok").observe(seconds)
-        metrics.TOKENS.labels(self.label, "input").inc(u.input_tokens)
-        metrics.TOKENS.labels(self.label, "output").inc(u.output_tokens)
+        if meter is not None:
+            mu = meter.usage
+            mu.requests += 1
+            mu.input_tokens += u.input_tokens
+            mu.output_tokens += u.output_tokens
+            mu.total_tokens += u.total_tokens
+        metrics.CALL_SECONDS.labels(self.metric_label, "ok").observe(seconds)
+        metrics.TOKENS.labels(self.metric_label, "input").inc(u.input_tokens)
+        metrics.TOKENS.labels(self.metric_label, "output").inc(u.output_tokens)
         log.info(
             "model_call",
             model=self.label,
@@ -208,6 +218,8 @@ class RouterProvider(ModelProvider):
             raise ValueError("no model given: agentq always sets the model explicitly")
         model = self._models.get(model_name)
         if model is None:
+            if len(self._models) >= MAX_CACHED_MODELS:  # jobs may name any model: bound it
+                self._models.pop(next(iter(self._models)))
             route, name = self.route(model_name)
             price = self.prices.get(model_name) or self.prices.get(name)
             model = self._models[model_name] = RouterModel(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -15,14 +16,14 @@ from agents import ModelSettings, RunConfig, Runner
 from arq import Retry
 from redis.exceptions import RedisError
 
-from producer.models import AgentJob, Attempt, JobError, ResultRecord, Status, Usage
+from producer.models import AgentJob, Attempt, JobError, ResultRecord, Status
 from producer.settings import Settings
-from producer.store import Store, now_iso
+from producer.store import Claim, Store, now_iso
 
 from . import metrics
 from .agents_build import Plan, plan
 from .errors import Failure, classify
-from .logs import job_context
+from .logs import job_context, json_safe
 from .mcp import McpPool
 from .provider import CallMeter, RouterProvider, current_meter
 from .tools import Registry
@@ -33,8 +34,11 @@ log = structlog.get_logger("agentq.runner")
 @dataclass
 class Running:
     batch_id: str
+    token: str
     task: asyncio.Task[Outcome]
-    cancelled_by_user: bool = False
+    stop: str | None = None
+    """Why this worker stopped the run: "cancelled" (`agentq cancel`: record it) or "lost"
+    (its lease went to another run, or the job is final: write nothing)."""
 
 
 @dataclass
@@ -77,13 +81,21 @@ class Runtime:
 
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this worker's running jobs of a cancelled batch."""
-        n = 0
-        for run in self.running.values():
-            if run.batch_id == batch_id and not run.task.done():
-                run.cancelled_by_user = True
-                run.task.cancel()
-                n += 1
-        return n
+        ids = [jid for jid, run in self.running.items() if run.batch_id == batch_id]
+        return sum(self.stop(jid, "cancelled") for jid in ids)
+
+    def stop(self, job_id: str, why: str, token: str | None = None) -> bool:
+        """Stop one running job (of that run, when a token is given)."""
+        run = self.running.get(job_id)
+        if run is None or run.task.done() or (token is not None and run.token != token):
+            return False
+        run.stop = run.stop or why
+        run.task.cancel()
+        return True
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(job id, token) of every run in flight here, for lease renewal."""
+        return [(jid, run.token) for jid, run in self.running.items()]
 
 
 @dataclass
@@ -93,119 +105,194 @@ class Outcome:
     output_json: Any = None
     model: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
-    usage: Usage = field(default_factory=Usage)
     error: JobError | None = None
 
 
 REDIS_RETRY_S = 5
-"""When Redis fails a job's bookkeeping past the client's retries, arq runs it again this
-much later (the job stays queued or leased meanwhile, so nothing is lost)."""
+"""When Redis fails a claim past the client's retries, arq runs the job again this much later
+(nothing was taken: the queue entry stays)."""
+
+FINISH_TRIES = 5
+"""Stores of a final record tried (each with the client's own retries, about a minute) before
+the run is given up; its lease then lapses and the job runs again."""
 
 
 async def run_agent_job(
     ctx: dict[str, Any], *args: str, invalid_payload: str | None = None
 ) -> None:
-    """The arq function: one job in, one stored record out. Agent and Router errors end in
-    the record; only Redis trouble reaches arq, as a Retry, so arq keeps the job."""
-    try:
-        await _run_agent_job(ctx, *args, invalid_payload=invalid_payload)
-    except RedisError as exc:
-        log.warning(
-            "job.redis_error", job_id=ctx.get("job_id"), error=str(exc), retry_in_s=REDIS_RETRY_S
-        )
-        raise Retry(defer=REDIS_RETRY_S) from exc
-
-
-async def _run_agent_job(
-    ctx: dict[str, Any], *args: str, invalid_payload: str | None = None
-) -> None:
+    """The arq function: one job in, one stored record out. Every run that claims the job ends
+    in a finish or a release carrying its fencing token, whatever is raised; only a Redis error
+    before the claim reaches arq, as a Retry, so arq keeps the queue entry."""
     rt: Runtime = ctx["agentq"]
     if invalid_payload is not None:
         await _fail_invalid_payload(rt, ctx["job_id"], invalid_payload)
         return
-    job_id, batch_id = args
-    claim = await rt.store.claim(job_id, batch_id, rt.worker_id)
-    if claim.job is None:
+    job_id, batch_id = args[0], args[1]
+    q = args[2] if len(args) > 2 else "0"
+    try:
+        claim = await rt.store.claim(job_id, batch_id, rt.worker_id, q)
+    except RedisError as exc:
+        log.warning("job.redis_error", job_id=job_id, error=str(exc), retry_in_s=REDIS_RETRY_S)
+        raise Retry(defer=REDIS_RETRY_S) from exc
+    if not claim.holds:
         log.info("job.skipped", job_id=job_id, batch_id=batch_id, state=claim.state)
         return
-    job = claim.job
     meter = CallMeter()
     meter_token = current_meter.set(meter)
     try:
         with job_context(
-            job_id=job_id, batch_id=batch_id, custom_id=job.custom_id, run=claim.runs
+            job_id=job_id,
+            batch_id=batch_id,
+            custom_id=claim.custom_id,
+            run=claim.runs,
+            fence=claim.token,
         ) as events:
-            started_at, start = now_iso(), time.perf_counter()
-            if claim.state == "exhausted":
-                outcome = _exhausted(claim.runs)
-            else:
-                log.info("job.started", input=job.input_text()[:2000])
-                ran = await _run_tracked(rt, job_id, batch_id, job)
-                if ran is None:  # cancelled by `agentq cancel`: already recorded
-                    log.info("job.cancelled")
-                    return
-                outcome = ran
-            seconds = time.perf_counter() - start
-            error_type = outcome.error.type if outcome.error else None
-            log.info(
-                "job.finished",
-                status=outcome.status.value,
-                model=outcome.model,
-                duration_ms=round(seconds * 1000),
-                turns=outcome.usage.requests,
-                input_tokens=outcome.usage.input_tokens,
-                output_tokens=outcome.usage.output_tokens,
-                total_tokens=outcome.usage.total_tokens,
-                cost_usd=round(meter.cost_usd, 8),
-                error_type=error_type,
-            )
-            metrics.JOBS.labels(outcome.status.value, error_type or "").inc()
-            metrics.JOB_SECONDS.observe(seconds)
-            if meter.cost_usd:
-                metrics.COST.labels(outcome.model or "unknown").inc(meter.cost_usd)
-            record = ResultRecord(
-                custom_id=job.custom_id,
-                job_id=job_id,
-                batch_id=batch_id,
-                status=outcome.status,
-                output=outcome.output,
-                output_json=outcome.output_json,
-                model=outcome.model,
-                attempts=outcome.attempts,
-                usage=outcome.usage,
-                cost_usd=round(meter.cost_usd, 8),
-                enqueued_at=claim.enqueued_at,
-                started_at=started_at,
-                finished_at=now_iso(),
-                worker=rt.worker_id,
-                error=outcome.error,
-                logs=list(events),
-            )
-        # The final write must happen even if the job is being cancelled (as arq's finish_job).
-        if not await asyncio.shield(rt.store.finish(record)):
-            log.info("job.already_final", job_id=job_id, batch_id=batch_id)
+            record = await _run_claimed(rt, job_id, batch_id, claim, meter, events)
+            if record is not None:
+                await _store_final(rt, record, claim.token)
     finally:
         current_meter.reset(meter_token)
 
 
-async def _run_tracked(rt: Runtime, job_id: str, batch_id: str, job: AgentJob) -> Outcome | None:
-    """Run the job as its own task, so `agentq cancel` can stop it without stopping arq's;
-    if arq stops us (worker shutdown), give the job back to the queue."""
-    meter = current_meter.get()
-    task = asyncio.create_task(execute(rt, job, meter.attempts if meter else []))
-    run = rt.running[job_id] = Running(batch_id, task)
+async def _run_claimed(
+    rt: Runtime,
+    job_id: str,
+    batch_id: str,
+    claim: Claim,
+    meter: CallMeter,
+    events: list[dict[str, Any]],
+) -> ResultRecord | None:
+    """The run itself; returns the record to store, or None when another run owns the job.
+    A worker shutdown releases the job (and re-raises)."""
+    started_at, start = now_iso(), time.perf_counter()
+    log.info("job.started", input=claim.job.input_text()[:2000] if claim.job else None)
+    try:
+        if claim.state == "exhausted":
+            outcome = _exhausted(claim.runs - 1)
+        elif claim.job is None:
+            outcome = Outcome(
+                status=Status.FAILED,
+                error=JobError(
+                    type="invalid_job",
+                    message=f"this worker cannot read the stored job ({claim.spec_error}) — "
+                    "was it submitted by a newer agentq? Upgrade the workers, then "
+                    "`agentq retry BATCH`",
+                ),
+            )
+        else:
+            ran = await _run_tracked(rt, job_id, batch_id, claim, meter)
+            if ran is None:
+                log.info("job.lost", reason="another run holds the job, or it is final")
+                return None
+            outcome = ran
+            if outcome.status == Status.CANCELLED:
+                log.info("job.cancelled")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a bug or a plugin's: the job ends failed, never half-run
+        log.exception("job.internal_error", error=repr(exc))
+        outcome = Outcome(
+            status=Status.FAILED,
+            attempts=meter.attempts,
+            error=JobError(
+                type="internal_error",
+                message=f"the worker failed running this job ({type(exc).__name__}: {exc}) — "
+                "see the worker's log; `agentq retry BATCH` runs it again",
+                retryable=True,
+            ),
+        )
+    seconds = time.perf_counter() - start
+    error_type = outcome.error.type if outcome.error else None
+    log.info(
+        "job.finished",
+        status=outcome.status.value,
+        model=outcome.model,
+        duration_ms=round(seconds * 1000),
+        turns=meter.usage.requests,
+        input_tokens=meter.usage.input_tokens,
+        output_tokens=meter.usage.output_tokens,
+        total_tokens=meter.usage.total_tokens,
+        cost_usd=round(meter.cost_usd, 8),
+        error_type=error_type,
+    )
+    metrics.JOBS.labels(outcome.status.value, error_type or "").inc()
+    metrics.JOB_SECONDS.observe(seconds)
+    if meter.cost_usd:
+        metrics.COST.labels(metrics.model_label(outcome.model or "unknown")).inc(meter.cost_usd)
+    return ResultRecord(
+        custom_id=claim.custom_id,
+        job_id=job_id,
+        batch_id=batch_id,
+        status=outcome.status,
+        output=outcome.output,
+        output_json=outcome.output_json,
+        model=outcome.model,
+        attempts=outcome.attempts,
+        usage=meter.usage.model_copy(),
+        cost_usd=round(meter.cost_usd, 8),
+        enqueued_at=claim.enqueued_at,
+        started_at=started_at,
+        finished_at=now_iso(),
+        worker=rt.worker_id,
+        error=outcome.error,
+        logs=json_safe(list(events)),
+    )
+
+
+async def _store_final(rt: Runtime, record: ResultRecord, token: str) -> None:
+    """Store the record with the run's token, through Redis outages (the lease is renewed
+    meanwhile). The write happens even while the job's task is being cancelled."""
+    for attempt in range(1, FINISH_TRIES + 1):
+        try:
+            stored = await asyncio.shield(rt.store.finish(record, token))
+        except RedisError as exc:
+            log.warning("job.store_failed", job_id=record.job_id, attempt=attempt, error=str(exc))
+            await asyncio.sleep(min(30, 2**attempt))
+            continue
+        if stored == 1:
+            log.info("job.stored", status=record.status.value)
+        elif record.status != Status.CANCELLED:
+            log.info(
+                "job.not_stored",
+                job_id=record.job_id,
+                batch_id=record.batch_id,
+                reason="already final" if stored == 0 else "another run holds the job",
+            )
+        return
+    log.error("job.record_lost", job_id=record.job_id, batch_id=record.batch_id)
+
+
+async def _run_tracked(
+    rt: Runtime, job_id: str, batch_id: str, claim: Claim, meter: CallMeter
+) -> Outcome | None:
+    """Run the job as its own task, so `agentq cancel` or a lost lease can stop it without
+    stopping arq's; if arq stops us (worker shutdown), give the job back to the queue."""
+    assert claim.job is not None
+    task = asyncio.create_task(execute(rt, claim.job, meter.attempts))
+    earlier = rt.running.get(job_id)
+    if earlier is not None:  # a stale run of the same job here: the new claim supersedes it
+        rt.stop(job_id, "lost", earlier.token)
+    run = rt.running[job_id] = Running(batch_id, claim.token, task)
     metrics.IN_FLIGHT.set(len(rt.running))
     try:
         return await task
     except asyncio.CancelledError:
         current = asyncio.current_task()
-        if run.cancelled_by_user and not (current and current.cancelling()):
-            return None
-        await asyncio.shield(rt.store.release(job_id, batch_id))
+        if run.stop and not (current and current.cancelling()):
+            if run.stop == "lost":
+                return None
+            return Outcome(
+                status=Status.CANCELLED,
+                attempts=meter.attempts,
+                error=JobError(type="cancelled", message="cancelled by `agentq cancel`"),
+            )
+        with contextlib.suppress(RedisError):
+            await asyncio.shield(rt.store.release(job_id, claim.token))
         log.info("job.released", reason="worker shutting down")
         raise
     finally:
-        rt.running.pop(job_id, None)
+        if rt.running.get(job_id) is run:
+            del rt.running[job_id]
         metrics.IN_FLIGHT.set(len(rt.running))
 
 
@@ -222,23 +309,23 @@ def _exhausted(runs: int) -> Outcome:
     )
 
 
-async def _fail_invalid_payload(rt: Runtime, job_id: str, reason: str) -> None:
+async def _fail_invalid_payload(rt: Runtime, arq_id: str, reason: str) -> None:
     """Something other than agentq wrote this queue entry: fail our job of that id, if any."""
+    job_id = arq_id.partition(".")[0]
     log.warning("job.invalid_payload", job_id=job_id, reason=reason)
     batch_id, custom_id = await rt.store.job_owner(job_id)
     if batch_id is None:
         return
-    await rt.store.finish(
-        ResultRecord(
-            custom_id=custom_id or "",
-            job_id=job_id,
-            batch_id=batch_id,
-            status=Status.FAILED,
-            finished_at=now_iso(),
-            worker=rt.worker_id,
-            error=JobError(type="invalid_job", message=reason + " — resubmit the job"),
-        )
+    record = ResultRecord(
+        custom_id=custom_id or "",
+        job_id=job_id,
+        batch_id=batch_id,
+        status=Status.FAILED,
+        finished_at=now_iso(),
+        worker=rt.worker_id,
+        error=JobError(type="invalid_job", message=reason + " — resubmit the job"),
     )
+    await rt.store.finish(record, "")
 
 
 async def execute(rt: Runtime, job: AgentJob, attempts: list[Attempt]) -> Outcome:
@@ -304,13 +391,6 @@ async def _try_model(
         return failure
     ms = round((time.perf_counter() - start) * 1000)
     out.attempts.append(Attempt(model=model, ok=True, ms=ms, router=route.name))
-    u = result.context_wrapper.usage
-    out.usage = Usage(
-        requests=u.requests,
-        input_tokens=u.input_tokens,
-        output_tokens=u.output_tokens,
-        total_tokens=u.total_tokens,
-    )
     out.status, out.model, out.error = Status.SUCCEEDED, model, None
     final = result.final_output
     if isinstance(final, str):

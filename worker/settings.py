@@ -80,6 +80,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         ),
         prices=settings.prices,
     )
+    await _set_timeouts(ctx["redis"])
     store = Store(
         ctx["redis"],
         queue=settings.queue,
@@ -110,6 +111,19 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     )
 
 
+REDIS_SOCKET_TIMEOUT_S = 15.0
+"""No agentq command blocks in Redis: a reply later than this means a dead link."""
+
+
+async def _set_timeouts(pool: Any) -> None:
+    """arq's pool has a connect timeout only: add a read timeout and health checks, so a
+    half-open connection fails (and is retried) instead of hanging renewals and finishes."""
+    pool.connection_pool.connection_kwargs.update(
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30, socket_keepalive=True
+    )
+    await pool.connection_pool.disconnect()
+
+
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     for task in ctx.get("agentq_tasks", []):
         task.cancel()
@@ -129,23 +143,69 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
 
 
 async def _maintain(rt: Runtime) -> None:
-    """Every few seconds: renew the leases of running jobs, put jobs of dead workers back in
-    the queue, and publish this worker's registry and load (`agentq health`, `agentq agents`,
+    """Every few seconds: renew the leases of this worker's runs (always before reaping anyone
+    else's), put jobs of dead workers back in the queue, take a turn at the fleet's repair
+    sweep, and publish this worker's registry and load (`agentq health`, `agentq agents`,
     and submit-time checks read it)."""
     every = min(HEARTBEAT_S, rt.settings.lease_s / 3)
+    rounds = 0
     while True:
         try:
-            await rt.store.renew(list(rt.running))
-            reaped = await rt.store.reap()
+            await renew_leases(rt)
+            reaped, gap_ms = await rt.store.reap()
+            if gap_ms:
+                log.warning("leases.extended", after_outage_s=round(gap_ms / 1000, 1))
             if reaped:
                 log.warning("leases.expired", requeued=reaped)
+            checked, fixed = await rt.store.reconcile(interval_s=every)
+            if fixed:
+                log.warning("reconcile.repaired", jobs=fixed, checked=checked)
+            await rt.store.sweep()
             queued, leased = await rt.store.depth()
             metrics.QUEUE_DEPTH.set(queued)
             metrics.LEASED.set(leased)
             await rt.store.redis.hset(keys.WORKERS, rt.worker_id, json.dumps(_beat(rt)))
+            if rounds % 60 == 0:
+                await _prune(rt)
+            rounds += 1
         except Exception as exc:  # Redis away: keep going, the client reconnects
             log.warning("worker.maintenance_failed", error=str(exc))
         await asyncio.sleep(every)
+
+
+async def renew_leases(rt: Runtime) -> None:
+    """Extend this worker's leases; stop runs whose lease is gone (another run took the job,
+    or it is final) and runs of cancelled batches."""
+    runs = rt.runs()
+    tokens = dict(runs)
+    lost, cancelled = await rt.store.renew(runs)
+    for jid in lost:
+        if rt.stop(jid, "lost", tokens.get(jid)):
+            log.warning("job.lease_lost", job_id=jid, action="stopped here; no record written")
+    for jid in cancelled:
+        if rt.stop(jid, "cancelled", tokens.get(jid)):
+            log.info("job.cancel_seen", job_id=jid)
+
+
+DEAD_WORKER_S = 600
+"""A worker heartbeat older than this is removed from agentq:workers."""
+
+
+async def _prune(rt: Runtime) -> None:
+    """Drop dead workers' heartbeats and expired batches from the index."""
+    now = time.time()
+    beats = await rt.store.redis.hgetall(keys.WORKERS)
+    dead = []
+    for wid, raw in beats.items():
+        try:
+            seen = float(json.loads(raw).get("seen_at", 0))
+        except (ValueError, AttributeError):
+            seen = 0
+        if now - seen > DEAD_WORKER_S:
+            dead.append(wid)
+    if dead:
+        await rt.store.redis.hdel(keys.WORKERS, *dead)
+    await rt.store.trim_index()
 
 
 def _beat(rt: Runtime) -> dict[str, Any]:
@@ -163,13 +223,15 @@ def _beat(rt: Runtime) -> dict[str, Any]:
 
 
 async def _listen(rt: Runtime) -> None:
-    """Hear `agentq cancel` and stop that batch's running jobs here."""
+    """Hear `agentq cancel` and stop that batch's running jobs here at once. (A message lost
+    in a reconnect is caught at the next lease renewal: the cancel flag is durable.)"""
     while True:
         pubsub = rt.store.redis.pubsub()
         try:
             await pubsub.subscribe(keys.CONTROL)
-            async for msg in pubsub.listen():
-                if msg.get("type") != "message":
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is None or msg.get("type") != "message":
                     continue
                 verb, _, batch_id = msg["data"].decode().partition(" ")
                 if verb == "cancel":
