@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import sys
-import time
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
@@ -156,17 +156,24 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    stop = threading.Event()  # SIGTERM/SIGINT: drain and exit, never restart
     while True:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            build_worker(settings, burst=args.burst).run()
+            worker = build_worker(settings, burst=args.burst)
+            worker.take_signals(stop)
+            worker.run()
             return EXIT_OK
         except (RedisError, OSError) as exc:
+            if stop.is_set():
+                _err(f"lost Redis ({exc}) while stopping; exiting")
+                return EXIT_OK
             # Redis stayed away longer than the client's retries: start over, don't die.
             # Running jobs' leases lapse meanwhile and other workers take them over.
             _err(f"lost Redis ({exc}); restarting the worker in {WORKER_RESTART_S:g} s")
-            time.sleep(WORKER_RESTART_S)
+            if stop.wait(WORKER_RESTART_S):
+                return EXIT_OK
         finally:
             with contextlib.suppress(Exception):
                 loop.close()

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
+import threading
+from types import FrameType
 from typing import Any
 
 from arq import Worker
@@ -36,8 +40,43 @@ return taken
 """
 
 
+CLOSE_WAIT_S = 3.0
+"""How long closing waits for cancelled runs to release their jobs, and for each Redis call."""
+
+SHUTDOWN_MARGIN_S = 10.0
+"""After SIGTERM, the grace period plus this much is all a worker gets: then it exits even if
+its event loop is stuck (leases lapse, and its jobs run again elsewhere)."""
+
+
 class BatchStartWorker(Worker):
     _take: Any = None
+    stop_requested: threading.Event | None = None
+    """Set by SIGTERM/SIGINT (when the worker handles signals): `agentq worker` exits instead
+    of restarting the worker after a Redis outage."""
+
+    def take_signals(self, stop: threading.Event) -> None:
+        """Handle SIGTERM and SIGINT with Python's signal module instead of the event loop's:
+        the handler runs even while the loop is blocked, so the watchdog always starts."""
+        self.stop_requested = stop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, ValueError):
+                self.loop.remove_signal_handler(sig)
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        assert self.stop_requested is not None
+        if self.stop_requested.is_set():
+            sys.stderr.write(f"agentq: second {signal.Signals(signum).name}: exiting now\n")
+            os._exit(128 + signum)
+        self.stop_requested.set()
+        limit = float(self._job_completion_wait or 0) + SHUTDOWN_MARGIN_S
+        watchdog = threading.Timer(limit, _hard_exit, args=(limit,))
+        watchdog.daemon = True
+        watchdog.start()
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing to drain
+            self.loop.call_soon_threadsafe(
+                self.handle_sig_wait_for_completion, signal.Signals(signum)
+            )
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
@@ -70,13 +109,26 @@ class BatchStartWorker(Worker):
             self.handle_sig(signal.SIGUSR1)
         if not self._pool:
             return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        # Runs were cancelled and give their jobs back; with Redis gone, that must not hold the
+        # exit for the client's minute of retries (their leases lapse instead).
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=CLOSE_WAIT_S)
         try:
             with contextlib.suppress(Exception):
-                await self.pool.delete(self.health_check_key)
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await self.pool.delete(self.health_check_key)
             if self.on_shutdown:
                 await self.on_shutdown(self.ctx)
         finally:
             with contextlib.suppress(Exception):
                 await self.pool.close(close_connection_pool=True)
             self._pool = None
+
+
+def _hard_exit(limit: float) -> None:
+    sys.stderr.write(
+        f"agentq: the worker did not stop within {limit:g} s of SIGTERM (a job blocked its "
+        "event loop?); exiting now — its unfinished jobs run again elsewhere\n"
+    )
+    sys.stderr.flush()
+    os._exit(70)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import time
@@ -111,6 +110,9 @@ class Outcome:
 REDIS_RETRY_S = 5
 """When Redis fails a claim past the client's retries, arq runs the job again this much later
 (nothing was taken: the queue entry stays)."""
+
+RELEASE_WAIT_S = 2.0
+"""A shutting-down worker gives a run's job back within this, or leaves it to its lease."""
 
 FINISH_TRIES = 5
 """Stores of a final record tried (each with the client's own retries, about a minute) before
@@ -286,9 +288,12 @@ async def _run_tracked(
                 attempts=meter.attempts,
                 error=JobError(type="cancelled", message="cancelled by `agentq cancel`"),
             )
-        with contextlib.suppress(RedisError):
-            await asyncio.shield(rt.store.release(job_id, claim.token))
-        log.info("job.released", reason="worker shutting down")
+        try:
+            async with asyncio.timeout(RELEASE_WAIT_S):
+                await asyncio.shield(rt.store.release(job_id, claim.token))
+            log.info("job.released", reason="worker shutting down")
+        except (RedisError, TimeoutError) as exc:
+            log.warning("job.release_failed", error=str(exc), then="its lease lapses")
         raise
     finally:
         if rt.running.get(job_id) is run:

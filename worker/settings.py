@@ -14,7 +14,6 @@ from urllib.parse import parse_qs, urlparse
 
 import structlog
 from agents import TracingProcessor, set_trace_processors, set_tracing_disabled
-from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
 
@@ -133,7 +132,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     if rt is None:
         return
     with contextlib.suppress(Exception):
-        await rt.store.redis.hdel(keys.WORKERS, rt.worker_id)
+        async with asyncio.timeout(2):  # Redis may be the reason we are stopping
+            await rt.store.redis.hdel(keys.WORKERS, rt.worker_id)
     await rt.mcp.close()
     for processor in ctx.get("agentq_tracing", []):
         with contextlib.suppress(Exception):
@@ -264,7 +264,7 @@ def build_worker(
     burst: bool = False,
     handle_signals: bool = True,
     log_file: Path | None = None,
-) -> Worker:
+) -> BatchStartWorker:
     """An arq Worker for agentq jobs, configured from settings."""
     settings = settings or load_settings()
     logs.configure(
