@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from .client import BatchNotFound, Producer
 from .connect import redis_url
+from .embedded import embedded_status, other_clients, release_embedded_redis, stop_embedded_redis
 from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
 from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
@@ -59,6 +60,18 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return await _run(args, settings)
+    finally:
+        # An embedded server this command started for itself goes when it is done (unless
+        # another agentq process uses it meanwhile).
+        if settings.redis_url is None:
+            with contextlib.suppress(Exception):
+                if release_embedded_redis(settings.data_dir):
+                    print(f"stopped the embedded server in {settings.data_dir}", file=sys.stderr)
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
     # The one place the producer starts a worker: in-process, for a whole job on one machine.
     from worker.settings import build_worker
 
@@ -144,6 +157,24 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         st = await p.status(args.batch)
     print(f"re-enqueued {n} jobs", file=sys.stderr)
     _print_summary(st, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
+    """`agentq embedded status|stop`: the embedded server of this directory."""
+    d = Path(settings.data_dir).resolve()
+    if args.action == "stop":
+        stopped = stop_embedded_redis(d)
+        print(f"stopped the embedded server in {d}" if stopped else f"no server runs in {d}")
+        return EXIT_OK
+    url = embedded_status(d)
+    if url is None:
+        print(f"no embedded server runs in {d}")
+        return EXIT_FAILED
+    users = other_clients(d)
+    print(f"embedded server {url} (data in {d}), {users} clients connected")
+    if settings.embedded_idle_s:
+        print(f"stops itself after {settings.embedded_idle_s:g} s unused (AGENTQ_EMBEDDED_IDLE_S)")
     return EXIT_OK
 
 
@@ -370,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("health", help="Router, Redis and workers")
     sub.add_parser("models", help="models the Router offers")
     sub.add_parser("agents", help="agent profiles and tools the workers offer")
+    embedded = sub.add_parser("embedded", help="the embedded server of this directory")
+    embedded.add_argument("action", choices=["status", "stop"])
     return ap
 
 
@@ -394,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
         if args.command == "worker":
             code = cmd_worker(args, settings)
+        elif args.command == "embedded":
+            code = cmd_embedded(args, settings)
         else:
             code = asyncio.run(COMMANDS[args.command](args, settings))
     except (ConfigError, JobFileError, FileNotFoundError, InvalidBatchId) as exc:

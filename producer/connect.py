@@ -27,7 +27,9 @@ going through longer outages on its own."""
 
 
 def redis_url(settings: Settings) -> str:
-    return settings.redis_url or ensure_embedded_redis(settings.data_dir)
+    return settings.redis_url or ensure_embedded_redis(
+        settings.data_dir, idle_s=settings.embedded_idle_s
+    )
 
 
 def connect(settings: Settings) -> Redis:

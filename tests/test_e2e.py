@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from producer.embedded import stop_embedded_redis
+from producer.embedded import embedded_status, stop_embedded_redis
 from tests.procs import (
     KEY,
     ROOT,
@@ -147,11 +147,15 @@ def test_run_quickstart_on_embedded_redis(router_url: str, tmp_path: Path) -> No
         }
         assert records["q1"]["output"] == "4"
         assert records["q2"]["output"] == "The result of 15 * 23 is 345."
-        assert (tmp_path / ".agentq" / "valkey.port").exists()
-        # A second command in another process finds the same embedded server and batch.
+        # `agentq run` started the embedded server for itself, and stopped it at the end
+        # (issue 14: servers piled up in every directory)...
+        assert embedded_status(tmp_path / ".agentq") is None
+        assert "stopped the embedded server" in res.stderr
+        # ...and the next command starts it again, with the data on disk.
         batch_id = records["q1"]["batch_id"]
         st = agentq("status", batch_id, "--json", env=env, cwd=tmp_path)
         assert st.returncode == 0 and json.loads(st.stdout)["counts"]["succeeded"] == 5
+        assert embedded_status(tmp_path / ".agentq") is not None
     finally:
         stop_embedded_redis(tmp_path / ".agentq")
 

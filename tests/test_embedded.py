@@ -146,3 +146,46 @@ def test_startup_failure_explains_itself(data_dir: Path) -> None:
     assert "Invalid AOF manifest" in str(err.value)
     assert "REDIS_URL" in str(err.value)
     assert embedded_status(data_dir) is None
+
+
+def test_an_unused_server_stops_itself_and_keeps_its_data(data_dir: Path) -> None:
+    url = ensure_embedded_redis(data_dir, idle_s=1)
+    client = redis.Redis.from_url(url)
+    client.set("kept", "yes")
+    client.close()
+    pid = _pid(data_dir)
+    deadline = time.monotonic() + 30
+    while not _dead(pid) and time.monotonic() < deadline:  # looking must not use the server
+        time.sleep(0.2)
+    assert _dead(pid), "the idle server is still running"
+    again = redis.Redis.from_url(ensure_embedded_redis(data_dir))
+    try:
+        assert again.get("kept") == b"yes"
+    finally:
+        again.close()
+
+
+def test_a_used_server_stays_up(data_dir: Path) -> None:
+    url = ensure_embedded_redis(data_dir, idle_s=1)
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()  # a connected client (a worker, say) keeps it up
+        time.sleep(4)
+        assert embedded_status(data_dir) == url
+    finally:
+        client.close()
+
+
+def test_release_stops_only_an_unused_server_started_here(data_dir: Path) -> None:
+    from producer.embedded import STARTED_HERE, release_embedded_redis
+
+    url = ensure_embedded_redis(data_dir)
+    assert data_dir.resolve() in STARTED_HERE
+    other = redis.Redis.from_url(url)
+    try:
+        other.ping()
+        assert not release_embedded_redis(data_dir)  # another process uses it
+    finally:
+        other.close()
+    assert release_embedded_redis(data_dir)
+    assert embedded_status(data_dir) is None
