@@ -232,6 +232,28 @@ class Lab:
         self.workers.append(w)
         return w
 
+    def prepare(
+        self,
+        n: int,
+        latency_ms: float,
+        workers: list[int],
+        *sim_args: str,
+        make: Callable[[int], dict[str, Any]] | None = None,
+        **worker_env: str,
+    ) -> Path:
+        """Start Redis, the simulated Router and workers (their concurrencies), wait until
+        they are up, and write the case's job file of n jobs."""
+        self.start_redis()
+        self.start_sim(latency_ms, *sim_args)
+        for concurrency in workers:
+            self.worker(concurrency, **worker_env)
+        for w in self.workers:
+            w.wait_registered()
+        jobs = self.dir / "jobs.jsonl"
+        write_jobs(jobs, n, make)
+        self.report.jobs = n
+        return jobs
+
     def producer(self) -> Producer:
         assert self.sim is not None
         settings = Settings(redis_url=self.url, router_url=self.sim.url)  # type: ignore[call-arg]
@@ -356,16 +378,8 @@ async def case_mixed(lab: Lab, n: int) -> None:
     """Router faults on every kind of call; SIGKILL one worker, SIGTERM another (and start a
     replacement), restart Redis gracefully: only the killed worker's jobs may run again."""
     faults = [a for name, rate in ROUTER_FAULTS.items() for a in ("--fault", f"{name}={rate}")]
-    lab.start_redis()
-    lab.start_sim(50, *faults, "--retry-after", "0.2")
-    for _ in range(3):
-        lab.worker(100)
-    for w in lab.workers:
-        w.wait_registered()
+    jobs = lab.prepare(n, 50, [100, 100, 100], *faults, "--retry-after", "0.2")
     killed = lab.workers[0].worker_id
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(jobs, n)
-    lab.report.jobs = n
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
 
@@ -415,15 +429,7 @@ async def case_mixed(lab: Lab, n: int) -> None:
 
 async def case_redis_outage(lab: Lab, n: int) -> None:
     """Redis down for three leases under running jobs, then back: nothing may run twice."""
-    lab.start_redis()
-    lab.start_sim(2500)
-    lab.worker(50, AGENTQ_CALL_TIMEOUT_S="10")
-    lab.worker(50, AGENTQ_CALL_TIMEOUT_S="10")
-    for w in lab.workers:
-        w.wait_registered()
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(jobs, n)
-    lab.report.jobs = n
+    jobs = lab.prepare(n, 2500, [50, 50], AGENTQ_CALL_TIMEOUT_S="10")
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
         await wait_until(lambda: _ge(p, batch.id, 20), 60, "jobs running")
@@ -443,15 +449,8 @@ async def _ge(p: Producer, batch_id: str, k: int) -> bool:
 async def case_zombie(lab: Lab, n: int) -> None:
     """A worker paused (SIGSTOP) past its leases, then resumed: its jobs run elsewhere, and the
     zombie stops its runs on its first renewal and stores nothing of them."""
-    lab.start_redis()
-    lab.start_sim(2000)
-    zombie = lab.worker(20, AGENTQ_CALL_TIMEOUT_S="10")
-    lab.worker(20, AGENTQ_CALL_TIMEOUT_S="10")
-    for w in lab.workers:
-        w.wait_registered()
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(jobs, n)
-    lab.report.jobs = n
+    jobs = lab.prepare(n, 2000, [20, 20], AGENTQ_CALL_TIMEOUT_S="10")
+    zombie = lab.workers[0]
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
         await wait_until(lambda: _ge(p, batch.id, 10), 60, "jobs running")
@@ -476,13 +475,7 @@ async def case_zombie(lab: Lab, n: int) -> None:
 
 async def case_cancel_retry(lab: Lab, n: int) -> None:
     """`cancel` and `retry` back to back while jobs run: every job ends once per attempt."""
-    lab.start_redis()
-    lab.start_sim(1000)
-    lab.worker(5)
-    lab.workers[0].wait_registered()
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(jobs, n)
-    lab.report.jobs = n
+    jobs = lab.prepare(n, 1000, [5])
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
         await wait_until(lambda: _ge(p, batch.id, 5), 60, "jobs running")
@@ -498,21 +491,17 @@ async def case_cancel_retry(lab: Lab, n: int) -> None:
 
 async def case_plugin(lab: Lab, n: int) -> None:
     """A plugin tool that logs values JSON cannot hold: every record is still stored."""
-    lab.start_redis()
-    lab.start_sim(20)
-    lab.worker(20, AGENTQ_PLUGINS="ops.fault_plugin")
-    lab.workers[0].wait_registered()
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(
-        jobs,
+    jobs = lab.prepare(
         n,
-        lambda i: {
+        20,
+        [20],
+        make=lambda i: {
             "custom_id": f"j{i}",
             "input": f"use weird_log on item {i}",
             "agent": {"tools": ["weird_log"]},
         },
+        AGENTQ_PLUGINS="ops.fault_plugin",
     )
-    lab.report.jobs = n
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
         st = await _wait_done(lab, p, batch.id, 120)
@@ -528,13 +517,7 @@ async def case_plugin(lab: Lab, n: int) -> None:
 async def case_submit_restart(lab: Lab, n: int) -> None:
     """Redis restarts while `agentq submit` runs; if submit fails, the same command with
     --batch-id completes the batch."""
-    lab.start_redis()
-    lab.start_sim(0)
-    lab.worker(50)
-    lab.workers[0].wait_registered()
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(jobs, n)
-    lab.report.jobs = n
+    jobs = lab.prepare(n, 0, [50])
     batch_id = "submit-restart"
     env = base_env()
     assert lab.sim is not None
@@ -559,7 +542,7 @@ async def case_submit_restart(lab: Lab, n: int) -> None:
             stop(again)
         else:
             lab.step("submit rode out the restart")
-        st = await _wait_done(lab, p, batch_id, 180)
+        st = await _wait_done(lab, p, batch_id, max(180, n / 40))
         await lab.tally(p, batch_id, st, lambda run: None)
 
 
@@ -575,15 +558,7 @@ async def case_redis_crash(lab: Lab, n: int) -> None:
     second of writes may be lost: claims, leases, records. The reconciler and the leases bring
     back every job that lost its state; runs active or stored in the last seconds before the
     crash may run again."""
-    lab.start_redis()
-    lab.start_sim(300)
-    lab.worker(50)
-    lab.worker(50)
-    for w in lab.workers:
-        w.wait_registered()
-    jobs = lab.dir / "jobs.jsonl"
-    write_jobs(jobs, n)
-    lab.report.jobs = n
+    jobs = lab.prepare(n, 300, [50, 50])
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
         await asyncio.sleep(1.5)  # the submit is on disk
@@ -612,7 +587,7 @@ CASES: dict[str, tuple[Callable[[Lab, int], Awaitable[None]], int, int]] = {
     "zombie": (case_zombie, 40, 120),
     "cancel_retry": (case_cancel_retry, 30, 100),
     "plugin": (case_plugin, 20, 100),
-    "submit_restart": (case_submit_restart, 3000, 30000),
+    "submit_restart": (case_submit_restart, 3000, 10000),
     "redis_crash": (case_redis_crash, 200, 1000),
 }
 

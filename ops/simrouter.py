@@ -92,6 +92,9 @@ class SimStats:
     by_model: Counter[str] = field(default_factory=Counter)
     by_outcome: Counter[str] = field(default_factory=Counter)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    """Most chat completion requests being answered at once."""
 
     def as_dict(self) -> dict[str, Any]:
         outcomes = {o: self.by_outcome.get(o, 0) for o in OUTCOMES}
@@ -106,6 +109,7 @@ class SimStats:
         self.by_model.clear()
         self.by_outcome.clear()
         self.requests.clear()
+        self.peak_in_flight = 0
 
 
 # ---------------------------------------------------------------- arithmetic (no eval!)
@@ -367,6 +371,15 @@ class _SimState:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         stats = self.stats
+        stats.in_flight += 1
+        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        try:
+            return await self._chat_completions(request)
+        finally:
+            stats.in_flight -= 1
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
         stats.total_requests += 1
         if not self.authorized(request):
             stats.by_outcome["401"] += 1
@@ -385,7 +398,16 @@ class _SimState:
             for k, v in request.headers.items()
             if k.lower() not in ("authorization", "api-key", "x-api-key")
         }
-        stats.requests.append({"headers": headers, "body": body})
+        auth = request.headers.get("authorization", "")
+        stats.requests.append(
+            {
+                "headers": headers,
+                "body": body,
+                "at": time.monotonic(),
+                # whether the Router key arrived, never the key itself
+                "key_ok": auth == f"Bearer {self.config.api_key}" if self.config.api_key else None,
+            }
+        )
         if body.get("stream"):
             stats.by_outcome["400"] += 1
             return error_response(400, "streaming is not supported by the simulated Router")

@@ -9,7 +9,9 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,10 @@ def results(env: dict[str, str], batch_id: str) -> list[dict[str, object]]:
     res = agentq("results", batch_id, env=env)
     assert res.returncode == 0, res.stderr
     return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def _json_lines(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("{")]
 
 
 def running(env: dict[str, str], batch_id: str) -> int:
@@ -116,12 +122,21 @@ def test_sigterm_lets_running_jobs_finish(fresh: str, slow_router: str, tmp_path
     w1 = start_worker(env, tmp_path / "w1.log")
     batch_id, expected = submit(env, tmp_path, 40)
     until(lambda: running(env, batch_id) >= 5, what="jobs running")
+    signalled = time.time()
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(30) == 0
     counts = status(batch_id, env)["counts"]
     assert counts["running"] == 0  # type: ignore[index]
     done = counts["succeeded"]  # type: ignore[index]
     assert done >= 5 and counts["queued"] == 40 - done  # type: ignore[index]
+    # No job started after SIGTERM (before, a worker that kept taking jobs passed, 40 of 40
+    # done): half a second covers the signal's delivery and a poll already under way.
+    started = [
+        datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+        for e in map(json.loads, _json_lines(tmp_path / "w1.log"))
+        if e.get("event") == "job.started"
+    ]
+    assert started and all(t < signalled + 0.5 for t in started)
     w2 = start_worker(env, tmp_path / "w2.log")
     try:
         assert agentq("wait", batch_id, "--timeout", "60", env=env).returncode == 0
@@ -261,3 +276,25 @@ async def test_foreign_payloads_fail_one_job_never_unpickled(
     assert "not an agentq job" in out["foreign"].error.message
     assert out["fine"].status == Status.SUCCEEDED and out["fine"].output == "2"
     assert await r.zcard(settings.queue) == 0
+
+
+def test_a_job_longer_than_its_lease_runs_once(fresh: str, tmp_path: Path) -> None:
+    """A live worker renews its leases: jobs running for over two leases are never taken by
+    the other worker (before, busy workers' leases lapsed and jobs ran twice)."""
+    sim, url = start_sim("--latency-ms", "7000")
+    env = base_env(fresh, url, AGENTQ_LEASE_S="2", AGENTQ_CALL_TIMEOUT_S="30")
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    workers = [start_worker(env, log) for log in logs]
+    try:
+        batch_id, expected = submit(env, tmp_path, 6)
+        assert agentq("wait", batch_id, "--timeout", "90", env=env).returncode == 0
+        assert_exactly_once(env, batch_id, expected)
+    finally:
+        stop(*workers, sim)
+    starts = [
+        e["job_id"]
+        for log in logs
+        for e in map(json.loads, _json_lines(log))
+        if e.get("event") == "job.started"
+    ]
+    assert len(starts) == 6 == len(set(starts)), starts

@@ -24,7 +24,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ops.simrouter import SimRouter
+from producer import AgentJob, Producer, Settings
+from producer.models import job_id_for
 from tests.conftest import ROUTER_KEY
+from tests.helpers import run_batch
 from worker.otel import OtelExporter, SdkIds
 from worker.tools import calculator
 
@@ -81,3 +84,64 @@ async def test_spans_keep_their_tree_and_job_ids(
     assert tool_span.attributes["agents.output"] == "345"
     assert generations[0].attributes["gen_ai.usage.input_tokens"] > 0
     assert tool_span.end_time > tool_span.start_time
+
+
+async def test_worker_exports_spans_to_the_otlp_endpoint_it_is_given(
+    producer: Producer, settings: Settings
+) -> None:
+    """Through the worker's own wiring (AGENTQ_OTLP_ENDPOINT), to an OTLP/HTTP receiver."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(await request.read())
+        received.append(msg)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        endpoint = f"http://127.0.0.1:{port}/v1/traces"
+        traced = settings.model_copy(update={"otlp_endpoint": endpoint})
+        batch = await producer.submit([AgentJob(custom_id="t", input="What is 15 * 23?")])
+        await run_batch(producer, traced, batch.id)  # the worker's shutdown flushes the spans
+    finally:
+        await runner.cleanup()
+        set_trace_processors([])
+        set_tracing_disabled(True)
+    spans = [
+        s for m in received for rs in m.resource_spans for ss in rs.scope_spans for s in ss.spans
+    ]
+    names = {s.name for s in spans}
+    assert any(n.startswith("agent") for n in names), names
+    job_ids = {
+        a.value.string_value for s in spans for a in s.attributes if a.key == "agentq.job_id"
+    }
+    assert job_ids == {job_id_for(batch.id, "t")}
+
+
+async def test_no_span_goes_to_the_sdks_default_exporter(
+    producer: Producer, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's default exporter would send prompts, with the Router key, to api.openai.com."""
+    from agents.tracing.processors import BackendSpanExporter
+
+    sent: list[object] = []
+    monkeypatch.setattr(BackendSpanExporter, "export", lambda self, items: sent.extend(items))
+    batch = await producer.submit([AgentJob(custom_id="t", input="What is 15 * 23?")])
+    await run_batch(producer, settings, batch.id)
+    from agents.tracing import get_trace_provider
+
+    provider = get_trace_provider()
+    provider.force_flush()  # type: ignore[attr-defined]
+    assert sent == []

@@ -368,17 +368,30 @@ async def test_cost_header(client: openai.AsyncOpenAI) -> None:
     assert raw.headers["x-litellm-response-cost"] == raw.headers["x-llm-response-cost"]
 
 
-async def test_random_faults_are_seeded() -> None:
-    config = SimConfig(fault_rates={"500": 0.5}, seed=7)
+async def _fault_sequence(seed: int) -> list[bool]:
+    config = SimConfig(fault_rates={"500": 0.5}, seed=seed)
+    out = []
     async with SimRouter(config) as sim:
         async with openai.AsyncOpenAI(base_url=sim.url, api_key="any", max_retries=0) as c:
             for _ in range(40):
                 try:
                     await c.chat.completions.create(model="gpt-4o", messages=ask("hi"))
+                    out.append(True)
                 except openai.InternalServerError:
-                    pass
-        outcomes = sim.stats.by_outcome
-    assert outcomes["500"] + outcomes["ok"] == 40 and 5 < outcomes["500"] < 35
+                    out.append(False)
+    return out
+
+
+async def test_random_faults_are_seeded() -> None:
+    """The same seed gives the same faults in the same order; another seed, others."""
+    first, again, other = (
+        await _fault_sequence(7),
+        await _fault_sequence(7),
+        await _fault_sequence(8),
+    )
+    assert first == again
+    assert first != other
+    assert 5 < first.count(False) < 35
     with pytest.raises(ValueError, match="unknown fault"):
         SimConfig(fault_rates={"boom": 0.1})
 

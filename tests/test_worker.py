@@ -3,12 +3,14 @@ worker: outputs, routing, headers, retries, fallbacks, permanent failures, recor
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from ops.simrouter import SimRouter
 from producer import AgentJob, Producer, Settings, Status
+from tests.conftest import ROUTER_KEY
 from tests.helpers import records, run_batch
 
 
@@ -72,7 +74,10 @@ async def test_headers_reach_router(producer: Producer, settings: Settings, sim:
     assert req["headers"]["x-llm-tags"] == "team-a,nightly"
     assert req["body"]["user"] == "u-42"
     assert req["body"]["model"] == settings.default_model
-    assert "authorization" not in req["headers"]
+    # The key reached the Router as a bearer token (checked by the simulator, which never
+    # stores it), and nothing else carried it.
+    assert req["key_ok"] is True
+    assert ROUTER_KEY not in json.dumps(req)
 
 
 async def test_retry_then_success_and_fallback(producer: Producer, settings: Settings) -> None:
@@ -92,6 +97,27 @@ async def test_retry_then_success_and_fallback(producer: Producer, settings: Set
     assert fb.status == Status.SUCCEEDED and fb.model == "gpt-4o" and fb.output == "14"
     tries = settings.max_attempts_per_model
     assert [a.model for a in fb.attempts] == ["sim-500"] * tries + ["sim-503"] * tries + ["gpt-4o"]
+
+
+async def test_retry_after_sets_the_wait(
+    producer: Producer, settings: Settings, sim: SimRouter
+) -> None:
+    """The Router's retry-after (0.6 s here) is waited for, not the policy's backoff (at most
+    0.05 s in these tests): with the hint ignored, the calls come 0.05 s apart."""
+    sim.config.retry_after_s = 0.6
+    patient = settings.model_copy(update={"max_attempts_per_model": 2, "backoff_max_s": 5.0})
+    await run(producer, patient, job("rl", "What is 1+2?", model="sim-429"))
+    calls = [r["at"] for r in sim.stats.requests if r["body"]["model"] == "sim-429"]
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.55
+
+
+def test_retry_policy_prefers_the_hint_within_its_ceiling() -> None:
+    from worker.retry import RetryPolicy
+
+    policy = RetryPolicy(3, base_s=0.01, max_s=10)
+    assert policy.delay(0, 2.5) == 2.5
+    assert policy.delay(0, None) <= 0.01
+    assert RetryPolicy(3, 0.01, 1.0).delay(0, 5.0) == 1.0  # capped by AGENTQ_BACKOFF_MAX_S
 
 
 async def test_rate_limit_retries_then_reports(producer: Producer, settings: Settings) -> None:
@@ -351,3 +377,32 @@ async def test_redis_trouble_becomes_an_arq_retry(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(Retry) as retry:
         await runner.run_agent_job({"agentq": rt, "job_id": "j"}, "j", "b")
     assert retry.value.defer_score == runner.REDIS_RETRY_S * 1000
+
+
+async def test_model_calls_in_flight_are_bounded(
+    producer: Producer, settings: Settings, sim: SimRouter
+) -> None:
+    """AGENTQ_MAX_MODEL_CALLS bounds the calls in flight below the job concurrency."""
+    sim.config.latency_ms = 150
+    bounded = settings.model_copy(update={"concurrency": 10, "max_model_calls": 2})
+    jobs = [job(f"j{i}", "What is 1+1?") for i in range(10)]
+    out = await run(producer, bounded, *jobs)
+    assert all(r.status == Status.SUCCEEDED for r in out.values())
+    assert sim.stats.peak_in_flight == 2
+
+
+async def test_a_job_whose_workers_kept_dying_fails_after_max_runs(
+    producer: Producer, settings: Settings, redis: Any
+) -> None:
+    """AGENTQ_MAX_RUNS through the runner: the next start of a job already started that often
+    (its workers died each time) fails it with what to do."""
+    from producer import keys
+    from producer.models import job_id_for
+
+    batch = await producer.submit([job("poison", "What is 1+1?")])
+    await redis.hset(keys.job(job_id_for(batch.id, "poison")), "runs", settings.max_runs)
+    await run_batch(producer, settings, batch.id)
+    rec = (await records(producer, batch.id))["poison"]
+    assert rec.status == Status.FAILED and rec.error is not None
+    assert f"started {settings.max_runs} times" in rec.error.message
+    assert "AGENTQ_MAX_RUNS" in rec.error.message

@@ -159,7 +159,8 @@ class Route:
     client: AsyncOpenAI
 
 
-def _client(url: str, api_key: str, concurrency: int, call_timeout_s: float) -> AsyncOpenAI:
+def router_client(url: str, api_key: str, concurrency: int, call_timeout_s: float) -> AsyncOpenAI:
+    """The worker's pooled client for one Router (the bench's best plain loop uses it too)."""
     # The SDK's own retries are off: agentq's runner is the one retry layer. The aiohttp
     # transport is leaner than httpx's; its pool is sized to the concurrency, not 100/20.
     return AsyncOpenAI(
@@ -195,7 +196,7 @@ class RouterProvider(ModelProvider):
         self.policy = policy or RetryPolicy()
         self.prices = prices or {}
         self.routes = {
-            name: Route(name, url, _client(url, key, concurrency, call_timeout_s))
+            name: Route(name, url, router_client(url, key, concurrency, call_timeout_s))
             for name, (url, key) in routers.items()
         }
         self._slots = asyncio.Semaphore(max_calls)

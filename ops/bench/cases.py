@@ -253,7 +253,9 @@ def fmt_rounds(xs: Sequence[float], spec: str = ".2f") -> str:
 
 
 async def sdk_loop(b: Bench) -> list[Row]:
-    """agentq (1 worker process) vs a plain asyncio.gather + Semaphore loop over Runner.run."""
+    """agentq (1 worker process) vs a plain asyncio.gather + Semaphore loop over Runner.run with
+    the worker's own pooled client (the ratio), and with the SDK's default client (for
+    reference)."""
     rows: list[Row] = []
     c = b.sizes.sdk_concurrency
     queue = "bench:sdk"
@@ -284,13 +286,21 @@ async def _sdk_pair(
     l_rate: list[float] = []
     l_cpu: list[float] = []
     l_sim: list[float] = []
+    d_rate: list[float] = []
     loop_args = ["-m", "ops.bench.sdkloop", "--url", sim.url, "--n", str(n)]
     loop_args += ["--concurrency", str(c), "--warmup", str(min(20, n))]
     if kind == "tool":
         loop_args.append("--tool")
     for r in range(b.sizes.sdk_rounds):
-        sides = ("agentq", "loop") if r % 2 == 0 else ("loop", "agentq")
+        # agentq against the best plain loop (the worker's own pooled client), and the loop a
+        # newcomer writes (the SDK's default client) for reference; the order alternates.
+        sides = ("agentq", "loop", "default") if r % 2 == 0 else ("default", "loop", "agentq")
         for side in sides:
+            if side == "default":
+                args = [*loop_args, "--client", "default"]
+                out = await asyncio.to_thread(procs.run_json, args, timeout_for(n))
+                d_rate.append(out["runs_per_s"])
+                continue
             if side == "agentq":
                 jobs = make_jobs(kind, n, prefix=f"{kind}-{r}-")
                 with Meter([w.pid]) as m, Meter([sim.pid]) as ms:
@@ -307,14 +317,17 @@ async def _sdk_pair(
                 l_cpu.append(out["cpu_ms_per_run"])
                 l_sim.append(ms.cpu * 1000 / (n + min(20, n)))
         b.say(
-            f"{latency}ms {kind} round {r + 1}: agentq {a_rate[-1]:.0f}/s, loop {l_rate[-1]:.0f}/s"
+            f"{latency}ms {kind} round {r + 1}: agentq {a_rate[-1]:.0f}/s, pooled loop "
+            f"{l_rate[-1]:.0f}/s, default loop {d_rate[-1]:.0f}/s"
         )
     ratio = median(a_rate) / median(l_rate)
     per_round = [a / lo for a, lo in zip(a_rate, l_rate, strict=True)]
     return Row(
         "sdk-loop",
         f"{latency}ms {kind} C={c}",
-        f"{ratio:.2f}x ({median(a_rate):.0f} vs {median(l_rate):.0f} runs/s)",
+        f"{ratio:.2f}x ({median(a_rate):.0f} vs {median(l_rate):.0f} runs/s; "
+        f"{median(a_rate) / median(d_rate):.2f}x the default-client loop's "
+        f"{median(d_rate):.0f})",
         ">= 1.0x",
         ratio >= 1.0,
         value=round(ratio, 3),

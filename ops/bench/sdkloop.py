@@ -1,9 +1,12 @@
 """The baseline agentq is compared with: a plain in-process loop over the Agents SDK.
 
-`asyncio.gather` over N `Runner.run` calls, bounded by a `Semaphore`, with the SDK's default
-transport: a plain `AsyncOpenAI(base_url=..., api_key=...)` wrapped in an
-`OpenAIChatCompletionsModel`, tracing disabled. The same agents as the bench's agentq jobs: a
-plain one, or one with agentq's calculator tool wrapped by `agents.function_tool`.
+`asyncio.gather` over N `Runner.run` calls, bounded by a `Semaphore`, tracing disabled, with
+one of two clients wrapped in an `OpenAIChatCompletionsModel`: `--client pooled` (the default),
+the worker's own client (aiohttp transport, pool sized to the concurrency, no SDK retries): the
+best loop a skilled engineer writes, and the one agentq is held to; or `--client default`, a
+plain `AsyncOpenAI(base_url=..., api_key=...)` as a newcomer writes it. The same agents as the
+bench's agentq jobs: a plain one, or one with agentq's calculator tool wrapped by
+`agents.function_tool`.
 
     python -m ops.bench.sdkloop --url URL --n 1000 --concurrency 50 [--tool]
 
@@ -23,6 +26,7 @@ from agents import Agent, Runner, function_tool, set_tracing_disabled
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import AsyncOpenAI
 
+from worker.provider import router_client
 from worker.tools import calculator
 
 PLAIN_INSTRUCTIONS = "You are a helpful assistant. Be concise."
@@ -65,7 +69,10 @@ async def run_all(agent: Agent[Any], n: int, concurrency: int, offset: int) -> i
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     set_tracing_disabled(True)
-    client = AsyncOpenAI(base_url=args.url, api_key=args.api_key)
+    if args.client == "pooled":
+        client = router_client(args.url, args.api_key, args.concurrency, 120.0)
+    else:
+        client = AsyncOpenAI(base_url=args.url, api_key=args.api_key)
     agent = build_agent(client, args.model, args.tool)
     try:
         await run_all(agent, args.warmup, args.concurrency, 10_000_000)
@@ -84,6 +91,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_ms_per_run": round(cpu * 1000 / args.n, 3),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "uvloop": args.uvloop,
+        "client": args.client,
     }
 
 
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="gpt-4o-mini")
     ap.add_argument("--warmup", type=int, default=20, help="untimed runs first")
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop (default: asyncio)")
+    ap.add_argument("--client", choices=["pooled", "default"], default="pooled")
     args = ap.parse_args(argv)
     loop_factory = None
     if args.uvloop:
