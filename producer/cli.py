@@ -85,6 +85,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             st = await _wait(p, batch.id, None, worker_task)
         finally:
             await _stop_worker(worker, worker_task)
+        while await p.store.sweep():  # the records' TTLs, which the stopped worker would arm
+            pass
         if args.output:
             n = await _write_results(lambda: p.results(batch.id), args.output, "jsonl")
             print(f"wrote {n} result records to {args.output}", file=sys.stderr)

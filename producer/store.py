@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -82,7 +83,7 @@ local function settle(b)
   local c = redis.call('HMGET', bkey(b), 'queued', 'running')
   if (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) <= 0 then
     redis.call('EXPIRE', bkey(b), TTL)
-    redis.call('EXPIRE', okey(b), TTL)
+    -- the order list expires when the sweep has re-armed every record it lists
     if redis.call('ZREM', ACTIVE, b) == 1 then redis.call('ZADD', SWEEPS, 0, b) end
   end
 end
@@ -92,9 +93,12 @@ local function tick(now)
   local last = tonumber(redis.call('GET', CLOCK) or '')
   redis.call('SET', CLOCK, now)
   if last and now - last > LEASE_MS / 2 then
+    -- Credit what exceeds the renewal cadence (a third of a lease), not the whole gap: a
+    -- fleet whose rounds are merely slow still lets dead workers' leases run out.
+    local credit = now - last - math.floor(LEASE_MS / 3)
     local all = redis.call('ZRANGE', LEASES, 0, -1, 'WITHSCORES')
     for i = 1, #all, 2 do
-      redis.call('ZADD', LEASES, tonumber(all[i + 1]) + now - last, all[i])
+      redis.call('ZADD', LEASES, tonumber(all[i + 1]) + credit, all[i])
     end
     return now - last
   end
@@ -147,6 +151,13 @@ local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt')
 local st, b = h[1], h[3]
 if not st then return {'missing'} end
 if final(st) then return {st} end
+if st == 'running' and redis.call('HGET', jkey(id), 'nonce') == ARGV[5] then
+  -- this very claim, sent again by the client after a lost reply: the same run
+  local f = redis.call('HMGET', jkey(id), 'spec', 'enqueued_at', 'runs', 'fence')
+  local again = 'running'
+  if tonumber(f[3]) > MAX_RUNS then again = 'exhausted' end
+  return {again, f[1], f[2], tonumber(f[3]), f[4]}
+end
 if st ~= 'queued' then return {'busy'} end
 if (h[2] or '0') ~= ARGV[2] then return {'stale'} end
 local now = now_ms()
@@ -164,7 +175,8 @@ local runs = redis.call('HINCRBY', jkey(id), 'runs', 1)
 local token = now .. '.' .. redis.call('HINCRBY', jkey(id), 'token', 1)
 redis.call('HSET', jkey(id), 'fence', token)
 move(b, 'queued', 'running')
-redis.call('HSET', jkey(id), 'status', 'running', 'started_at', ARGV[4], 'worker', ARGV[3])
+redis.call('HSET', jkey(id), 'status', 'running', 'started_at', ARGV[4], 'worker', ARGV[3],
+           'nonce', ARGV[5])
 redis.call('ZADD', LEASES, now + LEASE_MS, id)
 publish(b, id .. ' running')
 local f = redis.call('HMGET', jkey(id), 'spec', 'enqueued_at')
@@ -277,6 +289,17 @@ publish(b, id .. ' queued')
 return 1
 """
 
+_SEAL = """
+-- ARGV: batch id, created_at. A batch whose jobs all ended before it was sealed (or that never
+-- had one) is not active: it expires.
+local b = ARGV[1]
+redis.call('HSETNX', bkey(b), 'created_at', ARGV[2])
+redis.call('HSET', bkey(b), 'sealed', 1)
+publish(b, '- sealed')
+if not redis.call('ZSCORE', ACTIVE, b) then redis.call('EXPIRE', bkey(b), TTL) end
+return 1
+"""
+
 _CANCEL_FLAG = """
 -- ARGV: batch id. Jobs enqueued (submitted or retried) before now are cancelled wherever
 -- they are: at claim, at lease renewal, and by the cancel that follows.
@@ -335,6 +358,7 @@ local ids = redis.call('LRANGE', okey(b), off, off + limit - 1)
 for _, id in ipairs(ids) do redis.call('EXPIRE', jkey(id), TTL) end
 if #ids < limit then
   redis.call('ZREM', SWEEPS, b)
+  redis.call('EXPIRE', okey(b), TTL)
 else
   redis.call('ZADD', SWEEPS, 'XX', off + #ids, b)
 end
@@ -377,6 +401,7 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         "release": _RELEASE,
         "retry": _RETRY,
         "cancel_flag": _CANCEL_FLAG,
+        "seal": _SEAL,
         "reconcile": _RECONCILE,
         "sweep": _SWEEP,
     }
@@ -528,16 +553,7 @@ class Store:
 
     async def seal(self, batch_id: str) -> None:
         """Mark the batch complete: `wait` may now finish once every job is final."""
-        bkey = keys.batch(batch_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(bkey, "created_at", now_iso())
-            pipe.hset(bkey, "sealed", 1)
-            pipe.publish(keys.batch_events(batch_id), "- sealed")
-            await pipe.execute()
-        # A batch whose jobs all ended before it was sealed is already expiring; one that
-        # never had a job gets its TTL here.
-        if not await self.redis.zscore(keys.ACTIVE, batch_id):
-            await self.redis.expire(bkey, self.ttl)
+        await self._run("seal", [batch_id, now_iso()])
 
     async def batch_status(self, batch_id: str) -> BatchStatus | None:
         raw = await self.redis.hgetall(keys.batch(batch_id))
@@ -643,7 +659,8 @@ class Store:
     async def claim(self, job_id: str, batch_id: str, worker: str, q: str = "0") -> Claim:
         """Take the job for one run (it must be queued, and `q` its current generation): it
         leaves arq's queue, gets a lease and a fencing token."""
-        reply = _reply_list(await self._run("claim", [job_id, q, worker, now_iso()]))
+        nonce = uuid.uuid4().hex  # makes a resent claim (lost reply) return the same run
+        reply = _reply_list(await self._run("claim", [job_id, q, worker, now_iso(), nonce]))
         state = reply[0] or "missing"
         if state not in ("running", "exhausted"):
             return Claim(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from producer import Producer, Settings
 from producer.models import BatchStatus, ResultRecord
@@ -15,10 +16,19 @@ async def run_batch(
     """A burst-mode worker (arq's conftest does the same) drains the queue; then the batch
     must be finished."""
     worker = build_worker(settings, burst=True, handle_signals=False)
+    task = asyncio.ensure_future(worker.async_run())
     try:
-        await asyncio.wait_for(worker.async_run(), timeout)
-    finally:
-        await worker.close()
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:  # say where everything is, rather than hang on a cancellation
+            for t in asyncio.all_tasks():
+                t.print_stack(file=sys.stderr)
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+            raise AssertionError(f"the burst worker did not finish in {timeout:g} s")
+        task.result()
+    finally:  # bounded without awaiting a cancellation (which is what hung, when it did)
+        closing = asyncio.ensure_future(worker.close())
+        await asyncio.wait({closing}, timeout=30)
     st = await producer.status(batch_id)
     assert st.finished, st
     return st

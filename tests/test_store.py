@@ -350,3 +350,21 @@ async def test_trim_index_drops_expired_batches(store: Store) -> None:
     await store.redis.hset(keys.batch("kept"), "total", 0)
     assert await store.trim_index() == 1
     assert await store.redis.zrange(keys.BATCHES, 0, -1) == [b"kept"]
+
+
+async def test_a_claim_sent_again_after_a_lost_reply_is_the_same_run(store: Store) -> None:
+    """redis-py resends a script whose reply was lost: the second delivery must return the
+    run the first one started, not 'busy' (which left the job running with nobody on it)."""
+    await store.submit_chunk("b1", jobs("a"))
+    jid = job_id_for("b1", "a")
+    first = _reply(await store._run("claim", [jid, "1", "w", now_iso(), "nonce-1"]))
+    again = _reply(await store._run("claim", [jid, "1", "w", now_iso(), "nonce-1"]))
+    other = _reply(await store._run("claim", [jid, "1", "w2", now_iso(), "nonce-2"]))
+    assert first[0] == again[0] == "running" and first[4] == again[4]
+    assert other == ["busy"]
+    st = await store.batch_status("b1")
+    assert st is not None and st.counts[Status.RUNNING] == 1 and st.counts[Status.QUEUED] == 0
+
+
+def _reply(raw: Any) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -66,7 +65,8 @@ class BatchStartWorker(Worker):
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         assert self.stop_requested is not None
         if self.stop_requested.is_set():
-            sys.stderr.write(f"agentq: second {signal.Signals(signum).name}: exiting now\n")
+            # os.write, not sys.stderr: a handler must not re-enter a buffered write
+            os.write(2, f"agentq: second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
         self.stop_requested.set()
         limit = float(self._job_completion_wait or 0) + SHUTDOWN_MARGIN_S
@@ -126,9 +126,9 @@ class BatchStartWorker(Worker):
 
 
 def _hard_exit(limit: float) -> None:
-    sys.stderr.write(
+    msg = (
         f"agentq: the worker did not stop within {limit:g} s of SIGTERM (a job blocked its "
         "event loop?); exiting now — its unfinished jobs run again elsewhere\n"
     )
-    sys.stderr.flush()
+    os.write(2, msg.encode())
     os._exit(70)

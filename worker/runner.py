@@ -280,7 +280,8 @@ async def _run_tracked(
         return await task
     except asyncio.CancelledError:
         current = asyncio.current_task()
-        if run.stop and not (current and current.cancelling()):
+        shutting_down = bool(current and current.cancelling())
+        if run.stop and not shutting_down:
             if run.stop == "lost":
                 return None
             return Outcome(
@@ -288,6 +289,8 @@ async def _run_tracked(
                 attempts=meter.attempts,
                 error=JobError(type="cancelled", message="cancelled by `agentq cancel`"),
             )
+        if not shutting_down:  # nobody stopped it: code inside the run raised CancelledError
+            raise RuntimeError("the run raised CancelledError that no one asked for") from None
         try:
             async with asyncio.timeout(RELEASE_WAIT_S):
                 await asyncio.shield(rt.store.release(job_id, claim.token))
