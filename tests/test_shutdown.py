@@ -36,6 +36,13 @@ def _running(url: str) -> int:
         client.close()
 
 
+def _submit_and_start(env: dict[str, str], tmp_path: Path, redis_url: str, n: int) -> None:
+    """Submit n plain jobs and wait until all of them run."""
+    res = agentq("submit", str(_jobs(tmp_path / "j.jsonl", n, "What is 1 + 1?")), env=env)
+    assert res.returncode == 0, res.stderr
+    until(lambda: _running(redis_url) == n, what=f"{n} jobs running")
+
+
 def _exit_code_within(proc: subprocess.Popen[bytes], seconds: float) -> int | None:
     try:
         return proc.wait(seconds)
@@ -54,9 +61,7 @@ def test_sigterm_during_a_drain_exits_even_when_redis_goes_away(tmp_path: Path) 
     env = base_env(redis_url, url, AGENTQ_SHUTDOWN_GRACE_S=str(GRACE_S), AGENTQ_LEASE_S="3")
     worker = start_worker(env, tmp_path / "w.log")
     try:
-        res = agentq("submit", str(_jobs(tmp_path / "j.jsonl", 5, "What is 1 + 1?")), env=env)
-        assert res.returncode == 0, res.stderr
-        until(lambda: _running(redis_url) == 5, what="five running")
+        _submit_and_start(env, tmp_path, redis_url, 5)
         worker.send_signal(signal.SIGTERM)
         server.stop()  # the stack is torn down while the worker drains
         code = _exit_code_within(worker, GRACE_S + SHUTDOWN_MARGIN_S + 10)
@@ -118,9 +123,7 @@ def test_a_second_sigterm_exits_at_once(redis_url: str, tmp_path: Path) -> None:
     env = base_env(redis_url, url, AGENTQ_SHUTDOWN_GRACE_S="60", AGENTQ_CALL_TIMEOUT_S="60")
     worker = start_worker(env, tmp_path / "w.log")
     try:
-        res = agentq("submit", str(_jobs(tmp_path / "j.jsonl", 2, "What is 1 + 1?")), env=env)
-        assert res.returncode == 0, res.stderr
-        until(lambda: _running(redis_url) == 2, what="two running")
+        _submit_and_start(env, tmp_path, redis_url, 2)
         worker.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert worker.poll() is None  # draining: the grace period is 60 s
