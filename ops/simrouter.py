@@ -327,6 +327,8 @@ class _SimState:
         self.rng = random.Random(config.seed)
         self.flaky_seen: dict[str, None] = {}  # insertion-ordered, bounded
         self.rates = sorted(config.fault_rates.items())
+        self.outages: dict[str, tuple[str, float]] = {}
+        """model -> (fault, monotonic deadline): the model answers only that fault until then."""
 
     def authorized(self, request: web.Request) -> bool:
         if self.config.api_key is None:
@@ -349,6 +351,11 @@ class _SimState:
         fault = request.headers.get("x-sim-fault")
         if fault:
             return fault
+        outage = self.outages.get(model)
+        if outage is not None:
+            if time.monotonic() < outage[1]:
+                return outage[0]
+            del self.outages[model]
         if model in FAULT_MODELS:
             return model[4:]
         if self.rates:
@@ -513,6 +520,15 @@ class _SimState:
     async def sim_requests(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.stats.requests))
 
+    async def sim_outage(self, request: web.Request) -> web.Response:
+        """POST {"model": M, "fault": "503", "seconds": S}: model M fails so for S seconds."""
+        body = await request.json()
+        model, fault = str(body.get("model")), str(body.get("fault", "503"))
+        if model not in self.models or fault not in FAULTS:
+            return error_response(400, f"unknown model {model!r} or fault {fault!r}")
+        self.outages[model] = (fault, time.monotonic() + float(body.get("seconds", 30)))
+        return web.json_response({"model": model, "fault": fault})
+
     async def sim_reset(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self.flaky_seen.clear()
@@ -536,6 +552,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/sim/stats", state.sim_stats)
     app.router.add_get("/sim/requests", state.sim_requests)
     app.router.add_post("/sim/reset", state.sim_reset)
+    app.router.add_post("/sim/outage", state.sim_outage)
     return app
 
 

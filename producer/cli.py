@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from redis.exceptions import RedisError
 
+from .breakers import describe_open, read_breakers
 from .client import BatchNotFound, Producer
 from .connect import redis_url
 from .embedded import embedded_status, other_clients, release_embedded_redis, stop_embedded_redis
@@ -21,7 +22,7 @@ from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
 from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
 from .progress import Progress
-from .routerinfo import RouterInfo, check_router
+from .routerinfo import RouterInfo, check_router, preflight
 from .settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -75,6 +76,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     # The one place the producer starts a worker: in-process, for a whole job on one machine.
     from worker.settings import build_worker
 
+    problem = await preflight(settings)
+    if problem is not None:
+        _err(f"{problem}; nothing was enqueued")
+        return EXIT_BAD_INPUT
     async with Producer.from_env(settings) as p:
         batch = await p.submit_file(args.file, batch_id=args.batch_id)
         print(f"batch {batch.id}: {batch.jobs} jobs", file=sys.stderr)
@@ -114,10 +119,14 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any], grace_s: float = 10
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async with Producer.from_env(settings) as p:
         st = await p.status(args.batch)
+        breakers, now_ms = await read_breakers(p.redis)
+    paused = describe_open(breakers, now_ms) if not st.finished else []
     if args.json:
-        print(json.dumps(_status_dict(st), indent=2))
+        print(json.dumps({**_status_dict(st), "paused": paused}, indent=2))
     else:
         _print_summary(st, sys.stdout)
+        for line in paused:
+            print(line)
     return EXIT_OK
 
 
@@ -228,10 +237,14 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
             server = await p.redis.info("server")
             print(f"✓ Redis {server.get('redis_version', '?')} at {_safe_url(redis_url(settings))}")
             workers = await p.workers()
+            breakers, now_ms = await read_breakers(p.redis)
     except Exception as exc:
         print(f"✗ Redis unreachable at {_safe_url(redis_url(settings))}: {exc}")
         return EXIT_FAILED
     print(f"{'✓' if workers else '!'} Workers alive: {len(workers)}")
+    for line in describe_open(breakers, now_ms):
+        ok = False
+        print(f"✗ {line}")
     for wid, beat in sorted(workers.items()):
         print(
             f"    {wid}  in flight {beat.get('in_flight')}/{beat.get('concurrency')}"

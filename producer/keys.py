@@ -61,3 +61,7 @@ RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"
 
 CONTROL = f"{PREFIX}:control"
 """Pub/sub channel to workers: "cancel <batch_id>" stops that batch's running jobs."""
+
+BREAKERS = f"{PREFIX}:breakers"
+"""Hash: circuit breaker -> JSON state ("router|<name>" or "model|<router>|<model>"). A field
+exists only while its dependency is failing; workers share it, `status` and `health` read it."""

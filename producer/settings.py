@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
 
+    outage_max_s: float = Field(6 * 3600.0, gt=0, le=7 * 86_400)
+    """How long jobs wait out a Router or model outage (its circuit breaker open) before they
+    fail as router_unreachable. Waiting spends none of a job's tries nor its timeout_s."""
+
     lease_s: float = Field(30.0, ge=1)
     """A running job's lease: if its worker dies, the job runs again elsewhere within about
     this long. Workers renew leases every lease_s / 3."""

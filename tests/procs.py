@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-e2e-router-key-987654321"
 
 
-def start_sim(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """The simulated Router on a free port; returns the process and its /v1 URL."""
+def start_sim(*args: str, port: int = 0) -> tuple[subprocess.Popen[str], str]:
+    """The simulated Router (on a free port unless given); returns the process and its /v1
+    URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.simrouter", "--port", "0", "--api-key", KEY, *args],
+        [sys.executable, "-m", "ops.simrouter", "--port", str(port), "--api-key", KEY, *args],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,

@@ -470,6 +470,23 @@ def test_prometheus_scrapes_workers(services: dict[str, dict[str, Any]]) -> None
     assert (ROOT / mount.split(":")[0]).resolve() == PROMETHEUS
 
 
+def test_alert_rules_watch_the_breakers(services: dict[str, dict[str, Any]]) -> None:
+    """The alert rules load next to prometheus.yml (here and in the container) and use only
+    metrics the worker serves."""
+    config = load_yaml(PROMETHEUS)
+    assert config["rule_files"] == ["alerts.yml"]
+    rules = load_yaml(PROMETHEUS.parent / "alerts.yml")
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    down = alerts["AgentqRouterDown"]
+    assert promql_metrics(down["expr"]) == {"agentq_breaker_open"} <= metric_names()
+    mounts = services["prometheus"]["volumes"]
+    assert "./ops/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    promtool = shutil.which("promtool")
+    if promtool:
+        out = subprocess.run([promtool, "check", "rules", str(PROMETHEUS.parent / "alerts.yml")])
+        assert out.returncode == 0
+
+
 def test_promtool_accepts_the_prometheus_config() -> None:
     promtool = shutil.which("promtool")
     if not promtool:

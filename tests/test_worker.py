@@ -166,13 +166,22 @@ async def test_wrong_key_is_auth_failed(producer: Producer, settings: Settings) 
 
 
 async def test_router_unreachable(producer: Producer, settings: Settings) -> None:
-    down = settings.model_copy(update={"router_url": "http://127.0.0.1:9/v1"})
+    """A Router that never answers is an outage: the job waits for it (its breaker open)
+    until AGENTQ_OUTAGE_MAX_S, then fails saying so."""
+    down = settings.model_copy(
+        update={"router_url": "http://127.0.0.1:9/v1", "outage_max_s": 1.5}
+    )
     batch = await producer.submit([job("u", "What is 2+2?")])
     await run_batch(producer, down, batch.id)
     r = (await records(producer, batch.id))["u"]
     assert r.error is not None and r.error.type == "router_unreachable"
     assert "Cannot connect to Router at http://127.0.0.1:9/v1 — is it running?" in r.error.message
-    assert len(r.attempts) == settings.max_attempts_per_model
+    assert "Router at http://127.0.0.1:9/v1 has been down for" in r.error.message
+    assert "AGENTQ_OUTAGE_MAX_S=1.5" in r.error.message
+    events = [e["event"] for e in r.logs]
+    assert "breaker.wait" in events
+    # The tries spent before the breaker opened, and none after: it held the call instead.
+    assert len(r.attempts) >= settings.max_attempts_per_model
 
 
 async def test_structured_output(producer: Producer, settings: Settings) -> None:

@@ -5,7 +5,8 @@ fifty slots at once (agent runs of equal latency finish together) then spends te
 milliseconds starting them while the Router waits. Here one script checks and marks as many
 jobs as there are free slots, with arq's own rules: not in progress, due, still queued. And its
 close() runs on_shutdown even when Redis is gone, so a worker restarted after a long outage does
-not leak MCP subprocesses and HTTP sessions."""
+not leak MCP subprocesses and HTTP sessions. And a run waiting out a Router outage can park:
+it gives its slot back while it waits (see park())."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
 
@@ -47,8 +49,15 @@ SHUTDOWN_MARGIN_S = 10.0
 its event loop is stuck (leases lapse, and its jobs run again elsewhere)."""
 
 
+PARK_FACTOR = 4
+
+
 class BatchStartWorker(Worker):
     _take: Any = None
+    parked = 0
+    """Runs waiting for a circuit breaker, their slots given back."""
+    _slot_debts = 0
+    """Parked runs that ended without taking their slot back: their end releases none."""
     stop_requested: threading.Event | None = None
     """Set by SIGTERM/SIGINT (when the worker handles signals): `agentq worker` exits instead
     of restarting the worker after a Redis outage."""
@@ -101,6 +110,39 @@ class BatchStartWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(taken[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    @contextlib.asynccontextmanager
+    async def park(self) -> AsyncIterator[None]:
+        """While a run waits out an outage, its slot goes to other jobs (other models' jobs
+        keep running); it takes a slot back before it goes on. At most PARK_FACTOR times
+        max_jobs runs park; past that a waiting run keeps its slot."""
+        if self.parked >= PARK_FACTOR * self.max_jobs:
+            yield
+            return
+        self.parked += 1
+        self.job_counter -= 1
+        self.sem.release()
+        try:
+            yield
+        finally:
+            self.parked -= 1
+            self.job_counter += 1
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # cancelled, or shutting down: it ends
+                self._slot_debts += 1  # without its slot, so its end must release none
+            else:
+                try:
+                    await self.sem.acquire()
+                except asyncio.CancelledError:
+                    self._slot_debts += 1
+                    raise
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        self.job_counter -= 1
+        if self._slot_debts:
+            self._slot_debts -= 1
+        else:
+            self.sem.release()
 
     async def close(self) -> None:
         """arq's close, but Redis failing here (the reason we are closing, often) does not skip

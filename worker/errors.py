@@ -16,6 +16,8 @@ from agents.exceptions import MaxTurnsExceeded, ModelBehaviorError, UserError
 
 from producer.models import JobError
 
+from .breaker import BreakerOpen, OutageTooLong
+
 
 class InvalidJob(Exception):
     """The job names something the workers cannot run (unknown tool, agent profile...)."""
@@ -110,6 +112,8 @@ def classify(exc: BaseException, *, router_url: str, model: str) -> Failure:
     def fail(kind: str, message: str, retryable: bool, after: float | None = None) -> Failure:
         return Failure(JobError(type=kind, message=message, retryable=retryable), after)  # type: ignore[arg-type]
 
+    if isinstance(exc, BreakerOpen | OutageTooLong):
+        return fail(exc.kind, str(exc), True)
     if isinstance(exc, openai.APITimeoutError) and not _is_connection_failure(exc):
         return fail("timeout", f"model call to {model} timed out at the Router {router_url}", True)
     if isinstance(exc, openai.APIConnectionError):

@@ -21,6 +21,11 @@ COST = Counter("agentq_cost_usd_total", "Cost reported by the Router or the pric
 RETRIES = Counter("agentq_retries_total", "Model calls retried", ["model", "error_type"])
 IN_FLIGHT = Gauge("agentq_jobs_in_flight", "Agent runs in flight in this worker")
 QUEUE_DEPTH = Gauge("agentq_queue_depth", "Jobs waiting in the queue (sampled by this worker)")
+BREAKER_OPEN = Gauge(
+    "agentq_breaker_open",
+    "1 while the circuit breaker of a Router (model=\"\") or of a model is open",
+    ["router", "model"],
+)
 LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")
 
 

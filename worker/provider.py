@@ -19,6 +19,7 @@ from openai import AsyncOpenAI, DefaultAioHttpClient
 from producer.models import Attempt, Usage
 
 from . import metrics
+from .breaker import OUTAGE_KINDS, Breakers
 from .errors import classify
 from .retry import RetryPolicy
 
@@ -40,6 +41,11 @@ class CallMeter:
     """Failed model calls (and the runner's per-model outcomes), in order."""
     usage: Usage = field(default_factory=Usage)
     """Tokens of every answered call: failed runs and fallbacks included, as cost is."""
+    job_id: str = ""
+    can_fall_back: bool = False
+    """The model being tried has a fallback after it (a down model is then skipped at once)."""
+    deadline: asyncio.Timeout | None = None
+    """The job's timeout; waiting out an outage pushes it back."""
 
 
 current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)
@@ -75,6 +81,8 @@ class RouterModel(OpenAIChatCompletionsModel):
         price: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(model=name, openai_client=route.client)
+        self.model_name = name
+        """The name sent to the Router."""
         self.label = label
         """The name the job used, e.g. "backup:gpt-4o"."""
         self.metric_label = metrics.model_label(label)
@@ -83,10 +91,17 @@ class RouterModel(OpenAIChatCompletionsModel):
         self._policy = policy
         self._price = price
         """USD per million input and output tokens, for Routers that send no cost header."""
+        self.breakers: Breakers | None = None
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
+        """Tries spent count failures of this call; an outage failure that finds (or opens)
+        its dependency's breaker open spends none: the call waits for the breaker instead."""
         meter = current_meter.get()
-        for attempt in range(1, self._policy.max_attempts + 1):
+        breakers = self.breakers
+        spent = 0
+        while True:
+            if breakers is not None:
+                await breakers.wait(self.route, self.model_name, meter, self._probe)
             start = time.perf_counter()
             try:
                 async with self._slots:
@@ -107,22 +122,36 @@ class RouterModel(OpenAIChatCompletionsModel):
                             error=kind,
                         )
                     )
-                if not failure.error.retryable or attempt == self._policy.max_attempts:
+                outage = OUTAGE_KINDS.get(kind) if breakers is not None else None
+                if outage is not None and breakers is not None:
+                    field = breakers.fields(self.route.name, self.model_name)[outage == "model"]
+                    job = meter.job_id if meter is not None else ""
+                    if await breakers.failed(field, job, failure.error.message):
+                        continue  # not the job's fault: wait for the breaker, spend no try
+                spent += 1
+                if not failure.error.retryable or spent >= self._policy.max_attempts:
                     raise
-                delay = self._policy.delay(attempt - 1, failure.retry_after_s)
+                delay = self._policy.delay(spent - 1, failure.retry_after_s)
                 metrics.RETRIES.labels(self.metric_label, kind).inc()
                 log.info(
                     "retry.wait",
                     model=self.label,
-                    attempt=attempt + 1,
+                    attempt=spent + 1,
                     delay_s=round(delay, 3),
                     error_type=kind,
                 )
                 await asyncio.sleep(delay)
                 continue
+            if breakers is not None and breakers.view:
+                await breakers.succeeded(*breakers.fields(self.route.name, self.model_name))
             self._record(response, time.perf_counter() - start, meter)
             return response
-        raise AssertionError("unreachable")
+
+    async def _probe(self) -> None:
+        """The smallest call that proves the model answers (a breaker's probe)."""
+        await self.route.client.chat.completions.create(
+            model=self.model_name, messages=[{"role": "user", "content": "ping"}], max_tokens=1
+        )
 
     def _record(self, response: Any, seconds: float, meter: CallMeter | None) -> None:
         u = response.usage
@@ -201,6 +230,8 @@ class RouterProvider(ModelProvider):
         }
         self._slots = asyncio.Semaphore(max_calls)
         self._models: dict[str, RouterModel] = {}
+        self.breakers: Breakers | None = None
+        """The fleet's circuit breakers (set by the worker; None: calls never wait)."""
 
     @property
     def base_url(self) -> str:
@@ -226,6 +257,7 @@ class RouterProvider(ModelProvider):
             model = self._models[model_name] = RouterModel(
                 model_name, name, route, self._slots, self.policy, price
             )
+            model.breakers = self.breakers
         return model
 
     async def aclose(self) -> None:

@@ -139,7 +139,7 @@ async def run_agent_job(
     if not claim.holds:
         log.info("job.skipped", job_id=job_id, batch_id=batch_id, state=claim.state)
         return
-    meter = CallMeter()
+    meter = CallMeter(job_id=job_id)
     meter_token = current_meter.set(meter)
     try:
         with job_context(
@@ -349,9 +349,13 @@ async def execute(rt: Runtime, job: AgentJob, attempts: list[Attempt]) -> Outcom
         out.error = classify(exc, router_url=rt.provider.base_url, model=job.model or "?").error
         return out
     failures: list[tuple[str, Failure]] = []
+    meter = current_meter.get()
     try:
-        async with asyncio.timeout(p.timeout_s):
-            for model in p.models:
+        async with asyncio.timeout(p.timeout_s) as deadline:
+            for i, model in enumerate(p.models):
+                if meter is not None:
+                    meter.deadline = deadline
+                    meter.can_fall_back = i < len(p.models) - 1
                 failure = await _try_model(rt, job, p, model, out)
                 if failure is None:
                     return out

@@ -25,6 +25,7 @@ from producer.store import RUN_FUNCTION, Store
 
 from . import logs, metrics
 from .arqworker import BatchStartWorker
+from .breaker import Breakers
 from .mcp import McpPool, parse_mcp_config
 from .payload import load_job
 from .provider import RouterProvider
@@ -87,6 +88,10 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         lease_s=settings.lease_s,
         max_runs=settings.max_runs,
     )
+    breakers = Breakers(ctx["redis"], settings.outage_max_s, min(10.0, settings.call_timeout_s))
+    if isinstance(ctx.get("agentq_worker"), BatchStartWorker):
+        breakers.park = ctx["agentq_worker"].park
+    provider.breakers = breakers
     metrics.serve(settings.metrics_port)
     mcp = McpPool()
     await mcp.start(parse_mcp_config(settings.mcp_servers))
@@ -277,7 +282,7 @@ def build_worker(
     )
     # arq's own job timeout stays above any job's timeout, so arq never cuts a run short and
     # never starts it a second time while it still runs.
-    arq_timeout = settings.max_job_timeout_s + 60
+    arq_timeout = settings.max_job_timeout_s + settings.outage_max_s + 60
     worker = BatchStartWorker(
         functions=[func(run_agent_job, name=RUN_FUNCTION, timeout=arq_timeout)],
         queue_name=settings.queue,
@@ -300,6 +305,7 @@ def build_worker(
     # arq marks a job "in progress" until its function starts; a worker dying in that moment
     # must not hold the job for arq's full job timeout. Running jobs are covered by leases.
     worker.in_progress_timeout_s = settings.lease_s
+    worker.ctx["agentq_worker"] = worker
     return worker
 
 

@@ -1,0 +1,306 @@
+"""Circuit breakers per Router and per model, shared by every worker through Redis.
+
+A Router that refuses connections, or a model that answers 5xx or times out, is an outage,
+not the job's fault. Consecutive failures (no success in between, anywhere in the fleet) open
+the dependency's breaker. While it is open, calls that need it wait, without spending the
+job's tries and without holding a worker slot (their job is parked), and jobs with a fallback
+move on to it at once. One worker at a time probes the dependency (the Router's model list, or
+a one-token completion for a model) and closes the breaker when it answers; waiting calls then
+go on within a probe interval. Past AGENTQ_OUTAGE_MAX_S the waiting jobs fail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import openai
+import structlog
+
+from producer import keys
+from producer.breakers import (
+    BreakerState,
+    _duration,
+    model_field,
+    read_breakers,
+    router_field,
+)
+
+from . import metrics
+
+if TYPE_CHECKING:
+    from .provider import CallMeter, Route
+
+log = structlog.get_logger("agentq.breaker")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    failures: int
+    """Consecutive failures that open the breaker."""
+    jobs: int
+    """...coming from at least this many jobs: one job's poisoned request never pauses the
+    fleet (a refused connection is never one job's doing: 1 for Routers)."""
+
+
+ROUTER = Thresholds(failures=3, jobs=1)
+MODEL = Thresholds(failures=5, jobs=2)
+STREAK_STALE_MS = 60_000
+"""A streak of failures with no failure for this long starts over."""
+PROBE_EVERY_S = 1.0
+REFRESH_S = 1.0
+"""A worker with calls in flight re-reads the fleet's breakers at most this often."""
+OUTAGE_KINDS = {"router_unreachable": "router", "router_error": "model", "timeout": "model"}
+
+
+class BreakerOpen(Exception):
+    """A call was not sent: its dependency's breaker is open (the job moves to a fallback)."""
+
+    def __init__(self, state: BreakerState) -> None:
+        super().__init__(
+            f"{state.what} is down (circuit breaker open since "
+            f"{_duration((time.time() * 1000 - state.opened_ms) / 1000)} ago): {state.error}"
+        )
+        self.kind = "router_unreachable" if state.model is None else "router_error"
+
+
+class OutageTooLong(Exception):
+    """A call waited for its dependency longer than AGENTQ_OUTAGE_MAX_S."""
+
+    def __init__(self, state: BreakerState, down_s: float, limit_s: float, url: str) -> None:
+        what = f"Router at {url}" if state.model is None else f"{state.what} ({url})"
+        super().__init__(
+            f"{what} has been down for {_duration(down_s)} (AGENTQ_OUTAGE_MAX_S={limit_s:g}): "
+            f"{state.error} — once it is back, `agentq retry BATCH` runs these jobs again"
+        )
+        self.kind = "router_unreachable" if state.model is None else "router_error"
+
+
+_FAIL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local s = nil
+if raw then s = cjson.decode(raw) end
+if not s or (s.open == 0 and now - s.last > tonumber(ARGV[6])) then
+  s = {fails = 0, since = now, open = 0, opened = 0, probe = 0, jobs = {}}
+end
+local opened = 0
+s.fails = s.fails + 1
+s.last = now
+s.error = ARGV[5]
+if s.open == 0 then
+  local seen = false
+  for _, j in ipairs(s.jobs) do if j == ARGV[4] then seen = true end end
+  if not seen and #s.jobs < 16 then s.jobs[#s.jobs + 1] = ARGV[4] end
+  if s.fails >= tonumber(ARGV[2]) and #s.jobs >= tonumber(ARGV[3]) then
+    s.open = 1
+    s.opened = now
+    opened = 1
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(s))
+return {s.open, opened, s.fails}
+"""
+
+_OK = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return {0, 0} end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local s = cjson.decode(raw)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if s.open == 1 then return {1, now - s.opened} end
+return {0, 0}
+"""
+
+_PROBE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local s = cjson.decode(raw)
+if s.open == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if s.probe and s.probe > now then return -1 end
+s.probe = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(s))
+return 1
+"""
+
+
+Parker = Callable[[], AbstractAsyncContextManager[None]]
+
+
+class Breakers:
+    """This worker's view of the fleet's breakers, and the calls that wait on them."""
+
+    def __init__(self, redis: Any, outage_max_s: float, probe_timeout_s: float = 10.0) -> None:
+        self.redis = redis
+        self.outage_max_s = outage_max_s
+        self.probe_timeout_s = probe_timeout_s
+        self.park: Parker = _no_parking
+        """Set by the worker: frees the job's slot while it waits (see BatchStartWorker)."""
+        self.view: dict[str, BreakerState] = {}
+        self._fetched = 0.0
+        self._offset_ms = 0.0
+        """Redis clock minus local clock, from the last read."""
+        self._fail = redis.register_script(_FAIL)
+        self._ok = redis.register_script(_OK)
+        self._probe = redis.register_script(_PROBE)
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def fields(self, route: str, model: str) -> tuple[str, str]:
+        return router_field(route), model_field(route, model)
+
+    async def refresh(self, max_age_s: float = REFRESH_S) -> None:
+        """Re-read the breakers when the view is older than that (one read at a time)."""
+        if time.monotonic() - self._fetched < max_age_s:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._read())
+        await asyncio.shield(self._refreshing)
+
+    async def _read(self) -> None:
+        try:
+            states, now_ms = await read_breakers(self.redis)
+        except Exception as exc:  # Redis away: keep the last view; the store reports it
+            log.debug("breaker.read_failed", error=str(exc))
+            self._fetched = time.monotonic()
+            return
+        self._fetched = time.monotonic()
+        self._offset_ms = now_ms - time.time() * 1000
+        for gone in self.view.keys() - states.keys():
+            old = self.view[gone]
+            if old.open:
+                _gauge(old, 0)
+        for s in states.values():
+            _gauge(s, 1 if s.open else 0)
+        self.view = states
+
+    def open_state(self, *fields: str) -> BreakerState | None:
+        for f in fields:
+            s = self.view.get(f)
+            if s is not None and s.open:
+                return s
+        return None
+
+    async def failed(self, field: str, job_id: str, error: str) -> bool:
+        """Count an outage failure; True when the breaker is (now) open."""
+        kind = ROUTER if field.startswith("router|") else MODEL
+        try:
+            is_open, opened, fails = await self._fail(
+                keys=[keys.BREAKERS],
+                args=[field, kind.failures, kind.jobs, job_id, error[:300], STREAK_STALE_MS],
+            )
+        except Exception as exc:
+            log.warning("breaker.write_failed", error=str(exc))
+            return False
+        await self.refresh(0)
+        if opened:
+            log.warning("breaker.opened", breaker=field, failures=int(fails), error=error[:300])
+        return bool(is_open)
+
+    async def succeeded(self, *fields: str) -> None:
+        """A call answered: close these breakers if the fleet has them failing."""
+        for f in fields:
+            if f not in self.view:
+                continue
+            try:
+                was_open, open_ms = await self._ok(keys=[keys.BREAKERS], args=[f])
+            except Exception as exc:
+                log.warning("breaker.write_failed", error=str(exc))
+                continue
+            self.view.pop(f, None)
+            if was_open:
+                log.warning("breaker.closed", breaker=f, down_s=round(open_ms / 1000, 1))
+                _gauge(BreakerState.parse(f, json.dumps({})), 0)
+
+    async def wait(
+        self,
+        route: Route,
+        model: str,
+        meter: CallMeter | None,
+        probe: Callable[[], Any],
+    ) -> None:
+        """Return when neither the Router's nor the model's breaker is open. Raises BreakerOpen
+        at once when the job can fall back, OutageTooLong past AGENTQ_OUTAGE_MAX_S."""
+        fields = self.fields(route.name, model)
+        await self.refresh()
+        state = self.open_state(*fields)
+        if state is None:
+            return
+        if meter is not None and meter.can_fall_back:
+            raise BreakerOpen(state)
+        started = time.monotonic()
+        log.warning(
+            "breaker.wait",
+            breaker=state.field,
+            down_s=round(self._down_s(state), 1),
+            error=state.error,
+        )
+        # The outage does not count against the job's own timeout: it is off while the call
+        # waits, and pushed back by the wait afterwards.
+        deadline = meter.deadline if meter is not None else None
+        when = deadline.when() if deadline is not None else None
+        if deadline is not None:
+            deadline.reschedule(None)
+        try:
+            async with self.park():
+                while state is not None:
+                    down_s = self._down_s(state)
+                    if down_s > self.outage_max_s:
+                        raise OutageTooLong(state, down_s, self.outage_max_s, route.url)
+                    if await self._take_probe(state.field):
+                        await self._run_probe(state, route, model, probe)
+                    await asyncio.sleep(PROBE_EVERY_S / 4)
+                    await self.refresh(PROBE_EVERY_S / 4)
+                    state = self.open_state(*fields)
+        finally:
+            waited = time.monotonic() - started
+            if deadline is not None and when is not None:
+                with contextlib.suppress(RuntimeError):  # the job's timeout already ended
+                    deadline.reschedule(when + waited)
+        log.info("breaker.resumed", waited_s=round(waited, 1))
+
+    def _down_s(self, state: BreakerState) -> float:
+        return (time.time() * 1000 + self._offset_ms - state.opened_ms) / 1000
+
+    async def _take_probe(self, field: str) -> bool:
+        try:
+            got = await self._probe(keys=[keys.BREAKERS], args=[field, int(PROBE_EVERY_S * 1000)])
+        except Exception:
+            return False
+        return bool(got == 1)
+
+    async def _run_probe(
+        self, state: BreakerState, route: Route, model: str, probe: Callable[[], Any]
+    ) -> None:
+        """Ask the dependency once; an answer (other than a 5xx) closes the breaker."""
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                if state.model is None:
+                    await route.client.models.list()
+                else:
+                    await probe()
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500 or exc.status_code in (408, 409):
+                log.info("breaker.probe_failed", breaker=state.field, status=exc.status_code)
+                return
+        except (openai.APIError, TimeoutError, OSError) as exc:
+            log.info("breaker.probe_failed", breaker=state.field, error=type(exc).__name__)
+            return
+        await self.succeeded(state.field)
+
+
+@contextlib.asynccontextmanager
+async def _no_parking() -> AsyncIterator[None]:
+    yield
+
+
+def _gauge(state: BreakerState, value: int) -> None:
+    metrics.BREAKER_OPEN.labels(state.router, metrics.model_label(state.model or "")).set(value)
