@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import openai
@@ -42,20 +41,40 @@ log = structlog.get_logger("agentq.breaker")
 @dataclass(frozen=True)
 class Thresholds:
     failures: int
-    """Consecutive failures that open the breaker."""
+    """Consecutive failures (no success in between) that open the breaker..."""
+    seconds: float
+    """...over at least this long: at a high call rate, random failures never last that long
+    without a success in between; an outage does..."""
     jobs: int
-    """...coming from at least this many jobs: one job's poisoned request never pauses the
-    fleet (a refused connection is never one job's doing: 1 for Routers)."""
+    """...of at least this many jobs: one job's poisoned request never pauses the fleet (a
+    refused connection is never one job's doing: 1 for Routers)."""
 
 
-ROUTER = Thresholds(failures=3, jobs=1)
-MODEL = Thresholds(failures=5, jobs=2)
-STREAK_STALE_MS = 60_000
-"""A streak of failures with no failure for this long starts over."""
+ROUTER = Thresholds(failures=3, seconds=0.5, jobs=1)
+MODEL = Thresholds(failures=5, seconds=1.0, jobs=2)
 PROBE_EVERY_S = 1.0
+POLL_S = 0.25
+"""A held call looks at the breakers this often (one read per worker, shared by its calls)."""
 REFRESH_S = 1.0
 """A worker with calls in flight re-reads the fleet's breakers at most this often."""
+MAX_HOLDS = 3
+"""A call that failed again right after each of this many breaker waits spends its tries
+as usual (a request that breaks the Router itself must not wait for ever)."""
 OUTAGE_KINDS = {"router_unreachable": "router", "router_error": "model", "timeout": "model"}
+
+
+@dataclass
+class Streak:
+    """This worker's failures of one dependency since its last success (exact and free: kept
+    in memory; only an opened breaker is written to Redis)."""
+
+    start: float
+    fails: int = 0
+    jobs: set[str] = field(default_factory=set)
+
+    def shared(self, kind: Thresholds) -> bool:
+        """Failing for other jobs too: a sign of an outage, not of one job's request."""
+        return len(self.jobs) >= kind.jobs and (kind.jobs > 1 or self.fails > 1)
 
 
 class BreakerOpen(Exception):
@@ -81,31 +100,15 @@ class OutageTooLong(Exception):
         self.kind = "router_unreachable" if state.model is None else "router_error"
 
 
-_FAIL = """
+_OPEN = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw and cjson.decode(raw).open == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local s = nil
-if raw then s = cjson.decode(raw) end
-if not s or (s.open == 0 and now - s.last > tonumber(ARGV[6])) then
-  s = {fails = 0, since = now, open = 0, opened = 0, probe = 0, jobs = {}}
-end
-local opened = 0
-s.fails = s.fails + 1
-s.last = now
-s.error = ARGV[5]
-if s.open == 0 then
-  local seen = false
-  for _, j in ipairs(s.jobs) do if j == ARGV[4] then seen = true end end
-  if not seen and #s.jobs < 16 then s.jobs[#s.jobs + 1] = ARGV[4] end
-  if s.fails >= tonumber(ARGV[2]) and #s.jobs >= tonumber(ARGV[3]) then
-    s.open = 1
-    s.opened = now
-    opened = 1
-  end
-end
+local s = {open = 1, opened = now, fails = tonumber(ARGV[3]), since = now - tonumber(ARGV[4]),
+           error = ARGV[2], probe = 0}
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(s))
-return {s.open, opened, s.fails}
+return 1
 """
 
 _OK = """
@@ -149,7 +152,11 @@ class Breakers:
         self._fetched = 0.0
         self._offset_ms = 0.0
         """Redis clock minus local clock, from the last read."""
-        self._fail = redis.register_script(_FAIL)
+        self.streaks: dict[str, Streak] = {}
+        self.clock: Callable[[], float] = time.monotonic
+        """The streaks' clock (tests drive it)."""
+        self._probers: dict[str, asyncio.Task[None]] = {}
+        self._open = redis.register_script(_OPEN)
         self._ok = redis.register_script(_OK)
         self._probe = redis.register_script(_PROBE)
         self._refreshing: asyncio.Task[None] | None = None
@@ -189,25 +196,52 @@ class Breakers:
                 return s
         return None
 
+    def streak(self, field: str) -> Streak | None:
+        return self.streaks.get(field)
+
+    @staticmethod
+    def thresholds(field: str) -> Thresholds:
+        return ROUTER if field.startswith("router|") else MODEL
+
     async def failed(self, field: str, job_id: str, error: str) -> bool:
         """Count an outage failure; True when the breaker is (now) open."""
-        kind = ROUTER if field.startswith("router|") else MODEL
-        try:
-            is_open, opened, fails = await self._fail(
-                keys=[keys.BREAKERS],
-                args=[field, kind.failures, kind.jobs, job_id, error[:300], STREAK_STALE_MS],
-            )
-        except Exception as exc:
-            log.warning("breaker.write_failed", error=str(exc))
-            return False
-        await self.refresh(0)
-        if opened:
-            log.warning("breaker.opened", breaker=field, failures=int(fails), error=error[:300])
-        return bool(is_open)
+        now = self.clock()
+        streak = self.streaks.setdefault(field, Streak(start=now))
+        streak.fails += 1
+        if len(streak.jobs) < 16:
+            streak.jobs.add(job_id)
+        kind = self.thresholds(field)
+        if (
+            streak.fails >= kind.failures
+            and now - streak.start >= kind.seconds
+            and len(streak.jobs) >= kind.jobs
+        ):
+            try:
+                opened = await self._open(
+                    keys=[keys.BREAKERS],
+                    args=[field, error[:300], streak.fails, int((now - streak.start) * 1000)],
+                )
+            except Exception as exc:
+                log.warning("breaker.write_failed", error=str(exc))
+                return False
+            if opened:
+                log.warning(
+                    "breaker.opened",
+                    breaker=field,
+                    failures=streak.fails,
+                    jobs=len(streak.jobs),
+                    over_s=round(now - streak.start, 1),
+                    error=error[:300],
+                )
+            await self.refresh(0)
+            return True
+        await self.refresh(POLL_S)
+        return self.open_state(field) is not None
 
     async def succeeded(self, *fields: str) -> None:
-        """A call answered: close these breakers if the fleet has them failing."""
+        """A call answered: its dependencies' streaks end, and open breakers close."""
         for f in fields:
+            self.streaks.pop(f, None)
             if f not in self.view:
                 continue
             try:
@@ -215,10 +249,11 @@ class Breakers:
             except Exception as exc:
                 log.warning("breaker.write_failed", error=str(exc))
                 continue
-            self.view.pop(f, None)
+            gone = self.view.pop(f, None)
             if was_open:
                 log.warning("breaker.closed", breaker=f, down_s=round(open_ms / 1000, 1))
-                _gauge(BreakerState.parse(f, json.dumps({})), 0)
+            if gone is not None:
+                _gauge(gone, 0)
 
     async def wait(
         self,
@@ -226,14 +261,16 @@ class Breakers:
         model: str,
         meter: CallMeter | None,
         probe: Callable[[], Any],
-    ) -> None:
-        """Return when neither the Router's nor the model's breaker is open. Raises BreakerOpen
-        at once when the job can fall back, OutageTooLong past AGENTQ_OUTAGE_MAX_S."""
+    ) -> bool:
+        """Return when neither the Router's nor the model's breaker is open (True if it
+        waited). Raises BreakerOpen at once when the job can fall back, OutageTooLong past
+        AGENTQ_OUTAGE_MAX_S."""
         fields = self.fields(route.name, model)
-        await self.refresh()
+        if self.view or time.monotonic() - self._fetched >= REFRESH_S:
+            await self.refresh()
         state = self.open_state(*fields)
         if state is None:
-            return
+            return False
         if meter is not None and meter.can_fall_back:
             raise BreakerOpen(state)
         started = time.monotonic()
@@ -255,10 +292,9 @@ class Breakers:
                     down_s = self._down_s(state)
                     if down_s > self.outage_max_s:
                         raise OutageTooLong(state, down_s, self.outage_max_s, route.url)
-                    if await self._take_probe(state.field):
-                        await self._run_probe(state, route, model, probe)
-                    await asyncio.sleep(PROBE_EVERY_S / 4)
-                    await self.refresh(PROBE_EVERY_S / 4)
+                    self._ensure_prober(state, route, model, probe)
+                    await asyncio.sleep(POLL_S)
+                    await self.refresh(POLL_S)
                     state = self.open_state(*fields)
         finally:
             waited = time.monotonic() - started
@@ -266,6 +302,23 @@ class Breakers:
                 with contextlib.suppress(RuntimeError):  # the job's timeout already ended
                     deadline.reschedule(when + waited)
         log.info("breaker.resumed", waited_s=round(waited, 1))
+        return True
+
+    def _ensure_prober(
+        self, state: BreakerState, route: Route, model: str, probe: Callable[[], Any]
+    ) -> None:
+        """One probing task per breaker per worker, whatever the number of held calls."""
+        task = self._probers.get(state.field)
+        if task is None or task.done():
+            self._probers[state.field] = asyncio.create_task(
+                self._probe_once(state, route, model, probe)
+            )
+
+    async def _probe_once(
+        self, state: BreakerState, route: Route, model: str, probe: Callable[[], Any]
+    ) -> None:
+        if await self._take_probe(state.field):
+            await self._run_probe(state, route, model, probe)
 
     def _down_s(self, state: BreakerState) -> float:
         return (time.time() * 1000 + self._offset_ms - state.opened_ms) / 1000

@@ -19,7 +19,7 @@ from openai import AsyncOpenAI, DefaultAioHttpClient
 from producer.models import Attempt, Usage
 
 from . import metrics
-from .breaker import OUTAGE_KINDS, Breakers
+from .breaker import MAX_HOLDS, OUTAGE_KINDS, Breakers
 from .errors import classify
 from .retry import RetryPolicy
 
@@ -94,14 +94,18 @@ class RouterModel(OpenAIChatCompletionsModel):
         self.breakers: Breakers | None = None
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
-        """Tries spent count failures of this call; an outage failure that finds (or opens)
-        its dependency's breaker open spends none: the call waits for the breaker instead."""
+        """Tries spent count failures of this call. Outage failures (connection, 5xx,
+        timeout) are the exception: one that finds (or opens) its dependency's breaker open
+        spends nothing, the call waits for the breaker instead; and a last try is not given
+        up while the dependency is failing for other jobs too (its breaker is about to open)."""
         meter = current_meter.get()
         breakers = self.breakers
-        spent = 0
+        spent = held = 0
         while True:
-            if breakers is not None:
-                await breakers.wait(self.route, self.model_name, meter, self._probe)
+            if breakers is not None and await breakers.wait(
+                self.route, self.model_name, meter, self._probe
+            ):
+                held += 1
             start = time.perf_counter()
             try:
                 async with self._slots:
@@ -123,11 +127,19 @@ class RouterModel(OpenAIChatCompletionsModel):
                         )
                     )
                 outage = OUTAGE_KINDS.get(kind) if breakers is not None else None
-                if outage is not None and breakers is not None:
+                if outage is not None and breakers is not None and held < MAX_HOLDS:
                     field = breakers.fields(self.route.name, self.model_name)[outage == "model"]
                     job = meter.job_id if meter is not None else ""
                     if await breakers.failed(field, job, failure.error.message):
                         continue  # not the job's fault: wait for the breaker, spend no try
+                    streak, limits = breakers.streak(field), breakers.thresholds(field)
+                    if (
+                        spent + 1 >= self._policy.max_attempts
+                        and streak is not None
+                        and streak.shared(limits)
+                        and breakers.clock() - streak.start < 4 * limits.seconds
+                    ):
+                        spent -= 1  # not the last try yet: the breaker may be opening
                 spent += 1
                 if not failure.error.retryable or spent >= self._policy.max_attempts:
                     raise
@@ -142,7 +154,7 @@ class RouterModel(OpenAIChatCompletionsModel):
                 )
                 await asyncio.sleep(delay)
                 continue
-            if breakers is not None and breakers.view:
+            if breakers is not None and (breakers.view or breakers.streaks):
                 await breakers.succeeded(*breakers.fields(self.route.name, self.model_name))
             self._record(response, time.perf_counter() - start, meter)
             return response
