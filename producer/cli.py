@@ -335,17 +335,22 @@ async def _write_results(records: Records, output: str | None, fmt: str) -> int:
 async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_lines=False)
     for col in ("custom_id", "status", "model", "output / error"):
         table.add_column(col, overflow="fold")
     async for r in records:
+        # Every cell but the status came from a job or a model: Text, never markup.
         shown = r.output if r.error is None else f"[{r.error.type}] {r.error.message}"
         style = "green" if r.status == Status.SUCCEEDED else "red"
         table.add_row(
-            r.custom_id, f"[{style}]{r.status.value}[/]", r.model or "", (shown or "")[:300]
+            Text(r.custom_id),
+            Text(r.status.value, style=style),
+            Text(r.model or ""),
+            Text((shown or "")[:300]),
         )
-    Console().print(table)
+    Console(emoji=False, highlight=False).print(table)
 
 
 def _safe_url(url: str) -> str:

@@ -1,0 +1,47 @@
+"""Text that came from a job or a model is shown as it is: never read as console markup,
+never written as a live spreadsheet formula."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from producer.cli import _print_table
+from producer.models import JobError, ResultRecord, Status
+
+HOSTILE = "[/bold] [link=http://evil.example]click[/link] [red]x"
+
+
+def _record(custom_id: str, **kw: object) -> ResultRecord:
+    base: dict[str, object] = {
+        "custom_id": custom_id,
+        "job_id": f"j-{custom_id}",
+        "batch_id": "b1",
+        "status": Status.SUCCEEDED,
+    }
+    return ResultRecord.model_validate(base | kw)
+
+
+async def _aiter(records: list[ResultRecord]) -> AsyncIterator[ResultRecord]:
+    for r in records:
+        yield r
+
+
+async def test_table_prints_markup_from_outputs_and_errors_literally(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    records = [
+        _record("[bold]id", output=HOSTILE, model="[/]m"),
+        _record(
+            "e",
+            status=Status.FAILED,
+            error=JobError(type="output_invalid", message=f"bad reply {HOSTILE}"),
+        ),
+    ]
+    await _print_table(_aiter(records))  # raised rich.errors.MarkupError before
+    out = capsys.readouterr().out
+    assert HOSTILE in out
+    assert "[bold]id" in out and "[/]m" in out
+    assert f"[output_invalid] bad reply {HOSTILE}" in out
