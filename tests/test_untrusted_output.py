@@ -3,11 +3,14 @@ never written as a live spreadsheet formula."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import AsyncIterator
 
 import pytest
 
 from producer.cli import _print_table
+from producer.export import write_csv
 from producer.models import JobError, ResultRecord, Status
 
 HOSTILE = "[/bold] [link=http://evil.example]click[/link] [red]x"
@@ -45,3 +48,36 @@ async def test_table_prints_markup_from_outputs_and_errors_literally(
     assert HOSTILE in out
     assert "[bold]id" in out and "[/]m" in out
     assert f"[output_invalid] bad reply {HOSTILE}" in out
+
+
+FORMULAS = [
+    '=HYPERLINK("http://evil.example","x")',
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1)",
+    "\t=1",
+    "\r=1",
+]
+
+
+async def test_csv_cells_that_could_start_a_formula_are_quoted_numbers_stay_numbers() -> None:
+    records = [
+        _record(
+            f"=id{i}",
+            output=f,
+            output_json={"v": f, "n": -3, "cost": 1.5, "nested": {"w": "@x"}},
+            error=JobError(type="output_invalid", message=f),
+        )
+        for i, f in enumerate(FORMULAS)
+    ]
+    out = io.StringIO()
+    assert await write_csv(lambda: _aiter(records), out) == len(FORMULAS)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    for f, row in zip(FORMULAS, rows, strict=True):
+        for col in ("output", "error_message", "output_json.v"):
+            assert row[col] == "'" + f, col
+        assert row["custom_id"].startswith("'=id")
+        assert row["output_json.nested.w"] == "'@x"
+        assert row["output_json.n"] == "-3"  # a JSON number is a number, not a formula
+        assert row["output_json.cost"] == "1.5"
+        assert row["status"] == "succeeded"
