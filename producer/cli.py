@@ -21,6 +21,7 @@ from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
 from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
 from .progress import Progress
+from .redact import safe_url
 from .routerinfo import RouterInfo, check_router
 from .settings import ConfigError, Settings, load_settings
 
@@ -217,7 +218,7 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     info: RouterInfo = await check_router(settings)
     print("=== Checking Hanzo Router Health ===")
     if info.error is None:
-        print(f"✓ Router health check passed ({settings.router_url})")
+        print(f"✓ Router health check passed ({safe_url(settings.router_url)})")
         print(f"✓ Available models: {len(info.models)} found")
     else:
         ok = False
@@ -226,10 +227,10 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with Producer.from_env(settings) as p:
             server = await p.redis.info("server")
-            print(f"✓ Redis {server.get('redis_version', '?')} at {_safe_url(redis_url(settings))}")
+            print(f"✓ Redis {server.get('redis_version', '?')} at {safe_url(redis_url(settings))}")
             workers = await p.workers()
     except Exception as exc:
-        print(f"✗ Redis unreachable at {_safe_url(redis_url(settings))}: {exc}")
+        print(f"✗ Redis unreachable at {safe_url(redis_url(settings))}: {exc}")
         return EXIT_FAILED
     print(f"{'✓' if workers else '!'} Workers alive: {len(workers)}")
     for wid, beat in sorted(workers.items()):
@@ -353,14 +354,6 @@ async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
     Console(emoji=False, highlight=False).print(table)
 
 
-def _safe_url(url: str) -> str:
-    """A Redis URL without its password, for printing."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -445,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
         _err(str(exc))
         code = EXIT_BAD_INPUT
     except RedisError as exc:
-        url = _safe_url((settings and settings.redis_url) or "the embedded server")
-        _err(f"Redis at {url}: {exc} — check REDIS_URL (host, port, password, TLS)")
+        url = safe_url(settings.redis_url) if settings and settings.redis_url else None
+        _err(
+            f"Redis at {url or 'the embedded server'}: {exc} — check REDIS_URL "
+            "(host, port, password, TLS)"
+        )
         code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130

@@ -19,6 +19,7 @@ from arq.worker import func
 
 from producer import keys
 from producer.connect import RETRY_ON, redis_url, retry_policy
+from producer.redact import safe_url, url_secrets
 from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
@@ -99,7 +100,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     log.info(
         "worker.started",
         worker=rt.worker_id,
-        router_url=settings.router_url,
+        router_url=safe_url(settings.router_url),
         routers=sorted(settings.routers),
         concurrency=settings.concurrency,
         queue=settings.queue,
@@ -249,12 +250,16 @@ async def _listen(rt: Runtime) -> None:
 
 
 def _secrets(settings: Settings) -> list[str]:
-    """Every key the worker holds, for the log redactor: the Routers' keys and MCP headers."""
+    """Every key the worker holds, for the log redactor: the Routers' keys, passwords in the
+    Router and Redis URLs, MCP headers."""
     found = [settings.api_key.get_secret_value()]
     found += [spec.api_key() for spec in settings.routers.values()]
+    found += url_secrets(settings.router_url) + url_secrets(settings.redis_url)
+    found += [s for router in settings.routers.values() for s in url_secrets(router.url)]
     with contextlib.suppress(ValueError):
         for spec in parse_mcp_config(settings.mcp_servers).values():
             found += [v.removeprefix("Bearer ") for v in (spec.headers or {}).values()]
+            found += url_secrets(spec.url)
     return [s for s in found if s]
 
 
