@@ -251,15 +251,14 @@ async def _listen(rt: Runtime) -> None:
 
 def _secrets(settings: Settings) -> list[str]:
     """Every key the worker holds, for the log redactor: the Routers' keys, passwords in the
-    Router and Redis URLs, MCP headers."""
+    Router and Redis URLs, the MCP servers' headers, args and env values."""
     found = [settings.api_key.get_secret_value()]
     found += [spec.api_key() for spec in settings.routers.values()]
     found += url_secrets(settings.router_url) + url_secrets(settings.redis_url)
     found += [s for router in settings.routers.values() for s in url_secrets(router.url)]
     with contextlib.suppress(ValueError):
         for spec in parse_mcp_config(settings.mcp_servers).values():
-            found += [v.removeprefix("Bearer ") for v in (spec.headers or {}).values()]
-            found += url_secrets(spec.url)
+            found += spec.secrets()
     return [s for s in found if s]
 
 
