@@ -175,7 +175,7 @@ def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no embedded server runs in {d}")
         return EXIT_FAILED
     users = other_clients(d)
-    print(f"embedded server {url} (data in {d}), {users} clients connected")
+    print(f"embedded server {safe_url(url)} (data in {d}), {users} clients connected")
     if settings.embedded_idle_s:
         print(f"stops itself after {settings.embedded_idle_s:g} s unused (AGENTQ_EMBEDDED_IDLE_S)")
     return EXIT_OK
