@@ -18,7 +18,8 @@ KEY = "sk-e2e-router-key-987654321"
 def start_sim(*args: str) -> tuple[subprocess.Popen[str], str]:
     """The simulated Router on a free port; returns the process and its /v1 URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.simrouter", "--port", "0", "--api-key", KEY, *args],
+        [sys.executable, "-m", "ops.simrouter", "--port", "0", *args],
+        env={**os.environ, "SIMROUTER_API_KEY": KEY},
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
