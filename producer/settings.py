@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     """Port of the worker's Prometheus /metrics endpoint; 0 turns it off (9108 in the compose
     stack)."""
 
+    metrics_host: str = "127.0.0.1"
+    """Address /metrics listens on: this machine only by default (it has no auth); the image
+    sets 0.0.0.0 so Prometheus can reach it over the container network."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     trace_events: bool = True

@@ -88,7 +88,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         lease_s=settings.lease_s,
         max_runs=settings.max_runs,
     )
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     mcp = McpPool()
     await mcp.start(parse_mcp_config(settings.mcp_servers))
     rt = Runtime(settings, store, provider, registry, worker_id(), mcp=mcp)
