@@ -342,16 +342,26 @@ async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
     for col in ("custom_id", "status", "model", "output / error"):
         table.add_column(col, overflow="fold")
     async for r in records:
-        # Every cell but the status came from a job or a model: Text, never markup.
+        # Every cell but the status came from a job or a model: Text, never markup, and no
+        # terminal control sequences.
         shown = r.output if r.error is None else f"[{r.error.type}] {r.error.message}"
         style = "green" if r.status == Status.SUCCEEDED else "red"
         table.add_row(
-            Text(r.custom_id),
+            Text(_inert(r.custom_id)),
             Text(r.status.value, style=style),
-            Text(r.model or ""),
-            Text((shown or "")[:300]),
+            Text(_inert(r.model or "")),
+            Text(_inert((shown or "")[:300])),
         )
     Console(emoji=False, highlight=False).print(table)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def _inert(text: str) -> str:
+    """`text` with control characters shown as \\xNN: an ESC from a model output must not
+    reach the terminal (colours, hyperlinks, cursor moves, title changes)."""
+    return text.translate(_CONTROL)
 
 
 # -- entry point ------------------------------------------------------------------------------

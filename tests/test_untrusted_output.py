@@ -81,3 +81,14 @@ async def test_csv_cells_that_could_start_a_formula_are_quoted_numbers_stay_numb
         assert row["output_json.n"] == "-3"  # a JSON number is a number, not a formula
         assert row["output_json.cost"] == "1.5"
         assert row["status"] == "succeeded"
+
+
+async def test_table_shows_terminal_escapes_from_outputs_instead_of_sending_them(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    link = "\x1b]8;;http://evil.example\x1b\\click\x1b]8;;\x1b\\"
+    await _print_table(_aiter([_record("x\x1b[2J", output=f"\x1b[31mred\x07 {link}")]))
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out  # capsys is no terminal: rich adds none
+    assert "\\x1b[31mred\\x07" in out and "x\\x1b[2J" in out
