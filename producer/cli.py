@@ -315,9 +315,9 @@ def _print_summary(st: BatchStatus, out: IO[str]) -> None:
         f"cost ${st.cost_usd:.6f}",
         file=out,
     )
-    for model, u in st.models.items():
+    for model, u in st.models.items():  # jobs name models freely
         print(
-            f"  {model}: {u.jobs} jobs, tokens in {u.input_tokens} out {u.output_tokens}, "
+            f"  {_inert(model)}: {u.jobs} jobs, tokens in {u.input_tokens} out {u.output_tokens}, "
             f"cost ${u.cost_usd:.6f}",
             file=out,
         )

@@ -92,3 +92,13 @@ async def test_table_shows_terminal_escapes_from_outputs_instead_of_sending_them
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out  # capsys is no terminal: rich adds none
     assert "\\x1b[31mred\\x07" in out and "x\\x1b[2J" in out
+
+
+def test_summary_shows_control_characters_in_model_names_escaped() -> None:
+    from producer.cli import _print_summary
+    from producer.models import BatchStatus, ModelUsage
+
+    st = BatchStatus(batch_id="b1", models={"gpt\x1b[2J": ModelUsage(jobs=1)})
+    out = io.StringIO()
+    _print_summary(st, out)
+    assert "\x1b" not in out.getvalue() and "gpt\\x1b[2J: 1 jobs" in out.getvalue()
