@@ -109,3 +109,15 @@ async def test_a_secret_in_the_router_url_reaches_no_log_and_no_record(
     assert SECRET not in r.model_dump_json()
     assert '"worker.started"' in log.read_text()
     assert SECRET not in log.read_text()
+
+
+def test_the_embedded_servers_password_is_redacted_from_logs(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from producer.embedded import PASSWORD_FILE
+    from producer.private import private_dir, write_private
+
+    d = private_dir(tmp_path / "embedded")
+    write_private(d / PASSWORD_FILE, f"{SECRET}-embedded\n")
+    s = settings.model_copy(update={"redis_url": None, "data_dir": str(d)})
+    assert f"{SECRET}-embedded" in _secrets(s)

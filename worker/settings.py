@@ -19,6 +19,7 @@ from arq.worker import func
 
 from producer import keys
 from producer.connect import RETRY_ON, redis_url, retry_policy
+from producer.embedded import read_password
 from producer.redact import safe_url, url_secrets
 from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
@@ -255,6 +256,8 @@ def _secrets(settings: Settings) -> list[str]:
     found = [settings.api_key.get_secret_value()]
     found += [spec.api_key() for spec in settings.routers.values()]
     found += url_secrets(settings.router_url) + url_secrets(settings.redis_url)
+    if settings.redis_url is None:  # the embedded server's password
+        found.append(read_password(Path(settings.data_dir).resolve()) or "")
     found += [s for router in settings.routers.values() for s in url_secrets(router.url)]
     with contextlib.suppress(ValueError):
         for spec in parse_mcp_config(settings.mcp_servers).values():
