@@ -16,7 +16,13 @@ from redis.exceptions import RedisError
 
 from .client import BatchNotFound, Producer
 from .connect import redis_url
-from .embedded import embedded_status, other_clients, release_embedded_redis, stop_embedded_redis
+from .embedded import (
+    EmbeddedRedisError,
+    embedded_status,
+    other_clients,
+    release_embedded_redis,
+    stop_embedded_redis,
+)
 from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
 from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
@@ -447,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     except BatchNotFound as exc:
         _err(str(exc))
         code = EXIT_BAD_INPUT
+    except EmbeddedRedisError as exc:  # says what went wrong and what to do
+        _err(str(exc))
+        code = EXIT_FAILED
     except RedisError as exc:
         url = safe_url(settings.redis_url) if settings and settings.redis_url else None
         _err(

@@ -54,7 +54,7 @@ def read_password(d: Path) -> str | None:
     """The password of the server in ``d``, or None before its first start."""
     try:
         return (d / PASSWORD_FILE).read_text().strip() or None
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # another user's dir: _locked says so
         return None
 
 

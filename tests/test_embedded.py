@@ -273,3 +273,20 @@ def test_a_server_started_without_a_password_is_replaced_keeping_its_data(
         again.close()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=urlsplit(url).port, socket_timeout=5).ping()
+
+
+def test_the_cli_reports_a_server_that_cannot_start_without_a_traceback(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from producer.cli import EXIT_FAILED, main
+
+    ensure_embedded_redis(data_dir)
+    stop_embedded_redis(data_dir)
+    next((data_dir / "appendonlydir").glob("*.manifest")).write_text("garbage\n")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("AGENTQ_DATA_DIR", str(data_dir))
+    with pytest.raises(SystemExit) as exit_:
+        main(["status", "b1"])
+    assert exit_.value.code == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("agentq: The embedded Valkey server in") and "REDIS_URL" in err
