@@ -290,3 +290,15 @@ def test_the_cli_reports_a_server_that_cannot_start_without_a_traceback(
     assert exit_.value.code == EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("agentq: The embedded Valkey server in") and "REDIS_URL" in err
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a dir of another user needs root")
+def test_a_data_dir_of_another_user_is_refused(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o777)
+    os.chown(data_dir, 12345, 12345)
+    try:
+        with pytest.raises(EmbeddedRedisError, match=r"belongs to another user.*AGENTQ_DATA_DIR"):
+            ensure_embedded_redis(data_dir)
+        assert not (data_dir / "valkey.password").exists()
+    finally:
+        os.chown(data_dir, os.getuid(), os.getgid())
