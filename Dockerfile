@@ -25,14 +25,17 @@ ENV PATH=/opt/agentq/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     AGENTQ_LOG_FORMAT=json \
-    AGENTQ_METRICS_PORT=9108
+    AGENTQ_METRICS_PORT=9108 \
+    AGENTQ_METRICS_HOST=0.0.0.0
 # A fixed, unprivileged uid; /app is its home and working directory (writable, for the
 # embedded Redis's data when REDIS_URL is unset, and a .env file if you mount one).
 RUN useradd --uid 10001 --user-group --create-home --home-dir /app --shell /usr/sbin/nologin agentq
 COPY --from=build /opt/agentq /opt/agentq
 WORKDIR /app
 USER 10001:10001
-# Prometheus /metrics of `agentq worker` (AGENTQ_METRICS_PORT; 0 turns it off).
+# Prometheus /metrics of `agentq worker` (AGENTQ_METRICS_PORT; 0 turns it off). It listens on
+# every interface of the container (AGENTQ_METRICS_HOST) so Prometheus can reach it; publish
+# the port only to a network you trust (/metrics has no auth and shows model names).
 EXPOSE 9108
 ENTRYPOINT ["agentq"]
 CMD ["worker"]

@@ -3,11 +3,13 @@
 This is NOT the real Router (a LiteLLM fork). It mimics its HTTP surface closely enough for the
 openai client and the OpenAI Agents SDK: ``/v1/models``, non-streaming ``/v1/chat/completions``,
 LiteLLM-style health checks and error bodies, plus injectable faults (500/503/429/401/400, hang,
-dropped connection) and ``/sim/*`` endpoints exposing counters and the last recorded requests.
+dropped connection) and ``/sim/*`` endpoints exposing counters and the last recorded requests
+(they need the key too, when one is set).
 Answers are deterministic: arithmetic is computed, a ``calculator`` tool is called when offered,
 json_schema response formats get schema-conforming JSON.
 
-Run it with ``python -m ops.simrouter --port 4000`` or in-process::
+Run it with ``SIMROUTER_API_KEY=sk-... python -m ops.simrouter --port 4000`` (the key is read
+from the environment only; without it any key is accepted) or in-process::
 
     async with SimRouter(SimConfig(api_key="sk-test")) as sim:
         client = AsyncOpenAI(base_url=sim.url, api_key="sk-test")
@@ -514,14 +516,21 @@ class _SimState:
     async def readiness(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "healthy"})
 
+    # The /sim endpoints need the key too (when one is set): recorded requests hold prompts.
     async def sim_stats(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return self.unauthorized(request)
         return web.json_response(self.stats.as_dict())
 
     async def sim_requests(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return self.unauthorized(request)
         return web.json_response(list(self.stats.requests))
 
     async def sim_outage(self, request: web.Request) -> web.Response:
         """POST {"model": M, "fault": "503", "seconds": S}: model M fails so for S seconds."""
+        if not self.authorized(request):
+            return self.unauthorized(request)
         body = await request.json()
         model, fault = str(body.get("model")), str(body.get("fault", "503"))
         if model not in self.models or fault not in FAULTS:
@@ -530,6 +539,8 @@ class _SimState:
         return web.json_response({"model": model, "fault": fault})
 
     async def sim_reset(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return self.unauthorized(request)
         self.stats.reset()
         self.flaky_seen.clear()
         return web.json_response({"status": "reset"})
@@ -625,12 +636,17 @@ async def _serve(config: SimConfig, host: str, port: int, access_log: bool) -> N
         await stop.wait()
 
 
+KEY_ENV = "SIMROUTER_API_KEY"
+"""The key the simulator requires (unset: any key, or none, is accepted)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m ops.simrouter [--port 4000] [--fault 500=0.1] ...``."""
     parser = argparse.ArgumentParser(prog="simrouter", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4000, help="0 = pick a free port")
-    parser.add_argument("--api-key", default=os.environ.get("SIMROUTER_API_KEY") or None)
+    # The key comes from the environment only: a command line is visible to every local user.
+    parser.add_argument("--api-key", help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument(
         "--fault",
@@ -645,9 +661,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if args.api_key is not None:
+        parser.error(
+            "--api-key is not accepted (`ps` shows command lines to every user): "
+            f"set {KEY_ENV} in the environment instead"
+        )
     try:
         config = SimConfig(
-            api_key=args.api_key,
+            api_key=os.environ.get(KEY_ENV) or None,
             latency_ms=args.latency_ms,
             fault_rates=dict(args.fault),
             retry_after_s=args.retry_after,

@@ -17,11 +17,18 @@ from redis.exceptions import RedisError
 from .breakers import describe_open, read_breakers
 from .client import BatchNotFound, Producer
 from .connect import redis_url
-from .embedded import embedded_status, other_clients, release_embedded_redis, stop_embedded_redis
+from .embedded import (
+    EmbeddedRedisError,
+    embedded_status,
+    other_clients,
+    release_embedded_redis,
+    stop_embedded_redis,
+)
 from .export import Records, write_csv, write_jsonl
 from .jobfile import JobFileError
 from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
 from .progress import Progress
+from .redact import safe_url
 from .routerinfo import RouterInfo, check_router, preflight
 from .settings import ConfigError, Settings, load_settings
 
@@ -183,7 +190,7 @@ def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no embedded server runs in {d}")
         return EXIT_FAILED
     users = other_clients(d)
-    print(f"embedded server {url} (data in {d}), {users} clients connected")
+    print(f"embedded server {safe_url(url)} (data in {d}), {users} clients connected")
     if settings.embedded_idle_s:
         print(f"stops itself after {settings.embedded_idle_s:g} s unused (AGENTQ_EMBEDDED_IDLE_S)")
     return EXIT_OK
@@ -226,7 +233,7 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     info: RouterInfo = await check_router(settings)
     print("=== Checking Hanzo Router Health ===")
     if info.error is None:
-        print(f"✓ Router health check passed ({settings.router_url})")
+        print(f"✓ Router health check passed ({safe_url(settings.router_url)})")
         print(f"✓ Available models: {len(info.models)} found")
     else:
         ok = False
@@ -235,11 +242,11 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with Producer.from_env(settings) as p:
             server = await p.redis.info("server")
-            print(f"✓ Redis {server.get('redis_version', '?')} at {_safe_url(redis_url(settings))}")
+            print(f"✓ Redis {server.get('redis_version', '?')} at {safe_url(redis_url(settings))}")
             workers = await p.workers()
             breakers, now_ms = await read_breakers(p.redis)
     except Exception as exc:
-        print(f"✗ Redis unreachable at {_safe_url(redis_url(settings))}: {exc}")
+        print(f"✗ Redis unreachable at {safe_url(redis_url(settings))}: {exc}")
         return EXIT_FAILED
     print(f"{'✓' if workers else '!'} Workers alive: {len(workers)}")
     for line in describe_open(breakers, now_ms):
@@ -327,9 +334,9 @@ def _print_summary(st: BatchStatus, out: IO[str]) -> None:
         f"cost ${st.cost_usd:.6f}",
         file=out,
     )
-    for model, u in st.models.items():
+    for model, u in st.models.items():  # jobs name models freely
         print(
-            f"  {model}: {u.jobs} jobs, tokens in {u.input_tokens} out {u.output_tokens}, "
+            f"  {_inert(model)}: {u.jobs} jobs, tokens in {u.input_tokens} out {u.output_tokens}, "
             f"cost ${u.cost_usd:.6f}",
             file=out,
         )
@@ -348,25 +355,32 @@ async def _write_results(records: Records, output: str | None, fmt: str) -> int:
 async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_lines=False)
     for col in ("custom_id", "status", "model", "output / error"):
         table.add_column(col, overflow="fold")
     async for r in records:
+        # Every cell but the status came from a job or a model: Text, never markup, and no
+        # terminal control sequences.
         shown = r.output if r.error is None else f"[{r.error.type}] {r.error.message}"
         style = "green" if r.status == Status.SUCCEEDED else "red"
         table.add_row(
-            r.custom_id, f"[{style}]{r.status.value}[/]", r.model or "", (shown or "")[:300]
+            Text(_inert(r.custom_id)),
+            Text(r.status.value, style=style),
+            Text(_inert(r.model or "")),
+            Text(_inert((shown or "")[:300])),
         )
-    Console().print(table)
+    Console(emoji=False, highlight=False).print(table)
 
 
-def _safe_url(url: str) -> str:
-    """A Redis URL without its password, for printing."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def _inert(text: str) -> str:
+    """`text` with control characters shown as \\xNN: an ESC from a model output must not
+    reach the terminal (colours, hyperlinks, cursor moves, title changes)."""
+    return text.translate(_CONTROL)
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -452,9 +466,15 @@ def main(argv: list[str] | None = None) -> None:
     except BatchNotFound as exc:
         _err(str(exc))
         code = EXIT_BAD_INPUT
+    except EmbeddedRedisError as exc:  # says what went wrong and what to do
+        _err(str(exc))
+        code = EXIT_FAILED
     except RedisError as exc:
-        url = _safe_url((settings and settings.redis_url) or "the embedded server")
-        _err(f"Redis at {url}: {exc} — check REDIS_URL (host, port, password, TLS)")
+        url = safe_url(settings.redis_url) if settings and settings.redis_url else None
+        _err(
+            f"Redis at {url or 'the embedded server'}: {exc} — check REDIS_URL "
+            "(host, port, password, TLS)"
+        )
         code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130

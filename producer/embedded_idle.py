@@ -4,6 +4,9 @@ servers of directories where someone once ran `agentq` do not pile up.
 
     python -m producer.embedded_idle DATA_DIR PORT IDLE_S
 
+The server's password is read from DATA_DIR (never passed on the command line, which `ps`
+shows to every user).
+
 "Used" means any client besides this watch is connected, or commands were run since the last
 look. Keys with a TTL (job records) are kept on disk: the next command starts the server again.
 """
@@ -12,11 +15,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import redis
 
-from producer.embedded import IDLE_CLIENT_NAME
+from producer.embedded import IDLE_CLIENT_NAME, read_password
 
 CHECK_EVERY_S = 5.0
 
@@ -29,9 +33,13 @@ def _busy(client: redis.Redis, last_commands: int) -> tuple[bool, int]:
     return used, commands
 
 
-def watch(port: int, idle_s: float) -> None:
+def watch(port: int, idle_s: float, password: str | None = None) -> None:
     client = redis.Redis(
-        host="127.0.0.1", port=port, socket_timeout=10, client_name=IDLE_CLIENT_NAME
+        host="127.0.0.1",
+        port=port,
+        password=password,
+        socket_timeout=10,
+        client_name=IDLE_CLIENT_NAME,
     )
     idle_since = time.monotonic()
     last = -10
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 3:
         sys.exit("usage: python -m producer.embedded_idle DATA_DIR PORT IDLE_S")
-    watch(int(args[1]), float(args[2]))
+    watch(int(args[1]), float(args[2]), read_password(Path(args[0])))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Writing result records: JSONL, one record a line; or CSV, with output_json flattened into
 columns (output_json.city, output_json.address.zip, ...) so structured outputs load straight
-into a table. Both stream: CSV reads the records twice (columns first) instead of holding them."""
+into a table. Both stream: CSV reads the records twice (columns first) instead of holding them.
+
+CSV cells are neutralised as OWASP recommends for formula injection: a string that starts with
+= + - @ tab, CR (or NUL, per ASVS 1.2.10) gets a leading single quote, so a spreadsheet shows
+it as text instead of running it. Numbers (token counts, costs, numeric JSON values) stay
+numbers; a number-looking string from a model is still a string and is quoted."""
 
 from __future__ import annotations
 
@@ -30,6 +35,17 @@ BASE_COLUMNS = [
     "finished_at",
     "worker",
 ]
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\0")
+
+
+def neutralise(value: Any) -> Any:
+    """A CSV cell a spreadsheet won't evaluate: strings that could start a formula get a
+    leading single quote; other values are returned as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
 
 
 def flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -84,6 +100,6 @@ async def write_csv(records: Records, out: IO[str]) -> int:
     writer.writeheader()
     n = 0
     async for r in records():
-        writer.writerow(csv_row(r))
+        writer.writerow({k: neutralise(v) for k, v in csv_row(r).items()})
         n += 1
     return n

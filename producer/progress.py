@@ -6,6 +6,7 @@ import sys
 import time
 from types import TracebackType
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
@@ -34,7 +35,7 @@ class Progress:
                 transient=False,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.batch_id, total=None, detail="")
+            self._task = self._bar.add_task(escape(self.batch_id), total=None, detail="")
         return self
 
     def __exit__(

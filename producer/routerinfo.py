@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import openai
 
+from .redact import safe_url
 from .settings import Settings
 
 
@@ -35,7 +36,7 @@ async def check_router(settings: Settings, timeout_s: float = 5.0) -> RouterInfo
             page = await client.models.list()
         except openai.APIConnectionError:
             return RouterInfo(
-                error=f"Cannot connect to Router at {url} — is it running? "
+                error=f"Cannot connect to Router at {safe_url(url)} — is it running? "
                 "`docker compose up router` (or set HANZO_ROUTER_URL)"
             )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
@@ -44,7 +45,9 @@ async def check_router(settings: Settings, timeout_s: float = 5.0) -> RouterInfo
                 "the Router dashboard and `export HANZO_API_KEY=...`"
             )
         except openai.APIStatusError as exc:
-            return RouterInfo(error=f"{exc.status_code} from Router at {url}: {exc.message}")
+            return RouterInfo(
+                error=f"{exc.status_code} from Router at {safe_url(url)}: {exc.message}"
+            )
     return RouterInfo(models=sorted(m.id for m in page.data))
 
 
@@ -62,13 +65,14 @@ async def preflight(settings: Settings, timeout_s: float = 10.0) -> str | None:
             await client.models.list()
         except openai.APIConnectionError:
             return (
-                f"Cannot connect to Router at {settings.router_url} — is it running? "
+                f"Cannot connect to Router at {safe_url(settings.router_url)} — is it running? "
                 "`docker compose up router` (or set HANZO_ROUTER_URL)"
             )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             return (
-                f"{exc.status_code} from Router at {settings.router_url}: invalid HANZO_API_KEY "
-                "— generate a key in the Router dashboard and `export HANZO_API_KEY=...`"
+                f"{exc.status_code} from Router at {safe_url(settings.router_url)}: invalid "
+                "HANZO_API_KEY — generate a key in the Router dashboard and "
+                "`export HANZO_API_KEY=...`"
             )
         except openai.APIStatusError:
             return None

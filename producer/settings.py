@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -14,11 +16,29 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from .redact import safe_url
 
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the environment variable."""
+
+
+def check_router_url(url: str) -> str:
+    """A Router URL must not carry credentials: the client sends the key as a Bearer header
+    and refuses a URL with user:password@ (and they would end up in messages)."""
+    try:
+        parts = urlsplit(url)
+        has_userinfo = parts.username is not None or parts.password is not None
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if has_userinfo:
+        raise ValueError(
+            "a Router URL cannot carry user:password@ — remove it and put the key in "
+            "HANZO_API_KEY (or a Router's key_env)"
+        )
+    return url
 
 
 class RouterSpec(BaseModel):
@@ -28,6 +48,11 @@ class RouterSpec(BaseModel):
 
     url: str
     key_env: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return check_router_url(v)
 
     def api_key(self) -> str:
         return os.environ.get(self.key_env, "") if self.key_env else ""
@@ -140,6 +165,10 @@ class Settings(BaseSettings):
     """Port of the worker's Prometheus /metrics endpoint; 0 turns it off (9108 in the compose
     stack)."""
 
+    metrics_host: str = "127.0.0.1"
+    """Address /metrics listens on: this machine only by default (it has no auth); the image
+    sets 0.0.0.0 so Prometheus can reach it over the container network."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     trace_events: bool = True
@@ -151,6 +180,11 @@ class Settings(BaseSettings):
 
     log_content: bool = True
     """Keep prompts and outputs in log events (set false to leave them out)."""
+
+    @field_validator("router_url")
+    @classmethod
+    def _router_url(cls, v: str) -> str:
+        return check_router_url(v)
 
     @field_validator("plugins", mode="before")
     @classmethod
@@ -164,6 +198,11 @@ class Settings(BaseSettings):
         return self.max_model_calls or self.concurrency
 
 
+SECRET_FIELDS = frozenset({"api_key", "redis_url", "router_url", "routers", "mcp_servers"})
+"""Fields that may hold a key or a password: a bad value is never echoed (URLs are shown with
+their secrets hidden)."""
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with a clear error naming the variable on a bad value."""
     try:
@@ -171,10 +210,47 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            env = _env_name(field)
-            lines.append(f"{env}: {err['msg']} (got {err.get('input')!r})")
+            loc = err["loc"]
+            field = _field_name(str(loc[0])) if loc else "?"
+            where = ".".join(str(p) for p in loc[1:])
+            lines.append(
+                f"{_env_name(field)}{': ' + where if where else ''}: {err['msg']}"
+                f"{_shown(field, err.get('input'))}{_hint(field, err['type'])}"
+            )
         raise ConfigError("bad configuration:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:  # a JSON setting that isn't JSON
+        m = re.search(r'field "(\w+)"', str(exc))
+        env = _env_name(m.group(1)) if m else "a setting"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"bad configuration: {env} is not valid JSON{cause}") from None
+
+
+def _shown(field: str, value: object) -> str:
+    """The bad value for the message, unless it may hold a secret."""
+    if field not in SECRET_FIELDS:
+        text = repr(value)
+        return f" (got {text[:80]}{'…' if len(text) > 80 else ''})"
+    if field.endswith("_url") and isinstance(value, str):
+        return f" (got {safe_url(value)!r})"
+    return ""
+
+
+def _hint(field: str, err_type: str) -> str:
+    if field == "routers" and err_type == "extra_forbidden":
+        return (
+            ' — a Router takes "url" and "key_env" only: put its key in an environment '
+            'variable and name that variable in "key_env"'
+        )
+    return ""
+
+
+def _field_name(loc: str) -> str:
+    """The field a validation error's location names (it is the alias for aliased fields)."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and loc in alias.choices:
+            return name
+    return loc
 
 
 def _env_name(field: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from producer import Producer, Settings
 from producer.models import BatchStatus, ResultRecord
@@ -11,11 +12,15 @@ from worker.settings import build_worker
 
 
 async def run_batch(
-    producer: Producer, settings: Settings, batch_id: str, timeout: float = 60
+    producer: Producer,
+    settings: Settings,
+    batch_id: str,
+    timeout: float = 60,
+    log_file: Path | None = None,
 ) -> BatchStatus:
     """A burst-mode worker (arq's conftest does the same) drains the queue; then the batch
-    must be finished."""
-    worker = build_worker(settings, burst=True, handle_signals=False)
+    must be finished. The worker logs to `log_file` when given."""
+    worker = build_worker(settings, burst=True, handle_signals=False, log_file=log_file)
     task = asyncio.ensure_future(worker.async_run())
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)

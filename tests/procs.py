@@ -19,7 +19,8 @@ def start_sim(*args: str, port: int = 0) -> tuple[subprocess.Popen[str], str]:
     """The simulated Router (on a free port unless given); returns the process and its /v1
     URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.simrouter", "--port", str(port), "--api-key", KEY, *args],
+        [sys.executable, "-m", "ops.simrouter", "--port", str(port), *args],
+        env={**os.environ, "SIMROUTER_API_KEY": KEY},
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,

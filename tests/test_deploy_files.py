@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,12 +50,16 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+_VAR = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+
+SECRETS = ("REDIS_PASSWORD", "HANZO_API_KEY", "ROUTER_MASTER_KEY", "GRAFANA_ADMIN_PASSWORD")
+"""Variables compose must refuse to start without (no weak default)."""
 
 
 def interpolate(value: str) -> str:
-    """Compose's interpolation with an empty environment: ${X:-default} -> default."""
-    return _VAR.sub(lambda m: m.group(2) or "", value)
+    """Compose's interpolation with an empty environment: ${X:-default} -> default; a required
+    ${X:?message} becomes the placeholder <X>."""
+    return _VAR.sub(lambda m: f"<{m.group(1)}>" if m.group(2) == "?" else m.group(3) or "", value)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +107,7 @@ def test_compose_redis_persists(services: dict[str, dict[str, Any]]) -> None:
     command = command if isinstance(command, list) else command.split()
     assert command[command.index("--appendonly") + 1] == "yes"
     assert any(str(v).split(":")[1] == "/data" for v in redis["volumes"])
-    assert "redis-cli" in redis["healthcheck"]["test"]
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
 
 
 def test_compose_worker_scales_and_drains(services: dict[str, dict[str, Any]]) -> None:
@@ -126,9 +131,47 @@ def test_compose_agentq_env_points_at_services(
     env = env_of(services[name])
     redis = urlparse(env["REDIS_URL"])
     assert (redis.scheme, redis.hostname, redis.port) == ("redis", "redis", 6379)
+    assert redis.password == "<REDIS_PASSWORD>"
     router = urlparse(env["HANZO_ROUTER_URL"])
     assert (router.hostname, router.port, router.path) == ("router", 4000, "/v1")
-    assert env["HANZO_API_KEY"] == env_of(services["router"])["HANZO_API_KEY"]
+    # The Router accepts agentq's key; its master (admin) key is another one agentq never holds.
+    router_env = env_of(services["router"])
+    assert env["HANZO_API_KEY"] in router_env["ROUTER_KEYS"].split(",")
+    assert router_env["HANZO_API_KEY"] == "<ROUTER_MASTER_KEY>" != env["HANZO_API_KEY"]
+
+
+def test_compose_secrets_have_no_default() -> None:
+    """Compose refuses to start without each secret, instead of using a value anyone knows."""
+    text = COMPOSE.read_text()
+    used = {m.group(1): m.group(2) for m in _VAR.finditer(text) if m.group(1) in SECRETS}
+    assert set(used) == set(SECRETS)
+    for m in _VAR.finditer(text):
+        if m.group(1) in SECRETS:
+            assert m.group(2) == "?", f"{m.group(0)} has a default"
+            assert "README" in m.group(3), "the message says where to read on"
+
+
+def test_compose_redis_requires_its_password(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    assert env_of(redis)["REDIS_PASSWORD"] == "<REDIS_PASSWORD>"
+    # sh expands the password (compose's $$ is a literal $); docker-entrypoint.sh still runs
+    entrypoint = redis["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-c"]
+    assert '--requirepass "$$REDIS_PASSWORD"' in entrypoint[2]
+    assert entrypoint[2].startswith('exec docker-entrypoint.sh "$$@"')
+    assert redis["command"][0] == "redis-server"
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_metrics_listen_on_every_interface_only_in_the_container(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Prometheus scrapes workers over the container network; elsewhere the default is
+    loopback (tests/test_metrics_bind.py)."""
+    assert env_of(services["worker"])["AGENTQ_METRICS_HOST"] == "0.0.0.0"
+    final = final_stage(instructions(ROOT / "Dockerfile"))
+    env = " ".join(args for word, args in final if word == "ENV")
+    assert "AGENTQ_METRICS_HOST=0.0.0.0" in env
 
 
 def test_compose_router(services: dict[str, dict[str, Any]]) -> None:
@@ -180,14 +223,26 @@ def test_compose_config_cli() -> None:
         cmd = ["docker-compose"]
     else:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    secrets = {name: f"test{i}secret" for i, name in enumerate(SECRETS)}
     for profiles in ([], ["--profile", "producer", "--profile", "monitoring"]):
         out = subprocess.run(
             [*cmd, "-f", str(COMPOSE), *profiles, "config", "-q"],
             cwd=ROOT,
             capture_output=True,
             text=True,
+            env={**env, **secrets},
         )
         assert out.returncode == 0, out.stderr
+    # without its secrets, compose refuses to start
+    out = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, **secrets, "REDIS_PASSWORD": ""},
+    )
+    assert out.returncode != 0 and "REDIS_PASSWORD" in out.stderr
 
 
 def _ok(cmd: list[str]) -> bool:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
+import structlog
 
 from producer.embedded import (
     EmbeddedRedisError,
@@ -21,6 +24,19 @@ from producer.embedded import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def _loose(d: Path) -> list[str]:
+    """Everything under d (and d) that is not 0700 (dirs) or 0600 (files)."""
+    return [
+        f"{p.relative_to(d.parent)} {oct(_mode(p))}"
+        for p in [d, *d.rglob("*")]
+        if _mode(p) != (0o700 if p.is_dir() else 0o600)
+    ]
 
 
 def _pid(d: Path) -> int:
@@ -59,7 +75,7 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 
 def test_starts_and_reuses(data_dir: Path) -> None:
     url = ensure_embedded_redis(data_dir)
-    assert url.startswith("redis://127.0.0.1:") and url.endswith("/0")
+    assert url.startswith("redis://:") and "@127.0.0.1:" in url and url.endswith("/0")
     client = redis.Redis.from_url(url)
     client.set("k", "v")
     assert client.get("k") == b"v"
@@ -189,3 +205,100 @@ def test_release_stops_only_an_unused_server_started_here(data_dir: Path) -> Non
         other.close()
     assert release_embedded_redis(data_dir)
     assert embedded_status(data_dir) is None
+
+
+def test_data_dir_and_every_file_in_it_are_private_under_umask_022(data_dir: Path) -> None:
+    from worker import logs
+
+    # what an older agentq left: a 0755 dir with a 0644 job log
+    (data_dir / "logs").mkdir(parents=True, mode=0o755)
+    data_dir.chmod(0o755)
+    (data_dir / "logs" / "old.jsonl").write_text("{}\n")
+    (data_dir / "logs" / "old.jsonl").chmod(0o644)
+    old = os.umask(0o022)
+    try:
+        client = redis.Redis.from_url(ensure_embedded_redis(data_dir))
+        client.set("k", "v")
+        client.close()
+        logs.configure(fmt="json", log_file=data_dir / "logs" / "b_1.jsonl")
+        structlog.get_logger().info("job.finished")
+        running = {p.name for p in data_dir.rglob("*")}
+        assert {
+            "valkey.password",
+            "valkey.port",
+            "valkey.conf",
+            "valkey.log",
+            "b_1.jsonl",
+        } <= running
+        assert any(n.endswith(".aof") for n in running), running
+        assert _loose(data_dir) == []
+        assert stop_embedded_redis(data_dir)  # SHUTDOWN SAVE writes an RDB
+        assert (data_dir / "dump.rdb").exists()
+        assert _loose(data_dir) == []
+    finally:
+        os.umask(old)
+        logs.configure()
+
+
+def test_the_server_refuses_clients_without_its_password(data_dir: Path) -> None:
+    url = ensure_embedded_redis(data_dir)
+    port = urlsplit(url).port
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=port, password="guess", socket_timeout=5).ping()
+    password = (data_dir / "valkey.password").read_text().strip()
+    assert len(password) >= 32 and urlsplit(url).password == password
+    assert redis.Redis.from_url(url).ping()
+
+
+def test_a_server_started_without_a_password_is_replaced_keeping_its_data(
+    data_dir: Path,
+) -> None:
+    """An older agentq's server (no requirepass) still running: the next command stops it
+    (SHUTDOWN SAVE) and starts a private one on the same data."""
+    client = redis.Redis.from_url(ensure_embedded_redis(data_dir))
+    client.set("kept", "yes")
+    client.config_set("requirepass", "")
+    client.close()
+    (data_dir / "valkey.password").unlink()
+    old_pid = _pid(data_dir)
+
+    url = ensure_embedded_redis(data_dir)
+    assert _pid(data_dir) != old_pid and _dead(old_pid)
+    again = redis.Redis.from_url(url)
+    try:
+        assert again.get("kept") == b"yes"
+    finally:
+        again.close()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=urlsplit(url).port, socket_timeout=5).ping()
+
+
+def test_the_cli_reports_a_server_that_cannot_start_without_a_traceback(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from producer.cli import EXIT_FAILED, main
+
+    ensure_embedded_redis(data_dir)
+    stop_embedded_redis(data_dir)
+    next((data_dir / "appendonlydir").glob("*.manifest")).write_text("garbage\n")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("AGENTQ_DATA_DIR", str(data_dir))
+    with pytest.raises(SystemExit) as exit_:
+        main(["status", "b1"])
+    assert exit_.value.code == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("agentq: The embedded Valkey server in") and "REDIS_URL" in err
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a dir of another user needs root")
+def test_a_data_dir_of_another_user_is_refused(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o777)
+    os.chown(data_dir, 12345, 12345)
+    try:
+        with pytest.raises(EmbeddedRedisError, match=r"belongs to another user.*AGENTQ_DATA_DIR"):
+            ensure_embedded_redis(data_dir)
+        assert not (data_dir / "valkey.password").exists()
+    finally:
+        os.chown(data_dir, os.getuid(), os.getgid())

@@ -61,7 +61,10 @@ class Proxy:
 
     def sim_stats(self) -> dict[str, Any]:
         base = self.sim_url.removesuffix("/v1")
-        with urllib.request.urlopen(f"{base}/sim/stats", timeout=5) as resp:
+        request = urllib.request.Request(
+            f"{base}/sim/stats", headers={"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
             stats: dict[str, Any] = json.load(resp)
         return stats
 
@@ -108,7 +111,8 @@ def _tail(path: Path, lines: int = 40) -> str:
 def _start_sim(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     with log.open("wb") as err:
         proc = _spawn(
-            [sys.executable, "-m", "ops.simrouter", "--port", "0", "--api-key", UPSTREAM_KEY],
+            [sys.executable, "-m", "ops.simrouter", "--port", "0"],
+            env={**os.environ, "SIMROUTER_API_KEY": UPSTREAM_KEY},
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=err,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -245,6 +246,28 @@ def test_config_url_credentials_stay_out_of_messages() -> None:
     assert spec.describe() == "streamable HTTP: https://h.example/mcp"
 
 
+ARG_SECRET = "postgres://app:pg-S3cret@db/app"
+ENV_SECRET = "env-S3cret"
+
+
+def test_stdio_args_and_env_stay_out_of_descriptions() -> None:
+    spec = McpServerSpec(
+        command="pg-mcp", args=["--dsn", ARG_SECRET], env={"PGPASSWORD": ENV_SECRET}
+    )
+    for text in (spec.describe(), repr(spec), str(spec)):
+        assert "S3cret" not in text, text
+    assert spec.describe() == "stdio: pg-mcp with 2 arguments"
+    assert spec.scrub(f"failed: {ARG_SECRET} / {ENV_SECRET}") == "failed: [REDACTED] / [REDACTED]"
+
+
+def test_worker_log_redactor_knows_mcp_args_and_env(settings: Any) -> None:
+    from worker.settings import _secrets
+
+    config = {"pg": {"command": "pg-mcp", "args": ["-v", ARG_SECRET], "env": {"P": ENV_SECRET}}}
+    found = _secrets(settings.model_copy(update={"mcp_servers": json.dumps(config)}))
+    assert {ARG_SECRET, ENV_SECRET} <= set(found) and "-v" not in found
+
+
 # ---------------------------------------------------------------- connecting and sharing
 async def test_pool_connects_and_offers_tools(pool: McpPool, words_spec: McpServerSpec) -> None:
     await pool.start({"words": words_spec})
@@ -386,7 +409,11 @@ async def test_bad_command_does_not_stop_the_worker(
     await pool.start(
         {
             "words": stdio_spec(tmp_path / "p"),
-            "broken": McpServerSpec(command="/nonexistent/mcp-server", args=["--x"]),
+            "broken": McpServerSpec(
+                command="/nonexistent/mcp-server",
+                args=["--token", ARG_SECRET],
+                env={"PGPASSWORD": ENV_SECRET},
+            ),
         }
     )
     failed = [e for e in logs.events if e["event"] == "mcp.connect_failed"]
@@ -397,9 +424,12 @@ async def test_bad_command_does_not_stop_the_worker(
     with pytest.raises(McpUnavailable) as err:
         await pool.servers(["words", "broken"])
     message = str(err.value)
-    assert "MCP server 'broken' (stdio: /nonexistent/mcp-server --x) is unavailable" in message
+    assert "MCP server 'broken' (stdio: /nonexistent/mcp-server with 2 arguments)" in message
     assert "No such file or directory" in message
-    assert "Check that `/nonexistent/mcp-server --x` starts an MCP server on stdio" in message
+    assert "Check that the command of 'broken' in AGENTQ_MCP_SERVERS" in message
+    # configured args and env values never reach a message or a log event
+    for text in (message, repr(logs.events), repr(pool.status())):
+        assert ARG_SECRET not in text and ENV_SECRET not in text
     # jobs not naming it still work
     assert ANSWER in await run_words(pool, provider)
 

@@ -14,7 +14,7 @@ import pytest
 import redis as redis_sync
 
 from producer import keys
-from tests.procs import agentq, base_env, start_sim, start_worker, stop, until
+from tests.procs import KEY, agentq, base_env, start_sim, start_worker, stop, until
 from tests.test_faults import results, submit
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +28,9 @@ def finished(env: dict[str, str], batch_id: str) -> int:
 def sim_post(router_url: str, path: str, body: dict[str, object]) -> None:
     base = router_url.removesuffix("/v1")
     req = urllib.request.Request(
-        base + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        base + path,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
     )
     urllib.request.urlopen(req, timeout=10).read()
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -338,7 +340,7 @@ async def test_recorded_requests_stats_and_reset(
         extra_headers={"x-app-name": "demo", "x-user-id": "u42", "x-llm-tags": "a,b"},
     )
     base = sim.url.removesuffix("/v1")
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
         async with http.get(f"{base}/sim/requests") as r:
             recorded = await r.json()
         assert len(recorded) == 1
@@ -355,6 +357,32 @@ async def test_recorded_requests_stats_and_reset(
         async with http.get(f"{base}/sim/requests") as r:
             assert await r.json() == []
     assert sim.stats.total_requests == 0
+
+
+async def test_sim_endpoints_need_the_key(sim: SimRouter, client: openai.AsyncOpenAI) -> None:
+    """Recorded requests hold prompts: without the key, no /sim endpoint answers."""
+    await client.chat.completions.create(model="gpt-4o", messages=ask("secret prompt"))
+    base = sim.url.removesuffix("/v1")
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+        async with aiohttp.ClientSession(headers=headers) as http:
+            for method, path in (("GET", "requests"), ("GET", "stats"), ("POST", "reset")):
+                async with http.request(method, f"{base}/sim/{path}") as r:
+                    assert r.status == 401, (path, headers)
+                    assert "secret prompt" not in await r.text()
+    assert sim.stats.total_requests == 1  # the reset was refused
+
+
+def test_the_key_is_not_taken_from_the_command_line() -> None:
+    """`ps` shows command lines to every local user: the key comes from SIMROUTER_API_KEY."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.simrouter", "--port", "0", "--api-key", "sk-on-the-cmdline"],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a simulator that accepted the option would serve until killed
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2, done.stdout
+    assert "set SIMROUTER_API_KEY" in done.stderr
 
 
 async def test_cost_header(client: openai.AsyncOpenAI) -> None:

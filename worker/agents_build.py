@@ -17,12 +17,20 @@ from producer.settings import Settings
 from .errors import InvalidJob
 from .tools import Registry
 
+_NOT_FROM_JOBS = {
+    "store": "it would have the provider keep the prompts and outputs",
+    "metadata": "the Router reads it for routing, tags and spend tracking; use the job's "
+    "metadata (user_id, tags)",
+}
+"""Model settings a job may not pass to the Router, and why."""
+
 _MODEL_SETTINGS = frozenset(f.name for f in fields(ModelSettings)) - {
     "extra_headers",
     "extra_body",
     "extra_query",
     "extra_args",
     "retry",
+    *_NOT_FROM_JOBS,
 }
 
 
@@ -139,6 +147,10 @@ def plan(
         offered = ", ".join(sorted(mcp_names)) or "none"
         raise InvalidJob(f"unknown MCP servers {unknown_mcp}; the workers offer: {offered}")
 
+    refused = sorted(set(spec.model_settings) & _NOT_FROM_JOBS.keys())
+    if refused:
+        why = "; ".join(f"{k}: {_NOT_FROM_JOBS[k]}" for k in refused)
+        raise InvalidJob(f"model_settings {refused} are not passed to the Router ({why})")
     bad = sorted(set(spec.model_settings) - _MODEL_SETTINGS)
     if bad:
         raise InvalidJob(f"unknown model_settings {bad}; allowed: {sorted(_MODEL_SETTINGS)}")

@@ -29,6 +29,7 @@ from producer.breakers import (
     read_breakers,
     router_field,
 )
+from producer.redact import safe_url
 
 from . import metrics
 
@@ -291,7 +292,9 @@ class Breakers:
                 while state is not None:
                     down_s = self._down_s(state)
                     if down_s > self.outage_max_s:
-                        raise OutageTooLong(state, down_s, self.outage_max_s, route.url)
+                        raise OutageTooLong(
+                            state, down_s, self.outage_max_s, safe_url(route.url)
+                        )
                     self._ensure_prober(state, route, model, probe)
                     await asyncio.sleep(POLL_S)
                     await self.refresh(POLL_S)

@@ -15,6 +15,7 @@ import openai
 from agents.exceptions import MaxTurnsExceeded, ModelBehaviorError, UserError
 
 from producer.models import JobError
+from producer.redact import safe_url
 
 from .breaker import BreakerOpen, OutageTooLong
 
@@ -108,6 +109,7 @@ def _is_connection_failure(exc: BaseException) -> bool:
 
 def classify(exc: BaseException, *, router_url: str, model: str) -> Failure:
     """The contract's error for an exception raised while running one attempt of a job."""
+    router_url = safe_url(router_url)  # job errors are stored, exported and shown
 
     def fail(kind: str, message: str, retryable: bool, after: float | None = None) -> Failure:
         return Failure(JobError(type=kind, message=message, retryable=retryable), after)  # type: ignore[arg-type]

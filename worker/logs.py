@@ -16,6 +16,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.types import EventDict, Processor
 
+from producer.private import open_private, private_dir
+
 _job_events: ContextVar[list[dict[str, Any]] | None] = ContextVar("agentq_job_events", default=None)
 
 MAX_EVENTS_PER_JOB = 200
@@ -95,9 +97,9 @@ def configure(
     """Configure structlog once per process: stdout, or a JSON-lines file (for `agentq run`,
     whose stdout shows results)."""
     out: TextIO = sys.stdout
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        out = log_file.open("a", encoding="utf-8")
+    if log_file is not None:  # prompts and outputs: readable by their owner only
+        private_dir(log_file.parent)
+        out = open_private(log_file, "a")
     console = fmt == "console" or (fmt == "auto" and log_file is None and sys.stdout.isatty())
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -120,7 +122,10 @@ def configure(
             logging.getLevelNamesMapping()[level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=True,
+        # Not cached: a module's logger cached on first use keeps the configuration of that
+        # moment (its output, its redactor's secrets) when a process builds a second worker
+        # (tests, an embedding application). Costs a few microseconds per event.
+        cache_logger_on_first_use=False,
     )
     # arq logs every job start and end through stdlib logging: too chatty at batch volume.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")

@@ -66,6 +66,8 @@ from agents.mcp import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from producer.redact import url_secrets
+
 from .errors import InvalidJob
 
 log = structlog.get_logger("agentq.mcp")
@@ -87,11 +89,13 @@ class McpServerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     command: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] | None = None
+    # args, env, url and headers may hold credentials (a --token, a database URL): they are
+    # never shown; see describe() and secrets().
+    args: list[str] = Field(default_factory=list, repr=False)
+    env: dict[str, str] | None = Field(default=None, repr=False)
     cwd: str | None = None
-    url: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    url: str | None = Field(default=None, repr=False)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
     timeout_s: float = Field(default=30, gt=0)
     cache_tools: bool = True
 
@@ -124,22 +128,44 @@ class McpServerSpec(BaseModel):
         return "stdio" if self.command is not None else "http"
 
     def describe(self) -> str:
-        """What the server is, for messages: the command line, or the URL without credentials
-        (headers are never shown)."""
+        """What the server is, for logs and messages: the program (never its args or env), or
+        the URL without credentials, query or fragment (headers are never shown)."""
         if self.command is not None:
-            return "stdio: " + shlex.join([self.command, *self.args])
+            n = len(self.args)
+            more = f" with {n} argument{'s' if n != 1 else ''}" if n else ""
+            return f"stdio: {shlex.quote(self.command)}{more}"
         assert self.url is not None
         return f"streamable HTTP: {_safe_url(self.url)}"
+
+    def secrets(self) -> list[str]:
+        """Configured values that may be credentials, for redaction: every arg, env value and
+        header value, and the URL's password and query values."""
+        found = [*self.args, *(self.env or {}).values()]
+        found += [v.removeprefix("Bearer ") for v in self.headers.values()]
+        found += url_secrets(self.url)
+        return [s for s in found if len(s) >= MIN_SECRET_CHARS]
+
+    def scrub(self, text: str) -> str:
+        """`text` (an error from the server or its transport) without any configured value."""
+        for s in sorted(self.secrets(), key=len, reverse=True):
+            text = text.replace(s, "[REDACTED]")
+        return text
+
+
+MIN_SECRET_CHARS = 4
+"""Shorter configured values (-m, -v) are not redacted: too short to be a credential, and
+replacing them everywhere would garble messages (the log redactor uses the same bound)."""
 
 
 def _safe_url(url: str) -> str:
     """The URL without user info, query or fragment (they may hold credentials)."""
     try:
         parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     except ValueError:
         return "<unparsable URL>"
+    if "@" in parts.path + parts.query + parts.fragment:  # a password with / ? or # in it
+        return f"{parts.scheme}://<hidden>"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def parse_mcp_config(text: str) -> dict[str, McpServerSpec]:
@@ -462,7 +488,7 @@ class McpPool:
                 await owner
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            slot.error = _error_text(exc)
+            slot.error = slot.spec.scrub(_error_text(exc))
             slot.failures += 1
             backoff = min(RETRY_MIN_S * 2 ** (slot.failures - 1), RETRY_MAX_S)
             slot.retry_at = time.monotonic() + backoff
@@ -497,8 +523,8 @@ class McpPool:
         spec = slot.spec
         if spec.command is not None:
             check = (
-                f"check that `{shlex.join([spec.command, *spec.args])}` starts an MCP server on "
-                "stdio (run it by hand), and its env/cwd in " + ENV_VAR
+                f"check that the command of {slot.name!r} in {ENV_VAR} (`{spec.command}` with "
+                "its args) starts an MCP server on stdio (run it by hand), and its env/cwd"
             )
         else:
             check = (

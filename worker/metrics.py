@@ -47,8 +47,10 @@ def model_label(model: str) -> str:
 _served: set[int] = set()
 
 
-def serve(port: int) -> None:
-    """Start the /metrics endpoint in a thread (prometheus_client's own server)."""
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Start the /metrics endpoint in a thread (prometheus_client's own server) on `host`:
+    loopback unless AGENTQ_METRICS_HOST says otherwise (prometheus_client's own default is
+    every interface)."""
     if port and port not in _served:  # once per process: a restarted worker loop reuses it
-        start_http_server(port)
+        start_http_server(port, addr=host)
         _served.add(port)

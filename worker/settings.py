@@ -19,6 +19,8 @@ from arq.worker import func
 
 from producer import keys
 from producer.connect import RETRY_ON, redis_url, retry_policy
+from producer.embedded import read_password
+from producer.redact import safe_url, url_secrets
 from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
@@ -92,7 +94,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     if isinstance(ctx.get("agentq_worker"), BatchStartWorker):
         breakers.park = ctx["agentq_worker"].park
     provider.breakers = breakers
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     mcp = McpPool()
     await mcp.start(parse_mcp_config(settings.mcp_servers))
     rt = Runtime(settings, store, provider, registry, worker_id(), mcp=mcp)
@@ -104,7 +106,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     log.info(
         "worker.started",
         worker=rt.worker_id,
-        router_url=settings.router_url,
+        router_url=safe_url(settings.router_url),
         routers=sorted(settings.routers),
         concurrency=settings.concurrency,
         queue=settings.queue,
@@ -254,12 +256,17 @@ async def _listen(rt: Runtime) -> None:
 
 
 def _secrets(settings: Settings) -> list[str]:
-    """Every key the worker holds, for the log redactor: the Routers' keys and MCP headers."""
+    """Every key the worker holds, for the log redactor: the Routers' keys, passwords in the
+    Router and Redis URLs, the MCP servers' headers, args and env values."""
     found = [settings.api_key.get_secret_value()]
     found += [spec.api_key() for spec in settings.routers.values()]
+    found += url_secrets(settings.router_url) + url_secrets(settings.redis_url)
+    if settings.redis_url is None:  # the embedded server's password
+        found.append(read_password(Path(settings.data_dir).resolve()) or "")
+    found += [s for router in settings.routers.values() for s in url_secrets(router.url)]
     with contextlib.suppress(ValueError):
         for spec in parse_mcp_config(settings.mcp_servers).values():
-            found += [v.removeprefix("Bearer ") for v in (spec.headers or {}).values()]
+            found += spec.secrets()
     return [s for s in found if s]
 
 
