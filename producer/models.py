@@ -7,8 +7,9 @@ import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
-import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .schema import check_output_schema
 
 
 class Status(StrEnum):
@@ -70,10 +71,7 @@ class AgentSpec(_Strict):
     @classmethod
     def _schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(v)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+            check_output_schema(v)  # its SchemaRefused is a ValueError: pydantic reports it
         return v
 
 

@@ -7,11 +7,11 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import jsonschema
 from agents import Agent, AgentOutputSchemaBase, ModelSettings
 from agents.exceptions import ModelBehaviorError
 
 from producer.models import AgentJob, AgentSpec
+from producer.schema import SchemaRefused, check_output_schema, output_validator
 from producer.settings import Settings
 
 from .errors import InvalidJob
@@ -31,11 +31,11 @@ class JsonSchemaOutput(AgentOutputSchemaBase):
 
     def __init__(self, schema: dict[str, Any]) -> None:
         try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise InvalidJob(f"output_schema is not a valid JSON Schema: {exc.message}") from None
+            check_output_schema(schema)
+        except SchemaRefused as exc:
+            raise InvalidJob(f"output_schema: {exc}") from None
         self._schema = schema
-        self._validator = jsonschema.Draft202012Validator(schema)
+        self._validator = output_validator(schema)
 
     def is_plain_text(self) -> bool:
         return False

@@ -177,8 +177,8 @@ async def _run_claimed(
                 error=JobError(
                     type="invalid_job",
                     message=f"this worker cannot read the stored job ({claim.spec_error}) — "
-                    "was it submitted by a newer agentq? Upgrade the workers, then "
-                    "`agentq retry BATCH`",
+                    "fix the job and submit it again; if a newer agentq submitted it, upgrade "
+                    "the workers, then `agentq retry BATCH`",
                 ),
             )
         else:
