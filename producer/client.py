@@ -151,6 +151,7 @@ class Producer:
     # -- read -----------------------------------------------------------------------------
 
     async def status(self, batch_id: str) -> BatchStatus:
+        check_batch_id(batch_id, existing=True)
         st = await self.store.batch_status(batch_id)
         if st is None:
             raise BatchNotFound(batch_id)

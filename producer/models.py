@@ -131,19 +131,24 @@ class AgentJob(_Strict):
         return "\n".join(parts)
 
 
-_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_LEGACY_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+"""Before ':' was reserved: batches submitted then may still be read, retried, cancelled."""
 
 
 class InvalidBatchId(ValueError):
     pass
 
 
-def check_batch_id(batch_id: str) -> str:
-    """Batch ids name Redis keys and travel in job payloads: letters, digits and _ . : -"""
-    if not _BATCH_ID.fullmatch(batch_id):
+def check_batch_id(batch_id: str, *, existing: bool = False) -> str:
+    """Batch ids name Redis keys and travel in job payloads: letters, digits and _ . -
+    A ':' would let one batch's keys name another's ("a:order" is the order list of "a"), so a
+    new batch may not have one; `existing` accepts the ids of batches submitted before."""
+    ok = (_LEGACY_BATCH_ID if existing else _BATCH_ID).fullmatch(batch_id)
+    if not ok or (existing and batch_id.endswith(":order")):
         raise InvalidBatchId(
-            f"batch id {batch_id!r} is not allowed: use up to 128 letters, digits and _ . : - "
-            "(starting with a letter or digit)"
+            f"batch id {batch_id!r} is not allowed: use up to 128 letters, digits and _ . - "
+            "(starting with a letter or digit; ':' is reserved for agentq's key names)"
         )
     return batch_id
 

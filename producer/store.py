@@ -49,6 +49,14 @@ end
 local function jkey(id) return JOB .. id end
 local function bkey(b) return BATCH .. b end
 local function okey(b) return BATCH .. b .. ':order' end
+-- Nothing but agentq's batch hash and order list may sit where a batch's keys belong; a
+-- script that would write them checks first, so it never stops halfway on WRONGTYPE.
+local function misfit(b)
+  local bt, ot = redis.call('TYPE', bkey(b))['ok'], redis.call('TYPE', okey(b))['ok']
+  if (bt == 'none' or bt == 'hash') and (ot == 'none' or ot == 'list') then return nil end
+  return redis.error_reply('WRONGTYPE the keys of batch ' .. b .. ' hold other data (' ..
+    bkey(b) .. ' is a ' .. bt .. ', ' .. okey(b) .. ' a ' .. ot .. '): nothing was written')
+end
 local function final(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function arq_id(id, q) return id .. '.' .. (q or '0') end
 local function publish(b, msg) redis.call('PUBLISH', EVENTS .. b, msg) end
@@ -117,6 +125,8 @@ end
 _SUBMIT = """
 -- ARGV: batch id, enqueued_at, then (job id, custom_id, spec) triples.
 local b, enq, now, new = ARGV[1], ARGV[2], now_ms(), 0
+local bad = misfit(b)
+if bad then return bad end
 -- A batch that was done and gets more jobs: the caller keeps its older records (keep_records).
 local revived = redis.call('ZSCORE', ACTIVE, b) == false
   and tonumber(redis.call('HGET', bkey(b), 'total') or '0') > 0
@@ -160,6 +170,8 @@ if st == 'running' and redis.call('HGET', jkey(id), 'nonce') == ARGV[5] then
 end
 if st ~= 'queued' then return {'busy'} end
 if (h[2] or '0') ~= ARGV[2] then return {'stale'} end
+local bad = misfit(b)
+if bad then return bad end
 local now = now_ms()
 dequeue(id, h[2])
 local cancelled = redis.call('HGET', bkey(b), 'cancelled_at')

@@ -124,4 +124,3 @@ async def test_stored_job_with_remote_ref_fails_at_claim(
     assert claim.holds and claim.job is None
     assert claim.spec_error and "points outside the schema" in claim.spec_error
     assert hits == []
-
