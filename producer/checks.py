@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .limits import TooDeep, check_depth
 from .models import AgentJob
 
 Check = Callable[[AgentJob], str | None]
@@ -27,6 +28,10 @@ def job_checker(max_input_chars: int, workers: Mapping[str, Mapping[str, Any]]) 
         return ", ".join(sorted(names)) or "none"
 
     def check(job: AgentJob) -> str | None:
+        try:  # a job built in Python was never a line: check what will be stored
+            check_depth(job.model_dump_json(exclude_unset=True), "the job")
+        except TooDeep as exc:
+            return str(exc)
         size = len(job.input_text())
         if size > max_input_chars:
             return (

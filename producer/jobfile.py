@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .checks import Check
+from .limits import check_depth
 from .models import AgentJob
 
 MAX_REPORTED = 50
@@ -83,6 +84,7 @@ def _wrong_type(err: Any) -> bool:
 
 def parse_line(text: str) -> AgentJob:
     """One job from one JSON line; raises ValueError with a readable reason."""
+    check_depth(text)  # before any parser recurses
     try:
         return AgentJob.model_validate_json(text)  # the fast path: pydantic parses the JSON
     except ValidationError:

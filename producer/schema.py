@@ -42,6 +42,10 @@ def check_output_schema(schema: dict[str, Any]) -> None:
         raise SchemaRefused(f"not a valid JSON Schema: {exc.message}") from None
     root = DRAFT202012.create_resource(schema)
     _check_refs(root, LOCAL_ONLY.resolver_with_root(root))
+    try:  # reveals $ref loops that consume nothing (not those only some outputs reach)
+        next(output_validator(schema).iter_errors(None), None)
+    except RecursionError:
+        raise SchemaRefused("its $refs loop without end: a $ref must lead somewhere") from None
 
 
 def _check_refs(resource: Resource[Any], resolver: Resolver[Any]) -> None:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from . import keys
+from .limits import check_depth
 from .models import (
     AgentJob,
     BatchStatus,
@@ -678,6 +679,7 @@ class Store:
             return Claim(state)
         spec, enqueued_at, runs, token = reply[1], reply[2] or None, int(reply[3]), reply[4]
         try:
+            check_depth(spec, "the stored job")
             job: AgentJob | None = AgentJob.model_validate_json(spec)
             error = None
         except ValueError as exc:

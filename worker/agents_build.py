@@ -10,6 +10,7 @@ from typing import Any
 from agents import Agent, AgentOutputSchemaBase, ModelSettings
 from agents.exceptions import ModelBehaviorError
 
+from producer.limits import TooDeep, check_depth
 from producer.models import AgentJob, AgentSpec
 from producer.schema import SchemaRefused, check_output_schema, output_validator
 from producer.settings import Settings
@@ -51,10 +52,16 @@ class JsonSchemaOutput(AgentOutputSchemaBase):
 
     def validate_json(self, json_str: str) -> Any:
         try:
+            check_depth(json_str, "the output")
             value = json.loads(json_str)
+        except TooDeep as exc:
+            raise ModelBehaviorError(str(exc)) from None
         except json.JSONDecodeError as exc:
             raise ModelBehaviorError(f"output is not JSON: {exc.msg}") from None
-        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        try:
+            errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        except RecursionError:  # a schema whose $refs loop without consuming the output
+            raise InvalidJob("output_schema refers to itself without end ($ref loop)") from None
         if errors:
             where = "/".join(str(p) for p in errors[0].path) or "(root)"
             raise ModelBehaviorError(
