@@ -1,15 +1,24 @@
-"""A job's output_schema: JSON Schema 2020-12 that never reaches outside the job.
+"""A job's output_schema: JSON Schema 2020-12 that never reaches outside the job and never
+makes validation take unbounded time.
 
-Whoever submits a job writes its schema, so a schema may not make a worker fetch anything: its
-`$ref`s must point inside the schema (checked at submit), and the validators resolve references
-through a registry that retrieves nothing (so a stored job that skipped the check fetches
-nothing either)."""
+Whoever submits a job writes its schema, and a prompt-injected model writes the output that is
+validated against it. So a schema may not make a worker fetch anything: its `$ref`s must point
+inside the schema (checked at submit), and validators resolve references through a registry
+that retrieves nothing. And its regular expressions (`pattern`, `patternProperties`) run on RE2,
+whose matching time is linear in the text: a backtracking pattern such as `^(a+)+$` cannot stall
+a worker. Patterns RE2 cannot run (lookarounds, backreferences) are refused at submit."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
+import re2
+from jsonschema import validators
+from jsonschema._utils import extras_msg
+from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 from referencing.exceptions import NoSuchResource, Unresolvable
 from referencing.jsonschema import DRAFT202012
@@ -30,47 +39,156 @@ being validated resolve."""
 
 
 class SchemaRefused(ValueError):
-    """The schema is not valid, or reaches outside itself."""
+    """The schema is not valid, reaches outside itself, or has a pattern RE2 cannot run."""
+
+
+# -- regular expressions on RE2 --------------------------------------------------------------
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the submitter, not to stderr
+_RE2_OPTIONS.max_mem = 1 << 20  # per pattern; a larger program is refused as too large
+
+
+@functools.lru_cache(maxsize=128)
+def regex(pattern: str) -> Any:
+    """The compiled RE2 pattern (re2.error when RE2 cannot run it)."""
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def _pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not regex(patrn).search(instance):
+        yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for patrn, subschema in patterns.items():
+        for k, v in instance.items():
+            if regex(patrn).search(k):
+                yield from validator.descend(v, subschema, path=k, schema_path=patrn)
+
+
+def _additional_properties(
+    validator: Any, ap: Any, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    """jsonschema's own, with patternProperties matched by RE2."""
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = [regex(p) for p in schema.get("patternProperties", {})]
+    extras = {
+        k for k in instance if k not in properties and not any(p.search(k) for p in patterns)
+    }
+    if validator.is_type(ap, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], ap, path=extra)
+    elif not ap and extras:
+        if patterns:
+            verb = "does" if len(extras) == 1 else "do"
+            joined = ", ".join(repr(each) for each in sorted(extras))
+            listed = ", ".join(repr(each) for each in sorted(schema["patternProperties"]))
+            yield ValidationError(f"{joined} {verb} not match any of the regexes: {listed}")
+        else:
+            error = "Additional properties are not allowed (%s %s unexpected)"
+            yield ValidationError(error % extras_msg(sorted(extras, key=str)))
+
+
+_Validator = validators.extend(
+    jsonschema.Draft202012Validator,
+    validators={
+        "pattern": _pattern,
+        "patternProperties": _pattern_properties,
+        "additionalProperties": _additional_properties,
+    },
+)
+
+
+# -- the submit-time check -------------------------------------------------------------------
 
 
 def check_output_schema(schema: dict[str, Any]) -> None:
     """Raise SchemaRefused unless `schema` is valid JSON Schema 2020-12 whose references all
-    resolve inside it."""
+    resolve inside it and whose patterns RE2 runs."""
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        _check(schema)
+    except RecursionError:  # a schema built in Python, never a (depth-checked) line
+        raise SchemaRefused("the schema nests too deep, or its $refs loop without end") from None
+
+
+def _check(schema: dict[str, Any]) -> None:
+    try:  # patterns are checked below, by the engine that runs them (not Python's re)
+        jsonschema.Draft202012Validator.check_schema(schema, format_checker=None)
     except jsonschema.SchemaError as exc:
         raise SchemaRefused(f"not a valid JSON Schema: {exc.message}") from None
     root = DRAFT202012.create_resource(schema)
-    _check_refs(root, LOCAL_ONLY.resolver_with_root(root))
-    try:  # reveals $ref loops that consume nothing (not those only some outputs reach)
-        next(output_validator(schema).iter_errors(None), None)
-    except RecursionError:
-        raise SchemaRefused("its $refs loop without end: a $ref must lead somewhere") from None
-
-
-def _check_refs(resource: Resource[Any], resolver: Resolver[Any]) -> None:
-    contents = resource.contents
-    if isinstance(contents, dict):
+    keywords: set[str] = set()
+    for resource, resolver in _subschemas(root, LOCAL_ONLY.resolver_with_root(root)):
+        contents = resource.contents
+        if not isinstance(contents, dict):
+            continue
+        keywords.update(contents)
+        if resource is not root and "$schema" in contents:
+            raise SchemaRefused("$schema is allowed only at the top: the schema is 2020-12")
         for keyword in _REF_KEYWORDS:
-            ref = contents.get(keyword)
-            if not isinstance(ref, str):
-                continue
-            if not ref.startswith("#"):
-                raise SchemaRefused(
-                    f"{keyword} {ref[:200]!r} points outside the schema; workers never fetch "
-                    "schemas: put the referenced schema under $defs and refer to it as "
-                    '"#/$defs/NAME"'
-                )
-            try:
-                resolver.lookup(ref)
-            except Unresolvable:
-                raise SchemaRefused(
-                    f"{keyword} {ref[:200]!r} points nowhere in the schema"
-                ) from None
+            if isinstance(ref := contents.get(keyword), str):
+                _check_ref(keyword, ref, resolver)
+        if isinstance(p := contents.get("pattern"), str):
+            _check_pattern(p)
+        for p in contents.get("patternProperties") or {}:
+            _check_pattern(p)
+    if "unevaluatedProperties" in keywords and "patternProperties" in keywords:
+        raise SchemaRefused(
+            "unevaluatedProperties together with patternProperties is not supported (its "
+            "patterns would run on a backtracking engine): use additionalProperties"
+        )
+    if "$schema" in schema and jsonschema.validators.validator_for(schema, default=None) is not (
+        jsonschema.Draft202012Validator
+    ):
+        raise SchemaRefused(
+            f"$schema {str(schema['$schema'])[:200]!r}: output schemas are JSON Schema 2020-12; "
+            "leave $schema out"
+        )
+    # reveals $ref loops that consume nothing (not those only some outputs reach)
+    next(output_validator(schema).iter_errors(None), None)
+
+
+def _subschemas(
+    resource: Resource[Any], resolver: Resolver[Any]
+) -> Iterator[tuple[Resource[Any], Resolver[Any]]]:
+    yield resource, resolver
     for sub in resource.subresources():
-        _check_refs(sub, resolver.in_subresource(sub))
+        yield from _subschemas(sub, resolver.in_subresource(sub))
 
 
-def output_validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
-    """A validator for the schema that resolves references only inside it."""
-    return jsonschema.Draft202012Validator(schema, registry=LOCAL_ONLY)
+def _check_ref(keyword: str, ref: str, resolver: Resolver[Any]) -> None:
+    if not ref.startswith("#"):
+        raise SchemaRefused(
+            f"{keyword} {ref[:200]!r} points outside the schema; workers never fetch "
+            'schemas: put the referenced schema under $defs and refer to it as "#/$defs/NAME"'
+        )
+    try:
+        resolver.lookup(ref)
+    except Unresolvable:
+        raise SchemaRefused(f"{keyword} {ref[:200]!r} points nowhere in the schema") from None
+
+
+def _check_pattern(p: str) -> None:
+    try:
+        regex(p)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise SchemaRefused(
+            f"pattern {p[:200]!r} cannot run on the linear-time matcher (RE2: {reason}): "
+            "lookarounds and backreferences are not supported, rewrite it without them"
+        ) from None
+
+
+def output_validator(schema: dict[str, Any]) -> Any:
+    """A validator for the schema that resolves references only inside it and runs patterns
+    on RE2. A top-level $schema is dropped: it would hand the subschemas that $ref the top to
+    jsonschema's own validator (Python's backtracking re)."""
+    body = {k: v for k, v in schema.items() if k != "$schema"}
+    return _Validator(body, registry=LOCAL_ONLY)
