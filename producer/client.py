@@ -114,16 +114,19 @@ class Producer:
         """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again).
         `on_batch_id` hears the batch id before the first job is enqueued: if submit fails
         halfway, submitting the same file with that batch id completes the batch (idempotent)."""
-        count = validate_file(path, await self.checker())
+        limit = self.settings.max_line_bytes
+        count = validate_file(path, await self.checker(), max_line_bytes=limit)
         batch_id = batch_id or new_batch_id()
         check_batch_id(batch_id)
         if on_batch_id is not None:
             on_batch_id(batch_id)
-        return await self._enqueue(iter_jobs(path), count, batch_id)
+        return await self._enqueue(iter_jobs(path, limit), count, batch_id)
 
     async def checker(self) -> Check:
         """Checks against the size limit and the live workers' tools and agent profiles."""
-        return job_checker(self.settings.max_input_chars, await self.workers())
+        return job_checker(
+            self.settings.max_input_chars, self.settings.max_line_bytes, await self.workers()
+        )
 
     async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
         check_batch_id(batch_id)

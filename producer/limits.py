@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import accumulate
 
@@ -37,3 +38,31 @@ def check_depth(text: str | bytes, what: str = "the line") -> None:
             f"{what} nests JSON arrays and objects {depth} levels deep, over the limit of "
             f"{MAX_DEPTH}: flatten it"
         )
+
+
+# -- sizes of a job's fields (characters; the dict fields as JSON) -----------------------------
+# Each bounds what one job can make a worker hold: agents and run configs are cached per spec,
+# and names become metric labels and cache keys.
+
+MAX_LINE_BYTES = 1 << 20
+"""Default of AGENTQ_MAX_LINE_BYTES: the longest job line (or job, as JSON) accepted."""
+MAX_NAME_CHARS = 200
+"""A model, fallback, agent name, tool name, MCP server name or profile name."""
+MAX_FALLBACKS = 10
+MAX_NAMES = 64
+"""Tools, MCP servers of an agent spec; tags of the metadata."""
+MAX_INSTRUCTIONS_CHARS = 100_000
+MAX_SCHEMA_CHARS = 64_000
+"""output_schema, as JSON."""
+MAX_MODEL_SETTINGS_CHARS = 16_000
+"""model_settings, as JSON."""
+MAX_METADATA_CHARS = 16_000
+"""metadata, as JSON."""
+
+
+def check_json_size(value: object, limit: int) -> None:
+    """Raise ValueError when `value` (a job field: JSON already) is over `limit` characters as
+    compact JSON."""
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+    if size > limit:
+        raise ValueError(f"{size} characters as JSON, over the limit of {limit}: make it smaller")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
@@ -9,6 +10,7 @@ from typing import Any
 
 from agents import Agent, AgentOutputSchemaBase, ModelSettings
 from agents.exceptions import ModelBehaviorError
+from cachetools import LRUCache
 
 from producer.limits import TooDeep, check_depth
 from producer.models import AgentJob, AgentSpec
@@ -91,23 +93,32 @@ def resolve_model(name: str, job: AgentJob, settings: Settings) -> str:
     return settings.auto_large_model
 
 
-_AGENTS: dict[tuple[int, str], Agent[Any]] = {}
-"""Agents by registry and spec: batches repeat a few specs, and building one is not free."""
+AGENT_CACHE_BYTES = 32 << 20
+_ENTRY_BYTES = 16 << 10
+"""What one cached agent costs besides its spec (objects, the SDK's own state): with it the
+budget also bounds how many agents are kept."""
+
+_AGENTS: LRUCache[tuple[int, bytes], tuple[Agent[Any], int]] = LRUCache(
+    maxsize=AGENT_CACHE_BYTES, getsizeof=lambda entry: entry[1]
+)
+"""Agents by registry and spec digest: batches repeat a few specs, and building one is not
+free. Bounded by the size of the specs it holds (a job's instructions and schema can be large),
+least recently used first out."""
 
 
 def _agent(spec: AgentSpec, registry: Registry) -> Agent[Any]:
-    key = (id(registry), spec.model_dump_json())
-    agent = _AGENTS.get(key)
-    if agent is None:
-        if len(_AGENTS) > 1024:
-            _AGENTS.clear()
-        agent = _AGENTS[key] = Agent(
+    spec_json = spec.model_dump_json().encode()
+    key = (id(registry), hashlib.blake2b(spec_json, digest_size=16).digest())
+    entry = _AGENTS.get(key)
+    if entry is None:
+        agent = Agent(
             name=spec.name,
             instructions=spec.instructions,
             tools=[registry.tools[t] for t in spec.tools],
             output_type=JsonSchemaOutput(spec.output_schema) if spec.output_schema else None,
         )
-    return agent
+        entry = _AGENTS[key] = (agent, len(spec_json) + _ENTRY_BYTES)
+    return entry[0]
 
 
 def plan(
