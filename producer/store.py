@@ -70,8 +70,12 @@ end
 local function enqueue(id, b, score, front)
   local q = redis.call('HINCRBY', jkey(id), 'q', 1)
   local aid = arq_id(id, q)
-  redis.call('SET', ARQ .. aid, '{{"t":null,"f":"' .. FUNC .. '","a":["' .. id .. '","' .. b
-    .. '","' .. q .. '"],"k":{{}},"et":' .. score .. '}}', 'PX', PAYLOAD_MS)
+  -- every value JSON-encoded (an empty Lua table would encode as [] on some servers: "k" is
+  -- written as it is)
+  local payload = '{{"t":null,"f":' .. cjson.encode(FUNC) .. ',"a":'
+    .. cjson.encode({{id, b, tostring(q)}}) .. ',"k":{{}},"et":' .. cjson.encode(tonumber(score))
+    .. '}}'
+  redis.call('SET', ARQ .. aid, payload, 'PX', PAYLOAD_MS)
   if front then score = tonumber(score) - 1e13 end
   redis.call('ZADD', QUEUE, score, aid)
 end

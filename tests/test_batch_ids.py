@@ -96,3 +96,18 @@ async def test_claim_checks_before_it_writes(store: Store) -> None:
     with pytest.raises(ResponseError, match="hold other data"):
         await store.claim(job_id_for("b1", "j"), "b1", "w1", "1")
     assert await snapshot(store.redis) == before
+
+
+async def test_arq_payload_is_json_encoded(store: Store) -> None:
+    """The queue payload is built with cjson.encode: a batch id that got past the producer's
+    check (another client, an older producer) cannot break or extend it."""
+    import json
+
+    from worker.payload import load_job
+
+    odd = 'x","evil'
+    await store.submit_chunk(odd, [AgentJob(custom_id="j", input="x")])
+    (key,) = await store.redis.keys(keys.ARQ_JOB_PREFIX + "*")
+    raw = await store.redis.get(key)
+    assert json.loads(raw)["a"] == [job_id_for(odd, "j"), odd, "1"]
+    assert load_job(raw)["a"] == [job_id_for(odd, "j"), odd, "1"]
