@@ -11,7 +11,10 @@ a worker. Patterns RE2 cannot run (lookarounds, backreferences) are refused at s
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
@@ -96,14 +99,82 @@ def _additional_properties(
             yield ValidationError(error % extras_msg(sorted(extras, key=str)))
 
 
+def _canonical(value: Any) -> Any:
+    """A hashable form in which two JSON values are equal exactly when JSON Schema says so
+    (1 == 1.0, true != 1, object key order does not matter)."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, int | float):
+        return ("number", value)
+    if isinstance(value, str):
+        return ("string", value)
+    if isinstance(value, list):
+        return ("array", tuple(_canonical(v) for v in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((k, _canonical(v)) for k, v in value.items()))
+    return ("other", repr(value))
+
+
+def _unique_items(
+    validator: Any, unique: Any, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    """jsonschema's own compares every pair of objects (minutes for a long reply): hashing."""
+    if unique and validator.is_type(instance, "array"):
+        seen: set[Any] = set()
+        for item in instance:
+            key = _canonical(item)
+            if key in seen:
+                yield ValidationError(f"{instance!r:.200} has non-unique elements")
+                return
+            seen.add(key)
+
+
+class BudgetSpent(Exception):
+    """Validating one output took longer than its budget."""
+
+
+_deadline: ContextVar[float] = ContextVar("agentq_schema_deadline", default=math.inf)
+
+
+def _metered(keyword: Callable[..., Any]) -> Callable[..., Any]:
+    """A keyword that first checks the validation's deadline: JSON Schema validation costs
+    up to the schema's size times the output's, and both come from outside."""
+
+    def metered(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        if time.monotonic() > _deadline.get():
+            raise BudgetSpent
+        return keyword(validator, value, instance, schema)
+
+    return metered
+
+
 _Validator = validators.extend(
     jsonschema.Draft202012Validator,
     validators={
-        "pattern": _pattern,
-        "patternProperties": _pattern_properties,
-        "additionalProperties": _additional_properties,
+        name: _metered(keyword)
+        for name, keyword in {
+            **jsonschema.Draft202012Validator.VALIDATORS,
+            "pattern": _pattern,
+            "patternProperties": _pattern_properties,
+            "additionalProperties": _additional_properties,
+            "uniqueItems": _unique_items,
+        }.items()
     },
 )
+
+VALIDATION_BUDGET_S = 1.0
+"""Most time one output's validation may take (it runs on the worker's event loop)."""
+
+
+def output_errors(
+    validator: Any, value: Any, budget_s: float = VALIDATION_BUDGET_S
+) -> list[ValidationError]:
+    """The output's errors, first by path; raises BudgetSpent past `budget_s`."""
+    token = _deadline.set(time.monotonic() + budget_s)
+    try:
+        return sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+    finally:
+        _deadline.reset(token)
 
 
 # -- the submit-time check -------------------------------------------------------------------

@@ -26,7 +26,7 @@ _VALIDATE = """
 import json, sys
 from agents.exceptions import ModelBehaviorError
 from worker.agents_build import JsonSchemaOutput
-for schema, reply in json.loads(sys.argv[1]):
+for schema, reply in json.load(sys.stdin):
     try:
         JsonSchemaOutput(schema).validate_json(reply)
         print("valid")
@@ -47,19 +47,52 @@ def test_backtracking_patterns_fail_fast() -> None:
         ),
         ({"propertyNames": {"pattern": EVIL}}, json.dumps({TRAP: 1})),
     ]
-    res = subprocess.run(
-        [sys.executable, "-c", _VALIDATE, json.dumps(cases)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,  # the fixed code takes milliseconds; the old one about an hour
-    )
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert len(lines) == 3, res.stdout
+    lines = _validate_in_child(cases)  # the fixed code takes milliseconds; the old one hours
     assert "does not match '^(a+)+$'" in lines[0]
     assert "does not match any of the regexes: '^(a+)+$'" in lines[1]
     assert "does not match '^(a+)+$'" in lines[2]
+
+
+def _validate_in_child(cases: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """Validate replies in a child process: a regression fails the test at the timeout
+    instead of hanging it. One line a reply: "valid", or why not."""
+    res = subprocess.run(
+        [sys.executable, "-c", _VALIDATE],
+        input=json.dumps(cases),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == len(cases), res.stdout
+    return lines
+
+
+def test_long_unique_arrays_are_checked_in_linear_time() -> None:
+    """uniqueItems compared every pair of objects: 34 s for 6,000 (minutes for a long reply)."""
+    distinct = json.dumps([{"a": i} for i in range(20_000)])
+    repeated = json.dumps([{"a": i} for i in range(20_000)] + [{"a": 7.0}])
+    unique = {"type": "array", "uniqueItems": True}
+    lines = _validate_in_child(
+        [
+            (unique, distinct),
+            (unique, repeated),
+            (unique, json.dumps([True, 1, False, 0, {"a": [1]}, {"a": [True]}])),
+        ]
+    )
+    assert lines[0] == "valid" and lines[2] == "valid", lines
+    assert "has non-unique elements" in lines[1]
+
+
+def test_a_costly_schema_and_reply_stop_at_the_budget() -> None:
+    """Validation costs up to the schema's size times the reply's: each output gets a time
+    budget, and going over it fails the job (output_invalid) instead of stalling the worker."""
+    branches = [{"properties": {"a": {"const": i}}, "required": ["a"]} for i in range(2000)]
+    schema = {"type": "array", "items": {"anyOf": branches}}
+    (line,) = _validate_in_child([(schema, json.dumps([{"a": 1999}] * 20_000))])
+    assert "took over 1 s (the budget of one output)" in line
 
 
 def test_patterns_keep_their_meaning() -> None:

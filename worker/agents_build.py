@@ -14,7 +14,14 @@ from cachetools import LRUCache
 
 from producer.limits import TooDeep, check_depth
 from producer.models import AgentJob, AgentSpec
-from producer.schema import SchemaRefused, check_output_schema, output_validator
+from producer.schema import (
+    VALIDATION_BUDGET_S,
+    BudgetSpent,
+    SchemaRefused,
+    check_output_schema,
+    output_errors,
+    output_validator,
+)
 from producer.settings import Settings
 
 from .errors import InvalidJob
@@ -61,9 +68,14 @@ class JsonSchemaOutput(AgentOutputSchemaBase):
         except json.JSONDecodeError as exc:
             raise ModelBehaviorError(f"output is not JSON: {exc.msg}") from None
         try:
-            errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+            errors = output_errors(self._validator, value)
         except RecursionError:  # a schema whose $refs loop without consuming the output
             raise InvalidJob("output_schema refers to itself without end ($ref loop)") from None
+        except BudgetSpent:
+            raise ModelBehaviorError(
+                f"checking the output against output_schema took over {VALIDATION_BUDGET_S:g} s "
+                "(the budget of one output): make the schema or the output smaller"
+            ) from None
         if errors:
             where = "/".join(str(p) for p in errors[0].path) or "(root)"
             raise ModelBehaviorError(
