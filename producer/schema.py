@@ -60,7 +60,7 @@ def regex(pattern: str) -> Any:
 
 def _pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
     if validator.is_type(instance, "string") and not regex(patrn).search(instance):
-        yield ValidationError(f"{instance!r} does not match {patrn!r}")
+        yield ValidationError(f"{instance!r:.200} does not match {patrn!r:.200}")
 
 
 def _pattern_properties(

@@ -141,3 +141,17 @@ def test_the_agent_cache_is_bounded_by_size() -> None:
         agents_build._AGENTS.clear()
     # 500 x 100 kB instructions, twice (the agent's and its cache key): 100 MB before
     assert held < 48 * BIG  # the 32 MB budget, and the rest of what a plan holds
+
+
+def test_an_output_error_quotes_a_bounded_part_of_the_output() -> None:
+    """jsonschema quotes the whole value in its message; the job's error keeps 500 characters
+    of it (before: the whole reply, again, in the record and the logs)."""
+    from agents.exceptions import ModelBehaviorError
+
+    from worker.agents_build import JsonSchemaOutput
+
+    out = JsonSchemaOutput({"properties": {"s": {"type": "string"}, "p": {"pattern": "^a"}}})
+    for reply in ({"s": list(range(100_000))}, {"p": "b" * 100_000}):
+        with pytest.raises(ModelBehaviorError) as err:
+            out.validate_json(json.dumps(reply))
+        assert len(str(err.value)) < 600, len(str(err.value))

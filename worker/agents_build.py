@@ -36,6 +36,10 @@ _MODEL_SETTINGS = frozenset(f.name for f in fields(ModelSettings)) - {
 }
 
 
+MAX_ERROR_CHARS = 500
+"""Longest validation message kept in a job's error (it quotes the model's output)."""
+
+
 class JsonSchemaOutput(AgentOutputSchemaBase):
     """Structured output from a plain JSON Schema (a job cannot send Python types)."""
 
@@ -78,9 +82,10 @@ class JsonSchemaOutput(AgentOutputSchemaBase):
             ) from None
         if errors:
             where = "/".join(str(p) for p in errors[0].path) or "(root)"
-            raise ModelBehaviorError(
-                f"output does not match output_schema at {where}: {errors[0].message}"
-            )
+            message = errors[0].message  # jsonschema quotes the whole value: keep it short
+            if len(message) > MAX_ERROR_CHARS:
+                message = message[:MAX_ERROR_CHARS] + "…"
+            raise ModelBehaviorError(f"output does not match output_schema at {where}: {message}")
         return value
 
 
