@@ -12,9 +12,23 @@ from .models import AgentJob
 Check = Callable[[AgentJob], str | None]
 
 
-def job_checker(
-    max_input_chars: int, max_line_bytes: int, workers: Mapping[str, Mapping[str, Any]]
-) -> Check:
+def stored_size_problem(job: AgentJob, max_line_bytes: int) -> str | None:
+    """For a job built in Python (never a line whose size and depth were checked): what is
+    wrong with it as it will be stored, or None."""
+    spec = job.model_dump_json(exclude_unset=True)
+    if (size := len(spec.encode())) > max_line_bytes:
+        return (
+            f"the job is {size} bytes as JSON, over the limit of {max_line_bytes} "
+            "(AGENTQ_MAX_LINE_BYTES): make its fields smaller"
+        )
+    try:
+        check_depth(spec, "the job")
+    except TooDeep as exc:
+        return str(exc)
+    return None
+
+
+def job_checker(max_input_chars: int, workers: Mapping[str, Mapping[str, Any]]) -> Check:
     """A check for one job; returns the reason it is bad, or None. With no live workers the
     registry is unknown: names are then checked by the worker when the job runs."""
     tools: set[str] = set()
@@ -30,17 +44,6 @@ def job_checker(
         return ", ".join(sorted(names)) or "none"
 
     def check(job: AgentJob) -> str | None:
-        # A job built in Python was never a line: check what will be stored.
-        spec = job.model_dump_json(exclude_unset=True)
-        if (size := len(spec.encode())) > max_line_bytes:
-            return (
-                f"the job is {size} bytes as JSON, over the limit of {max_line_bytes} "
-                "(AGENTQ_MAX_LINE_BYTES): make its fields smaller"
-            )
-        try:
-            check_depth(spec, "the job")
-        except TooDeep as exc:
-            return str(exc)
         size = len(job.input_text())
         if size > max_input_chars:
             return (

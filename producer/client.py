@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import keys
-from .checks import Check, job_checker
+from .checks import Check, job_checker, stored_size_problem
 from .connect import connect
 from .jobfile import JobFileError, LineError, iter_jobs, validate_file
 from .models import AgentJob, BatchStatus, ResultRecord, Status, check_batch_id, new_batch_id
@@ -92,7 +92,7 @@ class Producer:
         seen: dict[str, int] = {}
         errors = []
         for n, job in enumerate(jobs, 1):
-            reason = check(job)
+            reason = stored_size_problem(job, self.settings.max_line_bytes) or check(job)
             if reason is None and job.custom_id in seen:
                 reason = (
                     f"duplicate custom_id {job.custom_id!r} (first at job {seen[job.custom_id]})"
@@ -124,9 +124,7 @@ class Producer:
 
     async def checker(self) -> Check:
         """Checks against the size limit and the live workers' tools and agent profiles."""
-        return job_checker(
-            self.settings.max_input_chars, self.settings.max_line_bytes, await self.workers()
-        )
+        return job_checker(self.settings.max_input_chars, await self.workers())
 
     async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
         check_batch_id(batch_id)
