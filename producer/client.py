@@ -114,10 +114,9 @@ class Producer:
         """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again).
         `on_batch_id` hears the batch id before the first job is enqueued: if submit fails
         halfway, submitting the same file with that batch id completes the batch (idempotent)."""
+        batch_id = check_batch_id(batch_id or new_batch_id())  # before reading a large file
         limit = self.settings.max_line_bytes
         count = validate_file(path, await self.checker(), max_line_bytes=limit)
-        batch_id = batch_id or new_batch_id()
-        check_batch_id(batch_id)
         if on_batch_id is not None:
             on_batch_id(batch_id)
         return await self._enqueue(iter_jobs(path, limit), count, batch_id)
