@@ -6,9 +6,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .limits import TooDeep, check_depth
 from .models import AgentJob
 
 Check = Callable[[AgentJob], str | None]
+
+
+def stored_size_problem(job: AgentJob, max_line_bytes: int) -> str | None:
+    """For a job built in Python (never a line whose size and depth were checked): what is
+    wrong with it as it will be stored, or None."""
+    spec = job.model_dump_json(exclude_unset=True)
+    if (size := len(spec.encode())) > max_line_bytes:
+        return (
+            f"the job is {size} bytes as JSON, over the limit of {max_line_bytes} "
+            "(AGENTQ_MAX_LINE_BYTES): make its fields smaller"
+        )
+    try:
+        check_depth(spec, "the job")
+    except TooDeep as exc:
+        return str(exc)
+    return None
 
 
 def job_checker(max_input_chars: int, workers: Mapping[str, Mapping[str, Any]]) -> Check:

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import keys
-from .checks import Check, job_checker
+from .checks import Check, job_checker, stored_size_problem
 from .connect import connect
 from .jobfile import JobFileError, LineError, iter_jobs, validate_file
 from .models import AgentJob, BatchStatus, ResultRecord, Status, check_batch_id, new_batch_id
@@ -92,7 +92,7 @@ class Producer:
         seen: dict[str, int] = {}
         errors = []
         for n, job in enumerate(jobs, 1):
-            reason = check(job)
+            reason = stored_size_problem(job, self.settings.max_line_bytes) or check(job)
             if reason is None and job.custom_id in seen:
                 reason = (
                     f"duplicate custom_id {job.custom_id!r} (first at job {seen[job.custom_id]})"
@@ -114,12 +114,12 @@ class Producer:
         """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again).
         `on_batch_id` hears the batch id before the first job is enqueued: if submit fails
         halfway, submitting the same file with that batch id completes the batch (idempotent)."""
-        count = validate_file(path, await self.checker())
-        batch_id = batch_id or new_batch_id()
-        check_batch_id(batch_id)
+        batch_id = check_batch_id(batch_id or new_batch_id())  # before reading a large file
+        limit = self.settings.max_line_bytes
+        count = validate_file(path, await self.checker(), max_line_bytes=limit)
         if on_batch_id is not None:
             on_batch_id(batch_id)
-        return await self._enqueue(iter_jobs(path), count, batch_id)
+        return await self._enqueue(iter_jobs(path, limit), count, batch_id)
 
     async def checker(self) -> Check:
         """Checks against the size limit and the live workers' tools and agent profiles."""
@@ -151,6 +151,7 @@ class Producer:
     # -- read -----------------------------------------------------------------------------
 
     async def status(self, batch_id: str) -> BatchStatus:
+        check_batch_id(batch_id, existing=True)
         st = await self.store.batch_status(batch_id)
         if st is None:
             raise BatchNotFound(batch_id)

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .checks import Check
+from .limits import MAX_LINE_BYTES, check_depth
 from .models import AgentJob
 
 MAX_REPORTED = 50
@@ -69,6 +70,12 @@ def describe(exc: ValidationError) -> str:
             parts.append(f"unknown field '{loc}'")
         elif err["type"] == "missing":
             parts.append(f"missing required field '{loc}'")
+        elif err["type"] == "string_too_long":
+            size, limit = len(err["input"]), err["ctx"]["max_length"]
+            parts.append(f"{loc}: {size} characters, over the limit of {limit}: make it shorter")
+        elif err["type"] == "too_long":
+            items, most = err["ctx"].get("actual_length"), err["ctx"]["max_length"]
+            parts.append(f"{loc}: {items} items, over the limit of {most}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}" if loc else msg)
@@ -83,6 +90,7 @@ def _wrong_type(err: Any) -> bool:
 
 def parse_line(text: str) -> AgentJob:
     """One job from one JSON line; raises ValueError with a readable reason."""
+    check_depth(text)  # before any parser recurses
     try:
         return AgentJob.model_validate_json(text)  # the fast path: pydantic parses the JSON
     except ValidationError:
@@ -99,14 +107,43 @@ def parse_line(text: str) -> AgentJob:
         raise ValueError(describe(exc)) from None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("r", encoding="utf-8-sig") as f:  # a BOM from some editors is fine
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, line
+_BOM = b"\xef\xbb\xbf"  # from some editors: fine
 
 
-def validate_file(path: str | Path, check: Check | None = None) -> int:
+class LineTooLong(ValueError):
+    pass
+
+
+def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str | ValueError]]:
+    """The non-blank lines of a file with their numbers; a line over `max_bytes` (or not
+    UTF-8) comes as the error to report, and is never held whole in memory."""
+    with path.open("rb") as f:
+        n = 0
+        while raw := f.readline(max_bytes + 2):  # the line, its \r\n, and one byte more
+            n += 1
+            if n == 1:
+                raw = raw.removeprefix(_BOM)
+            size = len(raw.rstrip(b"\r\n"))
+            if size > max_bytes:
+                while not raw.endswith(b"\n") and (raw := f.readline(1 << 16)):
+                    size += len(raw.rstrip(b"\r\n"))
+                yield n, LineTooLong(
+                    f"the line is {size} bytes, over the limit of {max_bytes} "
+                    "(AGENTQ_MAX_LINE_BYTES): make its fields smaller"
+                )
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield n, ValueError(f"not UTF-8 text: {exc}")
+                continue
+            if text.strip():
+                yield n, text
+
+
+def validate_file(
+    path: str | Path, check: Check | None = None, max_line_bytes: int = MAX_LINE_BYTES
+) -> int:
     """Check every line; return the number of jobs, or raise JobFileError listing bad lines.
 
     Streams the file; remembers only an 8-byte digest per custom_id, so memory stays small."""
@@ -116,36 +153,32 @@ def validate_file(path: str | Path, check: Check | None = None) -> int:
     seen: dict[bytes, int] = {}
     errors: list[LineError] = []
     total_bad = count = 0
-    try:
-        for n, text in _lines(p):
-            try:
-                job = parse_line(text)
-            except ValueError as exc:
-                total_bad += 1
-                if len(errors) < MAX_REPORTED:
-                    errors.append(LineError(n, str(exc)))
-                continue
-            reason = check(job) if check else None
-            if reason:
-                total_bad += 1
-                if len(errors) < MAX_REPORTED:
-                    errors.append(LineError(n, reason))
-                continue
-            digest = hashlib.blake2b(job.custom_id.encode(), digest_size=8).digest()
-            if digest in seen:
-                total_bad += 1
-                if len(errors) < MAX_REPORTED:
-                    errors.append(
-                        LineError(
-                            n,
-                            f"duplicate custom_id {job.custom_id!r} (first on line {seen[digest]})",
-                        )
-                    )
-                continue
-            seen[digest] = n
-            count += 1
-    except UnicodeDecodeError as exc:
-        raise JobFileError(str(p), [LineError(0, f"not UTF-8 text: {exc}")], 1) from None
+
+    def bad(n: int, reason: str) -> None:
+        nonlocal total_bad
+        total_bad += 1
+        if len(errors) < MAX_REPORTED:
+            errors.append(LineError(n, reason))
+
+    for n, text in _lines(p, max_line_bytes):
+        if isinstance(text, ValueError):
+            bad(n, str(text))
+            continue
+        try:
+            job = parse_line(text)
+        except ValueError as exc:
+            bad(n, str(exc))
+            continue
+        reason = check(job) if check else None
+        if reason:
+            bad(n, reason)
+            continue
+        digest = hashlib.blake2b(job.custom_id.encode(), digest_size=8).digest()
+        if digest in seen:
+            bad(n, f"duplicate custom_id {job.custom_id!r} (first on line {seen[digest]})")
+            continue
+        seen[digest] = n
+        count += 1
     if total_bad:
         raise JobFileError(str(p), errors, total_bad)
     if count == 0:
@@ -153,7 +186,9 @@ def validate_file(path: str | Path, check: Check | None = None) -> int:
     return count
 
 
-def iter_jobs(path: str | Path) -> Iterator[AgentJob]:
+def iter_jobs(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[AgentJob]:
     """Stream the jobs of a file already checked by validate_file."""
-    for _, text in _lines(Path(path)):
+    for _, text in _lines(Path(path), max_line_bytes):
+        if isinstance(text, ValueError):
+            raise text
         yield parse_line(text)

@@ -5,10 +5,19 @@ from __future__ import annotations
 import re
 import uuid
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from . import limits
+from .schema import check_output_schema
 
 
 class Status(StrEnum):
@@ -53,27 +62,37 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+Name = Annotated[str, StringConstraints(max_length=limits.MAX_NAME_CHARS)]
+
+
 class AgentSpec(_Strict):
     """An inline agent. Tools and MCP servers are names: code never travels through Redis.
     With `profile`, the named profile registered on the workers is the base and the fields
     given here override it."""
 
-    profile: str | None = None
-    name: str = Field(default="Assistant", min_length=1)
-    instructions: str = "You are a helpful assistant. Be concise."
-    tools: list[str] = Field(default_factory=list)
+    profile: Name | None = None
+    name: Name = Field(default="Assistant", min_length=1)
+    instructions: str = Field(
+        default="You are a helpful assistant. Be concise.",
+        max_length=limits.MAX_INSTRUCTIONS_CHARS,
+    )
+    tools: list[Name] = Field(default_factory=list, max_length=limits.MAX_NAMES)
     output_schema: dict[str, Any] | None = None
     model_settings: dict[str, Any] = Field(default_factory=dict)
-    mcp_servers: list[str] = Field(default_factory=list)
+    mcp_servers: list[Name] = Field(default_factory=list, max_length=limits.MAX_NAMES)
 
     @field_validator("output_schema")
     @classmethod
     def _schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(v)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+            limits.check_json_size(v, limits.MAX_SCHEMA_CHARS)
+            check_output_schema(v)  # its SchemaRefused is a ValueError: pydantic reports it
+        return v
+
+    @field_validator("model_settings")
+    @classmethod
+    def _settings_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        limits.check_json_size(v, limits.MAX_MODEL_SETTINGS_CHARS)
         return v
 
 
@@ -83,7 +102,15 @@ class JobMetadata(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     user_id: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list, max_length=limits.MAX_NAMES)
+
+
+JOB_MODEL_SETTINGS_REFUSED = frozenset(
+    {"metadata", "store", "extra_headers", "extra_body", "extra_query", "extra_args", "retry"}
+)
+"""model_settings a job may not set: they would pass the job's values through to the Router
+(request metadata, stored completions, raw headers and body). Agent profiles, written by the
+operator, may set metadata and store."""
 
 
 class AgentJob(_Strict):
@@ -92,8 +119,8 @@ class AgentJob(_Strict):
     custom_id: str = Field(min_length=1, max_length=512)
     input: str | list[ChatMessage]
     agent: str | AgentSpec | None = None
-    model: str | None = None
-    fallbacks: list[str] = Field(default_factory=list)
+    model: Name | None = None
+    fallbacks: list[Name] = Field(default_factory=list, max_length=limits.MAX_FALLBACKS)
     max_turns: int | None = Field(default=None, ge=1, le=100)
     timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     metadata: JobMetadata = Field(default_factory=JobMetadata)
@@ -107,12 +134,30 @@ class AgentJob(_Strict):
             raise ValueError("empty list: give at least one chat message")
         return v
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, v: JobMetadata) -> JobMetadata:
+        limits.check_json_size(v.model_dump(mode="json"), limits.MAX_METADATA_CHARS)
+        return v
+
     @field_validator("model")
     @classmethod
     def _model_not_blank(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError('model is blank: name a model, "auto", or leave it out')
         return v
+
+    @model_validator(mode="after")
+    def _no_router_passthrough(self) -> AgentJob:
+        if isinstance(self.agent, AgentSpec):
+            kept = sorted(set(self.agent.model_settings) & JOB_MODEL_SETTINGS_REFUSED)
+            if kept:
+                raise ValueError(
+                    f"agent.model_settings may not set {', '.join(kept)}: what reaches the "
+                    "Router besides the model call is the operator's choice (a job's user_id "
+                    "and tags go in its metadata)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _fallbacks_not_blank(self) -> AgentJob:
@@ -133,19 +178,24 @@ class AgentJob(_Strict):
         return "\n".join(parts)
 
 
-_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_LEGACY_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+"""Before ':' was reserved: batches submitted then may still be read, retried, cancelled."""
 
 
 class InvalidBatchId(ValueError):
     pass
 
 
-def check_batch_id(batch_id: str) -> str:
-    """Batch ids name Redis keys and travel in job payloads: letters, digits and _ . : -"""
-    if not _BATCH_ID.fullmatch(batch_id):
+def check_batch_id(batch_id: str, *, existing: bool = False) -> str:
+    """Batch ids name Redis keys and travel in job payloads: letters, digits and _ . -
+    A ':' would let one batch's keys name another's ("a:order" is the order list of "a"), so a
+    new batch may not have one; `existing` accepts the ids of batches submitted before."""
+    ok = (_LEGACY_BATCH_ID if existing else _BATCH_ID).fullmatch(batch_id)
+    if not ok or (existing and batch_id.endswith(":order")):
         raise InvalidBatchId(
-            f"batch id {batch_id!r} is not allowed: use up to 128 letters, digits and _ . : - "
-            "(starting with a letter or digit)"
+            f"batch id {batch_id!r} is not allowed: use up to 128 letters, digits and _ . - "
+            "(starting with a letter or digit; ':' is reserved for agentq's key names)"
         )
     return batch_id
 

@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(200_000, ge=1)
     """Largest job input accepted at submit."""
 
+    max_line_bytes: int = Field(1 << 20, ge=1024)
+    """Longest job line accepted at submit (a job given through the Python API: as JSON).
+    Every field has its own bound too (README: "Limits")."""
+
     routers: dict[str, RouterSpec] = Field(default_factory=dict)
     """More Routers by name, as JSON: {"backup": {"url": "https://...", "key_env": "BACKUP_KEY"}};
     a job's model or fallback "backup:gpt-4o" goes to that Router."""

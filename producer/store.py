@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from . import keys
+from .limits import check_depth
 from .models import (
     AgentJob,
     BatchStatus,
@@ -49,6 +50,14 @@ end
 local function jkey(id) return JOB .. id end
 local function bkey(b) return BATCH .. b end
 local function okey(b) return BATCH .. b .. ':order' end
+-- Nothing but agentq's batch hash and order list may sit where a batch's keys belong; a
+-- script that would write them checks first, so it never stops halfway on WRONGTYPE.
+local function misfit(b)
+  local bt, ot = redis.call('TYPE', bkey(b))['ok'], redis.call('TYPE', okey(b))['ok']
+  if (bt == 'none' or bt == 'hash') and (ot == 'none' or ot == 'list') then return nil end
+  return redis.error_reply('WRONGTYPE the keys of batch ' .. b .. ' hold other data (' ..
+    bkey(b) .. ' is a ' .. bt .. ', ' .. okey(b) .. ' a ' .. ot .. '): nothing was written')
+end
 local function final(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function arq_id(id, q) return id .. '.' .. (q or '0') end
 local function publish(b, msg) redis.call('PUBLISH', EVENTS .. b, msg) end
@@ -61,8 +70,12 @@ end
 local function enqueue(id, b, score, front)
   local q = redis.call('HINCRBY', jkey(id), 'q', 1)
   local aid = arq_id(id, q)
-  redis.call('SET', ARQ .. aid, '{{"t":null,"f":"' .. FUNC .. '","a":["' .. id .. '","' .. b
-    .. '","' .. q .. '"],"k":{{}},"et":' .. score .. '}}', 'PX', PAYLOAD_MS)
+  -- every value JSON-encoded (an empty Lua table would encode as [] on some servers: "k" is
+  -- written as it is)
+  local payload = '{{"t":null,"f":' .. cjson.encode(FUNC) .. ',"a":'
+    .. cjson.encode({{id, b, tostring(q)}}) .. ',"k":{{}},"et":' .. cjson.encode(tonumber(score))
+    .. '}}'
+  redis.call('SET', ARQ .. aid, payload, 'PX', PAYLOAD_MS)
   if front then score = tonumber(score) - 1e13 end
   redis.call('ZADD', QUEUE, score, aid)
 end
@@ -117,6 +130,8 @@ end
 _SUBMIT = """
 -- ARGV: batch id, enqueued_at, then (job id, custom_id, spec) triples.
 local b, enq, now, new = ARGV[1], ARGV[2], now_ms(), 0
+local bad = misfit(b)
+if bad then return bad end
 -- A batch that was done and gets more jobs: the caller keeps its older records (keep_records).
 local revived = redis.call('ZSCORE', ACTIVE, b) == false
   and tonumber(redis.call('HGET', bkey(b), 'total') or '0') > 0
@@ -160,6 +175,8 @@ if st == 'running' and redis.call('HGET', jkey(id), 'nonce') == ARGV[5] then
 end
 if st ~= 'queued' then return {'busy'} end
 if (h[2] or '0') ~= ARGV[2] then return {'stale'} end
+local bad = misfit(b)
+if bad then return bad end
 local now = now_ms()
 dequeue(id, h[2])
 local cancelled = redis.call('HGET', bkey(b), 'cancelled_at')
@@ -666,6 +683,7 @@ class Store:
             return Claim(state)
         spec, enqueued_at, runs, token = reply[1], reply[2] or None, int(reply[3]), reply[4]
         try:
+            check_depth(spec, "the stored job")
             job: AgentJob | None = AgentJob.model_validate_json(spec)
             error = None
         except ValueError as exc:

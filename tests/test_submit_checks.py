@@ -75,7 +75,7 @@ async def test_input_size_limit(settings: Settings, redis: Redis) -> None:
     assert await redis.dbsize() == 0
 
 
-@pytest.mark.parametrize("bad", ['x"y', "a b", "-lead", "ü", "x" * 129])
+@pytest.mark.parametrize("bad", ['x"y', "a b", "-lead", "ü", "x" * 129, "a:order", "x:y"])
 async def test_batch_id_is_checked(producer: Producer, redis: Redis, bad: str) -> None:
     from producer.models import InvalidBatchId
 
@@ -92,10 +92,10 @@ async def test_payload_is_what_arq_writes(producer: Producer, redis: Redis) -> N
     from worker.payload import load_job
 
     batch = await producer.submit(
-        [AgentJob(custom_id="a", input="x")], batch_id="nightly:2026-11.v1"
+        [AgentJob(custom_id="a", input="x")], batch_id="nightly-2026-11.v1"
     )
     jid = job_id_for(batch.id, "a")
     raw = await redis.get(keys.ARQ_JOB_PREFIX + arq_job_id(jid, 1))
     f, args, kwargs, tries, et = deserialize_job_raw(raw, deserializer=load_job)
-    assert (f, args, kwargs, tries) == ("run_agent_job", [jid, "nightly:2026-11.v1", "1"], {}, None)
+    assert (f, args, kwargs, tries) == ("run_agent_job", [jid, "nightly-2026-11.v1", "1"], {}, None)
     assert et > 0 and json.loads(raw)["et"] == et

@@ -206,18 +206,19 @@ async def test_invalid_jobs_fail_with_what_to_do(producer: Producer, settings: S
         job("tool", "hi", agent={"tools": ["no_such_tool"]}),
         job("profile", "hi", agent="no_such_profile"),
         job("settings", "hi", agent={"model_settings": {"temprature": 0.2}}),
-        job("store", "hi", agent={"model_settings": {"store": True, "metadata": {"a": "b"}}}),
     )
     for cid, needle in [
         ("tool", "unknown tools ['no_such_tool']; the workers offer: calculator"),
         ("profile", "unknown agent profile 'no_such_profile'"),
         ("settings", "unknown model_settings ['temprature']"),
-        ("store", "model_settings ['metadata', 'store'] are not passed to the Router"),
     ]:
         r = out[cid]
         assert r.status == Status.FAILED and r.error is not None, cid
         assert r.error.type == "invalid_job" and needle in r.error.message, (cid, r.error)
         assert r.attempts == []
+    # Settings that would reach the Router besides the call are refused before a job exists.
+    with pytest.raises(ValueError, match="model_settings may not set metadata, store"):
+        job("store", "hi", agent={"model_settings": {"store": True, "metadata": {"a": "b"}}})
 
 
 async def test_timeout(producer: Producer, settings: Settings) -> None:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import jsonschema
 from agents import Agent, AgentOutputSchemaBase, ModelSettings
 from agents.exceptions import ModelBehaviorError
+from cachetools import LRUCache
 
+from producer.limits import TooDeep, check_depth
 from producer.models import AgentJob, AgentSpec
+from producer.schema import (
+    VALIDATION_BUDGET_S,
+    BudgetSpent,
+    SchemaRefused,
+    check_output_schema,
+    output_errors,
+    output_validator,
+)
 from producer.settings import Settings
 
 from .errors import InvalidJob
@@ -34,16 +44,20 @@ _MODEL_SETTINGS = frozenset(f.name for f in fields(ModelSettings)) - {
 }
 
 
+MAX_ERROR_CHARS = 500
+"""Longest validation message kept in a job's error (it quotes the model's output)."""
+
+
 class JsonSchemaOutput(AgentOutputSchemaBase):
     """Structured output from a plain JSON Schema (a job cannot send Python types)."""
 
     def __init__(self, schema: dict[str, Any]) -> None:
         try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise InvalidJob(f"output_schema is not a valid JSON Schema: {exc.message}") from None
+            check_output_schema(schema)
+        except SchemaRefused as exc:
+            raise InvalidJob(f"output_schema: {exc}") from None
         self._schema = schema
-        self._validator = jsonschema.Draft202012Validator(schema)
+        self._validator = output_validator(schema)
 
     def is_plain_text(self) -> bool:
         return False
@@ -59,15 +73,27 @@ class JsonSchemaOutput(AgentOutputSchemaBase):
 
     def validate_json(self, json_str: str) -> Any:
         try:
+            check_depth(json_str, "the output")
             value = json.loads(json_str)
+        except TooDeep as exc:
+            raise ModelBehaviorError(str(exc)) from None
         except json.JSONDecodeError as exc:
             raise ModelBehaviorError(f"output is not JSON: {exc.msg}") from None
-        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        try:
+            errors = output_errors(self._validator, value)
+        except RecursionError:  # a schema whose $refs loop without consuming the output
+            raise InvalidJob("output_schema refers to itself without end ($ref loop)") from None
+        except BudgetSpent:
+            raise ModelBehaviorError(
+                f"checking the output against output_schema took over {VALIDATION_BUDGET_S:g} s "
+                "(the budget of one output): make the schema or the output smaller"
+            ) from None
         if errors:
             where = "/".join(str(p) for p in errors[0].path) or "(root)"
-            raise ModelBehaviorError(
-                f"output does not match output_schema at {where}: {errors[0].message}"
-            )
+            message = errors[0].message  # jsonschema quotes the whole value: keep it short
+            if len(message) > MAX_ERROR_CHARS:
+                message = message[:MAX_ERROR_CHARS] + "…"
+            raise ModelBehaviorError(f"output does not match output_schema at {where}: {message}")
         return value
 
 
@@ -92,23 +118,32 @@ def resolve_model(name: str, job: AgentJob, settings: Settings) -> str:
     return settings.auto_large_model
 
 
-_AGENTS: dict[tuple[int, str], Agent[Any]] = {}
-"""Agents by registry and spec: batches repeat a few specs, and building one is not free."""
+AGENT_CACHE_BYTES = 32 << 20
+_ENTRY_BYTES = 16 << 10
+"""What one cached agent costs besides its spec (objects, the SDK's own state): with it the
+budget also bounds how many agents are kept."""
+
+_AGENTS: LRUCache[tuple[int, bytes], tuple[Agent[Any], int]] = LRUCache(
+    maxsize=AGENT_CACHE_BYTES, getsizeof=lambda entry: entry[1]
+)
+"""Agents by registry and spec digest: batches repeat a few specs, and building one is not
+free. Bounded by the size of the specs it holds (a job's instructions and schema can be large),
+least recently used first out."""
 
 
 def _agent(spec: AgentSpec, registry: Registry) -> Agent[Any]:
-    key = (id(registry), spec.model_dump_json())
-    agent = _AGENTS.get(key)
-    if agent is None:
-        if len(_AGENTS) > 1024:
-            _AGENTS.clear()
-        agent = _AGENTS[key] = Agent(
+    spec_json = spec.model_dump_json().encode()
+    key = (id(registry), hashlib.blake2b(spec_json, digest_size=16).digest())
+    entry = _AGENTS.get(key)
+    if entry is None:
+        agent = Agent(
             name=spec.name,
             instructions=spec.instructions,
             tools=[registry.tools[t] for t in spec.tools],
             output_type=JsonSchemaOutput(spec.output_schema) if spec.output_schema else None,
         )
-    return agent
+        entry = _AGENTS[key] = (agent, len(spec_json) + _ENTRY_BYTES)
+    return entry[0]
 
 
 def plan(

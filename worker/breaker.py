@@ -359,4 +359,5 @@ async def _no_parking() -> AsyncIterator[None]:
 
 
 def _gauge(state: BreakerState, value: int) -> None:
-    metrics.BREAKER_OPEN.labels(state.router, metrics.model_label(state.model or "")).set(value)
+    model = metrics.model_label(state.model) if state.model else ""  # "": the whole Router
+    metrics.BREAKER_OPEN.labels(state.router, model).set(value)

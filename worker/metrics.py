@@ -23,7 +23,7 @@ IN_FLIGHT = Gauge("agentq_jobs_in_flight", "Agent runs in flight in this worker"
 QUEUE_DEPTH = Gauge("agentq_queue_depth", "Jobs waiting in the queue (sampled by this worker)")
 BREAKER_OPEN = Gauge(
     "agentq_breaker_open",
-    "1 while the circuit breaker of a Router (model=\"\") or of a model is open",
+    "1 while the circuit breaker of a Router (empty model label) or of one model is open",
     ["router", "model"],
 )
 LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")

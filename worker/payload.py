@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from producer.limits import TooDeep, check_depth
 from producer.store import RUN_FUNCTION
 
 
@@ -16,8 +17,12 @@ def _invalid(reason: str) -> dict[str, Any]:
 def load_job(data: bytes) -> dict[str, Any]:
     """arq's job_deserializer. Never raises, never unpickles."""
     try:
+        check_depth(data, "the queued payload")
+    except TooDeep as exc:
+        return _invalid(str(exc))
+    try:
         d = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _invalid("the queued payload is not JSON (a pickle, or written by something else)")
     if not isinstance(d, dict) or d.get("f") != RUN_FUNCTION:
         return _invalid("the queued payload is not an agentq job")

@@ -13,6 +13,7 @@ import openai
 import structlog
 from agents import ModelSettings, RunConfig, Runner
 from arq import Retry
+from cachetools import LRUCache
 from redis.exceptions import RedisError
 
 from producer.models import AgentJob, Attempt, JobError, ResultRecord, Status
@@ -28,6 +29,10 @@ from .provider import CallMeter, RouterProvider, current_meter
 from .tools import Registry
 
 log = structlog.get_logger("agentq.runner")
+
+RUN_CONFIG_CACHE_BYTES = 8 << 20
+_RUN_CONFIG_BYTES = 4096
+"""What one cached RunConfig costs besides its key."""
 
 
 @dataclass
@@ -51,7 +56,11 @@ class Runtime:
     worker_id: str
     mcp: McpPool = field(default_factory=McpPool)
     running: dict[str, Running] = field(default_factory=dict)
-    _run_configs: dict[tuple[str, str], RunConfig] = field(default_factory=dict)
+    _run_configs: LRUCache[tuple[str, str], tuple[RunConfig, int]] = field(
+        default_factory=lambda: LRUCache(
+            maxsize=RUN_CONFIG_CACHE_BYTES, getsizeof=lambda entry: entry[1]
+        )
+    )
 
     @property
     def in_flight(self) -> int:
@@ -63,20 +72,20 @@ class Runtime:
 
     def run_config(self, model: str, model_settings: ModelSettings) -> RunConfig:
         """RunConfigs are costly to build (type-hint checks); jobs with the same model and
-        settings share one."""
+        settings share one. Bounded by the size of their keys (jobs choose both)."""
         key = (model, repr(model_settings))
-        config = self._run_configs.get(key)
-        if config is None:
-            if len(self._run_configs) > 1024:
-                self._run_configs.clear()
-            config = self._run_configs[key] = RunConfig(
+        entry = self._run_configs.get(key)
+        if entry is None:
+            config = RunConfig(
                 model=model,
                 model_provider=self.provider,
                 model_settings=model_settings,
                 tracing_disabled=not self.tracing,
                 workflow_name="agentq",
             )
-        return config
+            size = len(key[0]) + len(key[1]) + _RUN_CONFIG_BYTES
+            entry = self._run_configs[key] = (config, size)
+        return entry[0]
 
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this worker's running jobs of a cancelled batch."""
@@ -177,8 +186,8 @@ async def _run_claimed(
                 error=JobError(
                     type="invalid_job",
                     message=f"this worker cannot read the stored job ({claim.spec_error}) — "
-                    "was it submitted by a newer agentq? Upgrade the workers, then "
-                    "`agentq retry BATCH`",
+                    "fix the job and submit it again; if a newer agentq submitted it, upgrade "
+                    "the workers, then `agentq retry BATCH`",
                 ),
             )
         else:

@@ -1,0 +1,48 @@
+"""The hostile-job suite at CI size (`python -m ops.hostile --quick`): every hostile job is
+refused or fails as it should, nothing is fetched, the key is nowhere (issue 9)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = [
+    "remote $ref",
+    "file:// $ref",
+    "lookaround pattern",
+    "deep JSON",
+    "2 MB line",
+    "batch id naming a key",
+    "stored job: remote $ref",
+    "stored job: deep JSON",
+    "queue payload: deep JSON",
+    "backtracking reply",
+]
+
+
+def test_hostile_suite_quick() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "ops.hostile", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    for case in CASES:
+        assert re.search(rf"^{re.escape(case)}\s+.*\sok$", out, re.M), f"{case}:\n{out}"
+    assert "FAIL" not in out and out.rstrip().endswith("PASS"), out
+    assert "fetched from the internal service: 0" in out, out
+    assert "Router key found in Redis, logs, results: nowhere" in out, out
+    assert re.search(r"^metric model labels: (\d+) ", out, re.M), out
