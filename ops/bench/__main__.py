@@ -115,13 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             embedded = procs.EmbeddedRedis(tmp / "valkey")
             url = embedded.start()
         redis_sync.Redis.from_url(url, socket_timeout=10).ping()
+        redis_pid = procs.local_redis_pid(url)
+        counted = (
+            f"pid {redis_pid}, its CPU and memory counted as agentq's"
+            if redis_pid is not None
+            else "not a local process: its CPU and memory are not counted"
+        )
         print(
             f"agentq bench ({'quick' if args.quick else 'full'}): {', '.join(names)}\n"
-            f"  Redis {url} ({'embedded Valkey' if embedded else 'given'}), "
+            f"  Redis {url} ({'embedded Valkey' if embedded else 'given'}; {counted}), "
             f"{os.cpu_count()} cores, python {sys.version.split()[0]}, scratch {tmp}",
             flush=True,
         )
-        bench = Bench(redis_url=url, sizes=sizes, tmp=tmp)
+        bench = Bench(redis_url=url, sizes=sizes, tmp=tmp, redis_pid=redis_pid)
         timeout = CASE_TIMEOUT_S["quick" if args.quick else "full"]
         rows = asyncio.run(run_cases(bench, names, timeout))
     finally:
