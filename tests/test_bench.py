@@ -85,7 +85,8 @@ def test_quick_bench_counts_every_agentq_process(tmp_path: Path) -> None:
         assert f"{label} {m['baseline_mb']:.0f} -> peak {m['peak_mb']:.0f} MB" in row["detail"]
     growth = max(memory[w]["growth_mb"] for w in ("worker-0", "worker-1"))
     assert f"worker memory +{growth:.0f} MB" in row["measured"]
-    assert "Redis" in stdout.split("== results", 1)[0].splitlines()[1]  # the header says whose
+    header = stdout.split("== results", 1)[0].splitlines()[1]
+    assert "its CPU and memory counted as agentq's" in header, header
 
 
 def _child(code: str) -> subprocess.Popen[str]:

@@ -82,7 +82,7 @@ async def run_cases(bench: Bench, names: list[str], case_timeout_s: float) -> li
             procs.stop_all()  # whatever a failed case left running
         for r in new:
             print(f"  {r.name} [{r.case}]: {r.measured} (target {r.target}) {r.status}", flush=True)
-        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"  ({name} took {time.perf_counter() - t0:.0f} s)", flush=True)
         rows += new
     return rows
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n== results ({time.perf_counter() - t0:.0f} s)\n")
+    print(f"\n== results (all cases took {time.perf_counter() - t0:.0f} s)\n")
     print(render(rows), flush=True)
     if args.json:
         args.json.write_text(

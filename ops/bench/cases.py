@@ -322,9 +322,9 @@ async def _sdk_pair(
     return Row(
         "sdk-loop",
         f"{latency}ms {kind} C={c}",
-        f"{ratio:.2f}x ({median(a_rate):.0f} vs {median(l_rate):.0f} runs/s; "
+        f"{ratio:.2f}x (agentq {median(a_rate):.0f} vs loop {median(l_rate):.0f} runs/s; "
         f"{median(a_rate) / median(d_rate):.2f}x the default-client loop's "
-        f"{median(d_rate):.0f})",
+        f"{median(d_rate):.0f} runs/s)",
         ">= 1.0x",
         ratio >= 1.0,
         value=round(ratio, 3),
@@ -382,7 +382,8 @@ async def scale_2v1(b: Bench) -> list[Row]:
         Row(
             "scale-2v1",
             "tool jobs, 0ms",
-            f"{ratio:.2f}x ({median(rate[2]):.0f} vs {median(rate[1]):.0f} runs/s)",
+            f"{ratio:.2f}x (2 workers {median(rate[2]):.0f} vs 1 worker "
+            f"{median(rate[1]):.0f} runs/s)",
             ">= 1.7x",
             ratio >= 1.7,
             value=round(ratio, 3),
@@ -464,7 +465,10 @@ async def submit(b: Bench) -> list[Row]:
         out[n] = await asyncio.to_thread(procs.run_json, args, timeout_for(n, 500))
         if out[n]["enqueued"] != n:
             raise RuntimeError(f"submit of {n} jobs enqueued {out[n]['enqueued']}")
-        b.say(f"{n} jobs: {out[n]['jobs_per_s']:,.0f} jobs/s, peak RSS +{out[n]['delta_mb']} MB")
+        b.say(
+            f"{n} jobs: {out[n]['jobs_per_s']:,.0f} jobs/s; the submitting process's peak RSS "
+            f"+{out[n]['delta_mb']} MB from after set-up"
+        )
         path.unlink()
     await b.flush()
     rate = out[big_n]["jobs_per_s"]
@@ -486,12 +490,15 @@ async def submit(b: Bench) -> list[Row]:
         Row(
             "submit",
             "producer memory",
-            f"+{out[big_n]['delta_mb']:.1f} MB at {big_n:,} vs "
+            f"peak RSS +{out[big_n]['delta_mb']:.1f} MB at {big_n:,} jobs vs "
             f"+{out[small_n]['delta_mb']:.1f} MB at {small_n:,}",
             "flat (growth <= 20 MB)",
             growth <= 20,
             value=round(growth, 1),
-            detail="peak RSS (ru_maxrss) of the submitting process, after set-up vs after submit",
+            detail=(
+                "peak RSS (ru_maxrss) of the submitting process (a process of its own) after "
+                "submit, minus its RSS after imports and client set-up (peak reset there)"
+            ),
         ),
     ]
 
@@ -672,7 +679,7 @@ async def rss(b: Bench) -> list[Row]:
         Row(
             "rss",
             "Redis / stored result",
-            f"{per_result / 1024:.2f} KB",
+            f"{per_result / 1024:.2f} KB Redis used_memory",
             "(information)",
             None,
             value=round(per_result),
