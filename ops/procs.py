@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import redis as redis_sync
 
@@ -120,6 +121,38 @@ def mem_mb(pid: int) -> dict[str, float]:
 
 def rss_mb(pid: int) -> float:
     return mem_mb(pid).get("VmRSS", 0.0)
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset a process's peak RSS (VmHWM) to its current RSS, so a later VmHWM is the peak
+    since now (Linux: "5" to /proc/<pid>/clear_refs). False if not allowed (another user's
+    process): its VmHWM is then the peak since it started."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def local_redis_pid(url: str) -> int | None:
+    """The pid of the Redis/Valkey server at url if it runs on this machine and its /proc entry
+    can be read (INFO's process_id, checked against the process's name); else None."""
+    host = urlsplit(url).hostname or ""
+    if url.startswith("unix:") or host in ("localhost", "127.0.0.1", "::1"):
+        client = redis_sync.Redis.from_url(url, socket_timeout=10)
+        try:
+            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+            pid = int(info["process_id"])
+        finally:
+            client.close()
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text()
+            cpu_s(pid)
+        except OSError:
+            return None
+        if "redis" in name or "valkey" in name:
+            return pid
+    return None
 
 
 # -- the simulated Router -------------------------------------------------------------------

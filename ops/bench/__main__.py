@@ -82,7 +82,7 @@ async def run_cases(bench: Bench, names: list[str], case_timeout_s: float) -> li
             procs.stop_all()  # whatever a failed case left running
         for r in new:
             print(f"  {r.name} [{r.case}]: {r.measured} (target {r.target}) {r.status}", flush=True)
-        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"  ({name} took {time.perf_counter() - t0:.0f} s)", flush=True)
         rows += new
     return rows
 
@@ -115,13 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             embedded = procs.EmbeddedRedis(tmp / "valkey")
             url = embedded.start()
         redis_sync.Redis.from_url(url, socket_timeout=10).ping()
+        redis_pid = procs.local_redis_pid(url)
+        counted = (
+            f"pid {redis_pid}, its CPU and memory counted as agentq's"
+            if redis_pid is not None
+            else "not a local process: its CPU and memory are not counted"
+        )
         print(
             f"agentq bench ({'quick' if args.quick else 'full'}): {', '.join(names)}\n"
-            f"  Redis {url} ({'embedded Valkey' if embedded else 'given'}), "
+            f"  Redis {url} ({'embedded Valkey' if embedded else 'given'}; {counted}), "
             f"{os.cpu_count()} cores, python {sys.version.split()[0]}, scratch {tmp}",
             flush=True,
         )
-        bench = Bench(redis_url=url, sizes=sizes, tmp=tmp)
+        bench = Bench(redis_url=url, sizes=sizes, tmp=tmp, redis_pid=redis_pid)
         timeout = CASE_TIMEOUT_S["quick" if args.quick else "full"]
         rows = asyncio.run(run_cases(bench, names, timeout))
     finally:
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n== results ({time.perf_counter() - t0:.0f} s)\n")
+    print(f"\n== results (all cases took {time.perf_counter() - t0:.0f} s)\n")
     print(render(rows), flush=True)
     if args.json:
         args.json.write_text(

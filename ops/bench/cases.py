@@ -30,6 +30,7 @@ from producer import Producer, keys
 from producer.models import AgentJob, AgentSpec, BatchStatus, Status, new_batch_id
 from producer.settings import load_settings
 
+from .measure import BENCH, TOTAL, CpuSplit, PeakMem, fmt_mem, fmt_split, median_round
 from .sdkloop import TOOL_AGENT, question
 
 # -- sizes ----------------------------------------------------------------------------------
@@ -105,6 +106,8 @@ class Row:
     value: float | None = None
     detail: str = ""
     error: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+    """The numbers behind measured/detail (CPU per process, memory peaks), for --json."""
 
     @property
     def status(self) -> str:
@@ -123,6 +126,7 @@ class Row:
             "target": self.target,
             "status": self.status,
             "detail": self.detail,
+            "data": self.data,
         }
 
 
@@ -134,7 +138,23 @@ class Bench:
     redis_url: str
     sizes: Sizes
     tmp: Path
+    redis_pid: int | None = None
+    """The Redis server's pid when it runs here (its CPU and memory are agentq's cost)."""
     say: Callable[[str], None] = field(default=lambda msg: print(f"  · {msg}", flush=True))
+
+    def agentq_pids(self, workers: Sequence[WorkerProc]) -> dict[str, list[int]]:
+        """The processes agentq adds besides the bench process: its workers and Redis."""
+        label = "worker" if len(workers) == 1 else f"{len(workers)} workers"
+        out = {label: [w.pid for w in workers]}
+        if self.redis_pid is not None:
+            out["Redis"] = [self.redis_pid]
+        return out
+
+    @property
+    def redis_note(self) -> str:
+        if self.redis_pid is not None:
+            return ""
+        return " (Redis not counted: not a local process this bench can read)"
 
     def producer(self, queue: str) -> Producer:
         return Producer.from_env(load_settings(redis_url=self.redis_url, queue=queue))
@@ -218,33 +238,6 @@ def timeout_for(n: int, min_rate: float = 10.0) -> float:
     return n / min_rate + 60.0
 
 
-def _cpu(pids: Sequence[int]) -> float:
-    return sum(procs.cpu_s(pid) for pid in pids)
-
-
-@dataclass
-class Meter:
-    """CPU seconds of some processes over a span of wall time."""
-
-    pids: Sequence[int]
-    t0: float = 0.0
-    c0: float = 0.0
-    seconds: float = 0.0
-    cpu: float = 0.0
-
-    def __enter__(self) -> Meter:
-        self.t0, self.c0 = time.perf_counter(), _cpu(self.pids)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        self.cpu = _cpu(self.pids) - self.c0
-
-    @property
-    def cores(self) -> float:
-        return self.cpu / self.seconds if self.seconds else 0.0
-
-
 def fmt_rounds(xs: Sequence[float], spec: str = ".2f") -> str:
     return " ".join(format(x, spec) for x in xs)
 
@@ -281,10 +274,10 @@ async def _sdk_pair(
     c: int,
 ) -> Row:
     a_rate: list[float] = []
-    a_cpu: list[float] = []
+    a_cpu: list[dict[str, float]] = []
     a_sim: list[float] = []
     l_rate: list[float] = []
-    l_cpu: list[float] = []
+    l_cpu: list[dict[str, float]] = []
     l_sim: list[float] = []
     d_rate: list[float] = []
     loop_args = ["-m", "ops.bench.sdkloop", "--url", sim.url, "--n", str(n)]
@@ -303,39 +296,49 @@ async def _sdk_pair(
                 continue
             if side == "agentq":
                 jobs = make_jobs(kind, n, prefix=f"{kind}-{r}-")
-                with Meter([w.pid]) as m, Meter([sim.pid]) as ms:
+                with CpuSplit(b.agentq_pids([w]), apart={"sim Router": [sim.pid]}) as m:
                     seconds = await run_batch(p, jobs, timeout_for(n))
                 a_rate.append(n / seconds)
-                a_cpu.append(m.cpu * 1000 / n)
-                a_sim.append(ms.cpu * 1000 / n)
+                a_cpu.append(m.ms_per(n))
+                a_sim.append(m.apart_ms_per(n)["sim Router"])
             else:
-                with Meter([sim.pid]) as ms:
+                with CpuSplit({}, apart={"sim Router": [sim.pid]}, count_self=False) as ms:
                     out = await asyncio.to_thread(procs.run_json, loop_args, timeout_for(n))
                 if out["failures"]:
                     raise RuntimeError(f"plain SDK loop: {out['failures']} of {n} runs failed")
                 l_rate.append(out["runs_per_s"])
-                l_cpu.append(out["cpu_ms_per_run"])
-                l_sim.append(ms.cpu * 1000 / (n + min(20, n)))
+                # the plain loop is one process: no Redis, no producer, no waiter
+                l_cpu.append({"loop process": out["cpu_ms_per_run"], TOTAL: out["cpu_ms_per_run"]})
+                l_sim.append(ms.apart_ms_per(n + min(20, n))["sim Router"])
         b.say(
-            f"{latency}ms {kind} round {r + 1}: agentq {a_rate[-1]:.0f}/s, pooled loop "
-            f"{l_rate[-1]:.0f}/s, default loop {d_rate[-1]:.0f}/s"
+            f"{latency}ms {kind} round {r + 1}: agentq {a_rate[-1]:.0f} runs/s, pooled loop "
+            f"{l_rate[-1]:.0f} runs/s, default loop {d_rate[-1]:.0f} runs/s; CPU ms/run: agentq "
+            f"{a_cpu[-1][TOTAL]:.2f} (worker, Redis, submit+wait), pooled loop "
+            f"{l_cpu[-1][TOTAL]:.2f}"
         )
     ratio = median(a_rate) / median(l_rate)
     per_round = [a / lo for a, lo in zip(a_rate, l_rate, strict=True)]
+    a_mid, l_mid = median_round(a_cpu), median_round(l_cpu)
     return Row(
         "sdk-loop",
         f"{latency}ms {kind} C={c}",
-        f"{ratio:.2f}x ({median(a_rate):.0f} vs {median(l_rate):.0f} runs/s; "
+        f"{ratio:.2f}x (agentq {median(a_rate):.0f} vs loop {median(l_rate):.0f} runs/s; "
         f"{median(a_rate) / median(d_rate):.2f}x the default-client loop's "
-        f"{median(d_rate):.0f})",
+        f"{median(d_rate):.0f} runs/s)",
         ">= 1.0x",
         ratio >= 1.0,
         value=round(ratio, 3),
         detail=(
-            f"n={n}/side/round; per-round ratios {fmt_rounds(per_round)}; CPU ms/run: "
-            f"agentq worker {median(a_cpu):.2f} vs loop {median(l_cpu):.2f}; "
-            f"sim Router {median(a_sim):.2f} vs {median(l_sim):.2f}"
+            f"n={n}/side/round; per-round ratios {fmt_rounds(per_round)}; CPU per run "
+            f"(the median round by total): agentq {fmt_split(a_mid, 'ms/run')}{b.redis_note} "
+            f"vs the pooled plain loop: {fmt_split(l_mid, 'ms/run')} (no Redis, producer or "
+            f"waiter); "
+            f"sim Router, on neither side: {median(a_sim):.2f} vs {median(l_sim):.2f} ms/run"
         ),
+        data={
+            "cpu_ms_per_run": {"agentq": a_mid, "loop": l_mid},
+            "sim_router_cpu_ms_per_run": {"agentq": median(a_sim), "loop": median(l_sim)},
+        },
     )
 
 
@@ -348,7 +351,7 @@ async def scale_2v1(b: Bench) -> list[Row]:
     n = b.sizes.scale_n
     q1, q2 = "bench:scale-1", "bench:scale-2"
     rate: dict[int, list[float]] = {1: [], 2: []}
-    workers_cores: dict[int, list[float]] = {1: [], 2: []}
+    cores: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     sim_cores: dict[int, list[float]] = {1: [], 2: []}
     with ExitStack() as stack:
         sim = stack.enter_context(SimRouterProc(0))
@@ -363,28 +366,36 @@ async def scale_2v1(b: Bench) -> list[Row]:
             for r in range(b.sizes.rounds):
                 for k in (1, 2) if r % 2 == 0 else (2, 1):
                     jobs = make_jobs("tool", n, prefix=f"s{k}-{r}-")
-                    with Meter([w.pid for w in groups[k]]) as m, Meter([sim.pid]) as ms:
+                    agentq = b.agentq_pids(groups[k])
+                    with CpuSplit(agentq, apart={"sim Router": [sim.pid]}) as m:
                         seconds = await run_batch(producers[k], jobs, timeout_for(n))
                     rate[k].append(n / seconds)
-                    workers_cores[k].append(m.cores)
-                    sim_cores[k].append(ms.cores)
-                b.say(f"round {r + 1}: 1 worker {rate[1][-1]:.0f}/s, 2 workers {rate[2][-1]:.0f}/s")
+                    cores[k].append(m.cores())
+                    sim_cores[k].append(m.apart_cores()["sim Router"])
+                b.say(
+                    f"round {r + 1}: 1 worker {rate[1][-1]:.0f} runs/s, "
+                    f"2 workers {rate[2][-1]:.0f} runs/s"
+                )
     ratio = median(rate[2]) / median(rate[1])
+    mid = {k: median_round(cores[k]) for k in (1, 2)}
     return [
         Row(
             "scale-2v1",
             "tool jobs, 0ms",
-            f"{ratio:.2f}x ({median(rate[2]):.0f} vs {median(rate[1]):.0f} runs/s)",
+            f"{ratio:.2f}x (2 workers {median(rate[2]):.0f} vs 1 worker "
+            f"{median(rate[1]):.0f} runs/s)",
             ">= 1.7x",
             ratio >= 1.7,
             value=round(ratio, 3),
             detail=(
                 f"n={n}/round; per-round 2-worker rates {fmt_rounds(rate[2], '.0f')}, "
-                f"1-worker {fmt_rounds(rate[1], '.0f')}; cores busy: 1 worker "
-                f"{median(workers_cores[1]):.2f} + sim Router {median(sim_cores[1]):.2f}, "
-                f"2 workers {median(workers_cores[2]):.2f} + sim Router "
-                f"{median(sim_cores[2]):.2f} (of {os.cpu_count()})"
+                f"1-worker {fmt_rounds(rate[1], '.0f')}; cores busy (CPU s per wall s, "
+                f"median round, of {os.cpu_count()}): 1-worker run: "
+                f"{fmt_split(mid[1], 'cores')}, sim Router {median(sim_cores[1]):.2f}; 2-worker "
+                f"run: {fmt_split(mid[2], 'cores')}, sim Router {median(sim_cores[2]):.2f}"
+                f"{b.redis_note}"
             ),
+            data={"cores_busy": {"1 worker": mid[1], "2 workers": mid[2]}},
         )
     ]
 
@@ -401,21 +412,25 @@ async def latency_500(b: Bench) -> list[Row]:
             queue = f"bench:lat500-{c}"
             n = c * b.sizes.lat500_waves
             rates: list[float] = []
-            cpu_ms: list[float] = []
+            cpu_ms: list[dict[str, float]] = []
             cores: list[float] = []
             with b.workers(1, sim, c, queue) as [w]:
                 async with b.producer(queue) as p:
                     await warm_up(p, 1, kinds=("plain",))
                     for r in range(b.sizes.lat500_rounds):
                         jobs = make_jobs("plain", n, prefix=f"l{c}-{r}-")
-                        with Meter([w.pid]) as m:
+                        with CpuSplit(b.agentq_pids([w])) as m:
                             seconds = await run_batch(p, jobs, timeout_for(n))
                         rates.append(n / seconds)
-                        cpu_ms.append(m.cpu * 1000 / n)
-                        cores.append(m.cores)
-                        b.say(f"C={c} round {r + 1}: {rates[-1]:.0f}/s")
+                        cpu_ms.append(m.ms_per(n))
+                        cores.append(m.cores()["worker"])
+                        b.say(
+                            f"C={c} round {r + 1}: {rates[-1]:.0f} runs/s, "
+                            f"{cpu_ms[-1][TOTAL]:.2f} CPU ms/job (worker, Redis, submit+wait)"
+                        )
             ideal = c / 0.5
             frac = median(rates) / ideal
+            mid = median_round(cpu_ms)
             rows.append(
                 Row(
                     "latency-500",
@@ -425,9 +440,11 @@ async def latency_500(b: Bench) -> list[Row]:
                     frac >= 0.9,
                     value=round(frac, 4),
                     detail=(
-                        f"n={n}/round, rounds {fmt_rounds(rates, '.0f')} runs/s; worker CPU "
-                        f"{median(cpu_ms):.2f} ms/job, {median(cores):.0%} of a core"
+                        f"n={n}/round, rounds {fmt_rounds(rates, '.0f')} runs/s; CPU (median "
+                        f"round by total): {fmt_split(mid, 'ms/job')}{b.redis_note}; the "
+                        f"worker process kept {median(cores):.0%} of a core busy"
                     ),
+                    data={"cpu_ms_per_job": mid, "worker_cores_busy": median(cores)},
                 )
             )
     return rows
@@ -448,7 +465,10 @@ async def submit(b: Bench) -> list[Row]:
         out[n] = await asyncio.to_thread(procs.run_json, args, timeout_for(n, 500))
         if out[n]["enqueued"] != n:
             raise RuntimeError(f"submit of {n} jobs enqueued {out[n]['enqueued']}")
-        b.say(f"{n} jobs: {out[n]['jobs_per_s']:,.0f} jobs/s, peak RSS +{out[n]['delta_mb']} MB")
+        b.say(
+            f"{n} jobs: {out[n]['jobs_per_s']:,.0f} jobs/s; the submitting process's peak RSS "
+            f"+{out[n]['delta_mb']} MB from after set-up"
+        )
         path.unlink()
     await b.flush()
     rate = out[big_n]["jobs_per_s"]
@@ -470,12 +490,15 @@ async def submit(b: Bench) -> list[Row]:
         Row(
             "submit",
             "producer memory",
-            f"+{out[big_n]['delta_mb']:.1f} MB at {big_n:,} vs "
+            f"peak RSS +{out[big_n]['delta_mb']:.1f} MB at {big_n:,} jobs vs "
             f"+{out[small_n]['delta_mb']:.1f} MB at {small_n:,}",
             "flat (growth <= 20 MB)",
             growth <= 20,
             value=round(growth, 1),
-            detail="peak RSS (ru_maxrss) of the submitting process, after set-up vs after submit",
+            detail=(
+                "peak RSS (ru_maxrss) of the submitting process (a process of its own) after "
+                "submit, minus its RSS after imports and client set-up (peak reset there)"
+            ),
         ),
     ]
 
@@ -609,18 +632,17 @@ async def rss(b: Bench) -> list[Row]:
     await b.flush()
     c, n, lat = b.sizes.rss_concurrency, b.sizes.rss_n, b.sizes.rss_latency_ms
     queue = "bench:rss"
-    peak_rss = peak_running = 0.0
+    peak_running = 0.0
     with SimRouterProc(lat) as sim, b.workers(1, sim, c, queue) as [w]:
         async with b.producer(queue) as p:
             await warm_up(p, 1, kinds=("plain",))
-            idle = w.mem_mb()["VmRSS"]
+            mem = PeakMem({"worker": w.pid}).start("idle after warm-up")
             used0 = await _used_memory(p.redis)
             jobs = make_jobs("plain", n, "m")
             batch = await p.submit(jobs)
 
             async def sample() -> None:
-                nonlocal peak_rss, peak_running
-                peak_rss = max(peak_rss, w.mem_mb()["VmRSS"])
+                nonlocal peak_running
                 st = await p.status(batch.id)
                 peak_running = max(peak_running, st.counts[Status.RUNNING])
 
@@ -632,29 +654,32 @@ async def rss(b: Bench) -> list[Row]:
                 stop.set()
                 await sampler
             await check_done(p, st, n)
-            hwm = w.mem_mb()["VmHWM"]
+            wm = mem.read()["worker"]
             used1 = await _used_memory(p.redis)
             per_key = await _memory_usage_per_job(p, batch.id)
     per_result = (used1 - used0) / n
-    b.say(f"peak RSS {peak_rss:.0f} MB (VmHWM {hwm:.0f}) with {peak_running:.0f} in flight")
+    peak_rss = float(wm["peak_mb"])
+    b.say(f"worker peak RSS {peak_rss:.0f} MB (VmHWM) with {peak_running:.0f} runs in flight")
     return [
         Row(
             "rss",
             f"{peak_running:.0f} runs in flight",
-            f"{peak_rss:.0f} MB",
+            f"{peak_rss:.0f} MB worker peak RSS",
             "<= 300 MB",
             peak_rss <= 300 and peak_running >= 0.95 * c,
             value=round(peak_rss, 1),
             detail=(
-                f"1 worker, AGENTQ_CONCURRENCY={c}, Router {lat} ms, {n} jobs; VmRSS sampled "
-                f"every 100 ms (VmHWM {hwm:.0f} MB); idle after warm-up {idle:.0f} MB; peak "
-                f"'running' counter {peak_running:.0f}"
+                f"1 worker, AGENTQ_CONCURRENCY={c}, Router {lat} ms, {n} jobs; the worker "
+                f"process's true peak RSS (VmHWM, reset when idle after warm-up): "
+                f"{fmt_mem({'worker': wm})}; RSS at the end {wm['rss_mb']:.0f} MB; peak "
+                f"'running' counter {peak_running:.0f} (sampled every 100 ms)"
             ),
+            data={"memory_mb": {"worker": wm}, "peak_running": peak_running},
         ),
         Row(
             "rss",
             "Redis / stored result",
-            f"{per_result / 1024:.2f} KB",
+            f"{per_result / 1024:.2f} KB Redis used_memory",
             "(information)",
             None,
             value=round(per_result),
@@ -676,67 +701,67 @@ async def e2e(b: Bench) -> list[Row]:
     n = b.sizes.e2e_n
     queue = "bench:e2e"
     path = write_jobfile(b.tmp / f"e2e-{n}.jsonl", n, mix_tools=False)
-    samples: list[tuple[float, int, list[float]]] = []
     with SimRouterProc(0) as sim, b.workers(2, sim, 50, queue) as ws:
         async with b.producer(queue) as p:
             await warm_up(p, 2, kinds=("plain",))
+            # Growth is measured from here: each process's RSS after warm-up, its peak reset.
+            watched = {f"worker-{i}": w.pid for i, w in enumerate(ws)}
+            if b.redis_pid is not None:
+                watched["Redis"] = b.redis_pid
+            watched[BENCH] = os.getpid()
+            mem = PeakMem(watched).start("after warm-up")
             used0 = await _used_memory(p.redis)
-            t0 = time.perf_counter()
-            batch = await p.submit_file(path)
-            submitted = time.perf_counter() - t0
-            last_report = [time.monotonic()]
 
-            async def sample() -> None:
+            async def progress() -> None:
                 st = await p.status(batch.id)
-                samples.append(
-                    (time.perf_counter() - t0, st.done, [w.mem_mb()["VmRSS"] for w in ws])
-                )
-                if time.monotonic() - last_report[0] > 30:
-                    last_report[0] = time.monotonic()
-                    b.say(f"{st.done:,}/{n:,} done after {time.perf_counter() - t0:.0f} s")
+                b.say(f"{st.done:,}/{n:,} jobs done after {time.perf_counter() - t0:.0f} s")
 
             stop = asyncio.Event()
-            sampler = asyncio.create_task(_sample(1.0, sample, stop))
-            with Meter([w.pid for w in ws]) as m, Meter([sim.pid]) as ms:
+            with CpuSplit(b.agentq_pids(ws), apart={"sim Router": [sim.pid]}) as m:
+                t0 = time.perf_counter()
+                batch = await p.submit_file(path)
+                submitted = time.perf_counter() - t0
+                reporter = asyncio.create_task(_sample(30.0, progress, stop))
                 try:
                     st = await p.wait(batch.id, timeout=timeout_for(n, 20))
                 finally:
                     stop.set()
-                    await sampler
-            elapsed = time.perf_counter() - t0
+                    await reporter
+                elapsed = time.perf_counter() - t0
+            memory = mem.read()
             await check_done(p, st, n)
             used1 = await _used_memory(p.redis)
-            final_rss = [w.mem_mb() for w in ws]
     path.unlink()
     args = ["-m", "ops.bench.client", "results", "--redis-url", b.redis_url]
     args += ["--queue", queue, "--batch", batch.id]
     res = await asyncio.to_thread(procs.run_json, args, timeout_for(n, 200))
     await b.flush()
     complete = res["records"] == n and res["succeeded"] == n and res["in_order"]
-    # Memory flat: each worker's RSS once 20% of the batch is done vs its peak afterwards.
-    later = [s for s in samples if s[1] >= 0.2 * n] or samples[-1:]
-    base = later[0][2] if later else [f["VmRSS"] for f in final_rss]
-    peaks = [max([s[2][i] for s in later] + [final_rss[i]["VmRSS"]]) for i in range(len(ws))]
-    growth = max(pk - b0 for pk, b0 in zip(peaks, base, strict=True))
+    # Memory flat: each worker's true peak (VmHWM) during the batch vs its RSS after warm-up.
+    growth = max(float(memory[f"worker-{i}"]["growth_mb"]) for i in range(len(ws)))
     flat = growth <= 25 and res["delta_mb"] <= 25
     rate = n / elapsed
+    cpu, cores = m.ms_per(n), m.cores()
     return [
         Row(
             "e2e-100k",
             f"{n:,} jobs, 2 workers",
-            f"{rate:.0f} jobs/s",
+            f"{rate:.0f} jobs/s, worker memory +{growth:.0f} MB",
             "completes, memory flat",
             complete and flat,
             value=round(rate, 1),
             detail=(
                 f"{elapsed:.1f} s from submit start to wait's return (submit {submitted:.1f} s); "
                 f"{res['succeeded']:,}/{n:,} succeeded, results in input order: "
-                f"{res['in_order']}; worker RSS at 20% done {fmt_rounds(base, '.0f')} MB -> "
-                f"peak {fmt_rounds(peaks, '.0f')} MB (growth {growth:.1f} MB); results "
-                f"streamed at {res['records_per_s']:,.0f}/s by a client whose peak RSS grew "
-                f"{res['delta_mb']} MB; cores busy: workers {m.cores:.2f}, sim Router "
-                f"{ms.cores:.2f}; Redis {(used1 - used0) / n / 1024:.2f} KB/result"
+                f"{res['in_order']}; RSS after warm-up -> true peak (VmHWM) during "
+                f"submit and wait: {fmt_mem(memory)}; results "
+                f"streamed at {res['records_per_s']:,.0f} records/s by a client process whose "
+                f"peak RSS grew {res['delta_mb']} MB; CPU over submit+wait: "
+                f"{fmt_split(cpu, 'ms/job')} ({fmt_split(cores, 'cores busy')}){b.redis_note}; "
+                f"sim Router, not agentq's: {m.apart_cores()['sim Router']:.2f} cores; Redis "
+                f"used_memory {(used1 - used0) / n / 1024:.2f} KB/result"
             ),
+            data={"cpu_ms_per_job": cpu, "cores_busy": cores, "memory_mb": memory},
         )
     ]
 
