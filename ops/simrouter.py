@@ -6,7 +6,9 @@ LiteLLM-style health checks and error bodies, plus injectable faults (500/503/42
 dropped connection) and ``/sim/*`` endpoints exposing counters and the last recorded requests
 (they need the key too, when one is set).
 Answers are deterministic: arithmetic is computed, a ``calculator`` tool is called when offered,
-json_schema response formats get schema-conforming JSON.
+json_schema response formats get schema-conforming JSON. A tool the user message names is
+called with the whole message as its string arguments (the calculator too, when the message
+holds no arithmetic): a prompt-injected model in miniature.
 
 Run it with ``SIMROUTER_API_KEY=sk-... python -m ops.simrouter --port 4000`` (the key is read
 from the environment only; without it any key is accepted) or in-process::
@@ -267,8 +269,8 @@ def build_message(body: dict[str, Any]) -> dict[str, Any]:
     if "calculator" in tools and found:
         return _tool_message("calculator", {"expression": found[0]})
     lowered = text.lower()
-    for name, tool in tools.items():
-        if name != "calculator" and name.lower() in lowered:
+    for name, tool in tools.items():  # as a prompt-injected model would: the whole text
+        if name.lower() in lowered:
             return _tool_message(name, _tool_arguments(tool.get("parameters") or {}, text))
     if schema is not None:
         return _text_message(json.dumps(fake_from_schema(schema, text, found and found[1])))
