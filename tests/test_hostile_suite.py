@@ -25,6 +25,10 @@ CASES = [
     "stored job: deep JSON",
     "queue payload: deep JSON",
     "backtracking reply",
+    "non-JSON tool logs",
+    "prompt injection: the key",
+    "markup and escapes: agentq run",
+    "formulas: results --format csv",
 ]
 
 
