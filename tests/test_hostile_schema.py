@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from ops.hostile import Internal
 from producer import AgentJob, JobFileError, Producer
 from producer.models import AgentSpec, job_id_for
 from producer.schema import SchemaRefused, check_output_schema, output_validator
@@ -20,27 +21,11 @@ from worker.agents_build import JsonSchemaOutput
 from worker.errors import InvalidJob
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    hits: list[str]
-
-    def do_GET(self) -> None:
-        self.hits.append(self.path)
-        body = b'{"type": "string"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def internal() -> Iterator[tuple[str, list[str]]]:
     """An "internal" HTTP service: its URL, and the paths anyone fetched from it."""
     hits: list[str] = []
-    handler = type("Handler", (_Recorder,), {"hits": hits})
+    handler = type("Handler", (Internal,), {"hits": hits})  # the suite's, with its own log
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
