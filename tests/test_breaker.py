@@ -279,3 +279,18 @@ async def test_a_success_ends_this_workers_streak(redis: Redis) -> None:
             assert flaky.stats.by_outcome["500"] > 0
         finally:
             await provider.aclose()
+
+
+async def test_a_call_in_flight_before_the_failures_ends_no_streak(redis: Redis) -> None:
+    """Calls answered after the Router went down, but sent before, are no sign it is back: a
+    job's last try was once given up because such a success had ended the streak."""
+    b, clock = clocked(redis)
+    began_before = clock.now
+    clock.now += 0.1
+    await b.failed(ROUTER, "a", "refused")
+    await b.failed(ROUTER, "b", "refused")
+    await b.succeeded(ROUTER, began=began_before)
+    assert b.streak(ROUTER) is not None and b.streak(ROUTER).fails == 2  # type: ignore[union-attr]
+    clock.now += 0.1
+    await b.succeeded(ROUTER, began=clock.now)
+    assert b.streak(ROUTER) is None

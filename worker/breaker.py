@@ -239,10 +239,14 @@ class Breakers:
         await self.refresh(POLL_S)
         return self.open_state(field) is not None
 
-    async def succeeded(self, *fields: str) -> None:
-        """A call answered: its dependencies' streaks end, and open breakers close."""
+    async def succeeded(self, *fields: str, began: float | None = None) -> None:
+        """A call answered: its dependencies' streaks end, and open breakers close. A call that
+        began before a streak did (it was in flight when the Router went down) proves nothing
+        about now: it ends no streak."""
         for f in fields:
-            self.streaks.pop(f, None)
+            streak = self.streaks.get(f)
+            if streak is not None and (began is None or began >= streak.start):
+                del self.streaks[f]
             if f not in self.view:
                 continue
             try:

@@ -106,7 +106,7 @@ class RouterModel(OpenAIChatCompletionsModel):
                 self.route, self.model_name, meter, self._probe
             ):
                 held += 1
-            start = time.perf_counter()
+            start, began = time.perf_counter(), breakers.clock() if breakers else 0.0
             try:
                 async with self._slots:
                     response = await super().get_response(*args, **kwargs)
@@ -155,7 +155,9 @@ class RouterModel(OpenAIChatCompletionsModel):
                 await asyncio.sleep(delay)
                 continue
             if breakers is not None and (breakers.view or breakers.streaks):
-                await breakers.succeeded(*breakers.fields(self.route.name, self.model_name))
+                await breakers.succeeded(
+                    *breakers.fields(self.route.name, self.model_name), began=began
+                )
             self._record(response, time.perf_counter() - start, meter)
             return response
 
