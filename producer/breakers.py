@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -82,18 +83,16 @@ def describe_open(states: dict[str, BreakerState], now_ms: int) -> list[str]:
         down = "unreachable" if s.model is None else "failing"
         lines.append(
             f"paused: {s.what} {down} since {_clock(s.opened_ms)} "
-            f"({_duration((now_ms - s.opened_ms) / 1000)}): {s.error}"
+            f"({format_duration((now_ms - s.opened_ms) / 1000)}): {s.error}"
         )
     return lines
 
 
 def _clock(ms: int) -> str:
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     s = max(0, int(seconds))
     if s < 60:
         return f"{s}s"

@@ -70,6 +70,18 @@ def agentq(
     )
 
 
+def run_suite(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> --quick` (the fault and hostile-job suites) from the repository."""
+    return subprocess.run(
+        [sys.executable, "-m", module, "--quick"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def until(cond: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():

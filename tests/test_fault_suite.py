@@ -3,13 +3,12 @@ and the table must show what the suite checks (a PASS that could not fail proves
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.procs import run_suite
 
 pytestmark = pytest.mark.e2e
 
@@ -22,19 +21,12 @@ CASES = [
     "plugin",
     "submit_restart",
     "redis_crash",
+    "router_outage",
 ]
 
 
 def test_fault_suite_quick() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(
-        [sys.executable, "-m", "ops.faults", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    res = run_suite("ops.faults", timeout=900)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
     for case in CASES:

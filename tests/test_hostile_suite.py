@@ -3,13 +3,12 @@ refused or fails as it should, nothing is fetched, the key is nowhere (issue 9).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.procs import run_suite
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +32,7 @@ CASES = [
 
 
 def test_hostile_suite_quick() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(
-        [sys.executable, "-m", "ops.hostile", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = run_suite("ops.hostile", timeout=600)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
     for case in CASES:

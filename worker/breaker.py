@@ -24,7 +24,7 @@ import structlog
 from producer import keys
 from producer.breakers import (
     BreakerState,
-    _duration,
+    format_duration,
     model_field,
     read_breakers,
     router_field,
@@ -84,7 +84,8 @@ class BreakerOpen(Exception):
     def __init__(self, state: BreakerState) -> None:
         super().__init__(
             f"{state.what} is down (circuit breaker open since "
-            f"{_duration((time.time() * 1000 - state.opened_ms) / 1000)} ago): {state.error}"
+            f"{format_duration((time.time() * 1000 - state.opened_ms) / 1000)} ago): "
+            f"{state.error}"
         )
         self.kind = "router_unreachable" if state.model is None else "router_error"
 
@@ -95,8 +96,9 @@ class OutageTooLong(Exception):
     def __init__(self, state: BreakerState, down_s: float, limit_s: float, url: str) -> None:
         what = f"Router at {url}" if state.model is None else f"{state.what} ({url})"
         super().__init__(
-            f"{what} has been down for {_duration(down_s)} (AGENTQ_OUTAGE_MAX_S={limit_s:g}): "
-            f"{state.error} — once it is back, `agentq retry BATCH` runs these jobs again"
+            f"{what} has been down for {format_duration(down_s)} "
+            f"(AGENTQ_OUTAGE_MAX_S={limit_s:g}): {state.error} — once it is back, "
+            "`agentq retry BATCH` runs these jobs again"
         )
         self.kind = "router_unreachable" if state.model is None else "router_error"
 
