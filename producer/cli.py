@@ -56,7 +56,7 @@ def _announce_batch(batch_id: str) -> None:
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     async with Producer.from_env(settings) as p:
         batch = await p.submit_file(
-            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch
+            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch, priority=args.priority
         )
         print(f"submitted {batch.jobs} jobs ({batch.enqueued} new)", file=sys.stderr)
         print(batch.id)
@@ -401,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file")
     submit.add_argument("--batch-id")
     submit.add_argument("--wait", action="store_true")
+    submit.add_argument(
+        "--priority",
+        choices=["high", "normal", "low"],
+        default="normal",
+        help="start this batch's jobs before (high) or after (low) other batches' "
+        "(default: normal; active batches of one priority take turns)",
+    )
 
     status = sub.add_parser("status", help="counts by status, tokens, cost")
     status.add_argument("batch")

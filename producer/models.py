@@ -28,6 +28,14 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
 
 
+class Priority(StrEnum):
+    """A batch's priority: see PRIORITY_ROUNDS in producer/store.py for the rule."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
 TERMINAL: frozenset[Status] = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
 ACTIVE: frozenset[Status] = frozenset({Status.QUEUED, Status.RUNNING})
 

@@ -55,6 +55,9 @@ class Sizes:
     rss_latency_ms: int
     rss_n: int
     e2e_n: int
+    fair_big: int
+    """fair-share: the big batch the small and the priority batches are submitted behind."""
+    fair_pair: int
 
 
 FULL = Sizes(
@@ -72,6 +75,8 @@ FULL = Sizes(
     rss_latency_ms=5_000,
     rss_n=2_000,
     e2e_n=100_000,
+    fair_big=3_000,
+    fair_pair=300,
 )
 
 QUICK = Sizes(
@@ -89,6 +94,8 @@ QUICK = Sizes(
     rss_latency_ms=2_000,
     rss_n=300,
     e2e_n=2_000,
+    fair_big=400,
+    fair_pair=60,
 )
 
 
@@ -768,6 +775,73 @@ async def e2e(b: Bench) -> list[Row]:
 
 # -- registry -------------------------------------------------------------------------------
 
+# -- fair-share -----------------------------------------------------------------------------
+
+
+async def fair_share(b: Bench) -> list[Row]:
+    """One worker (C=20, Router latency 200 ms) busy with a big batch: a 20-job batch submitted
+    behind it, then a normal and a high-priority batch submitted back to back."""
+    big_n, pair_n, c = b.sizes.fair_big, b.sizes.fair_pair, 20
+    await b.flush()
+    queue = "bench:fair"
+    with SimRouterProc(200) as sim, b.workers(1, sim, c, queue):
+        async with b.producer(queue) as p:
+            await warm_up(p, 1, kinds=("plain",))
+            big = await p.submit(make_jobs("plain", big_n, "big-"))
+            await asyncio.sleep(2.0)  # under way at full speed
+            before = await p.status(big.id)
+            t0 = time.perf_counter()
+            small = await p.submit(make_jobs("plain", 20, "small-"))
+            st = await p.wait(small.id, timeout=120)
+            small_s = time.perf_counter() - t0
+            await check_done(p, st, 20)
+            after = await p.status(big.id)
+            done = lambda s: s.total - s.counts[Status.QUEUED] - s.counts[Status.RUNNING]  # noqa: E731
+            rate = (done(after) - done(before) + 20) / small_s  # runs/s of the worker meanwhile
+            ahead = before.counts[Status.QUEUED] + before.counts[Status.RUNNING]
+            fifo_s = (ahead + 20) / rate
+            b.say(
+                f"small batch done {small_s:.2f} s after its submit; {ahead} big-batch jobs were "
+                f"ahead of it (FIFO: about {fifo_s:.0f} s at the {rate:.0f} runs/s measured)"
+            )
+
+            async def timed(batch_id: str) -> float:
+                s = await p.wait(batch_id, timeout=timeout_for(big_n))
+                await check_done(p, s, pair_n)
+                return time.perf_counter() - t1
+
+            t1 = time.perf_counter()
+            normal = await p.submit(make_jobs("plain", pair_n, "normal-"))
+            high = await p.submit(make_jobs("plain", pair_n, "high-"), priority="high")
+            normal_s, high_s = await asyncio.gather(timed(normal.id), timed(high.id))
+            b.say(f"{pair_n} normal jobs done after {normal_s:.2f} s, high after {high_s:.2f} s")
+            await p.cancel(big.id)
+    return [
+        Row(
+            "fair-share",
+            f"20 jobs behind {big_n:,}",
+            f"done {small_s:.1f} s after submit (FIFO: ~{fifo_s:.0f} s)",
+            "<= 3 s",
+            small_s <= 3.0,
+            value=round(small_s, 3),
+            detail=(
+                f"1 worker, C={c}, Router 200 ms; {ahead} jobs of the big batch were queued or "
+                f"running at the submit; the FIFO figure is that many jobs at the {rate:.0f} "
+                "runs/s measured meanwhile (an estimate, not a run)"
+            ),
+        ),
+        Row(
+            "fair-share",
+            f"{pair_n} high vs {pair_n} normal, back to back",
+            f"high done in {high_s:.1f} s, normal in {normal_s:.1f} s",
+            "high clearly first",
+            high_s < 0.8 * normal_s,
+            value=round(high_s / normal_s, 3),
+            detail=f"both submitted behind the rest of the {big_n:,}-job batch",
+        ),
+    ]
+
+
 CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "sdk-loop": (sdk_loop, ">= 1.0x"),
     "scale-2v1": (scale_2v1, ">= 1.7x"),
@@ -776,6 +850,7 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "visible": (visible, "p50 <= 20, p99 <= 100 ms"),
     "rss": (rss, "<= 300 MB"),
     "e2e-100k": (e2e, "completes, memory flat"),
+    "fair-share": (fair_share, "small batch <= 3 s; high first"),
 }
 
 
