@@ -280,6 +280,8 @@ class BatchStatus(BaseModel):
     cost_usd: float = 0.0
     created_at: str | None = None
     models: dict[str, ModelUsage] = Field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    """The priority of its latest submit."""
 
     @property
     def done(self) -> int:

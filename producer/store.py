@@ -476,6 +476,11 @@ _PRIORITY_OFFSET = {
 }
 
 
+def _priority_of(poff: str | None) -> Priority:
+    offset = _i(poff)
+    return Priority.HIGH if offset < 0 else Priority.LOW if offset > 0 else Priority.NORMAL
+
+
 def arq_job_id(job_id: str, q: int | str) -> str:
     """arq's id for the q-th enqueue of a job."""
     return f"{job_id}.{q}"
@@ -644,6 +649,7 @@ class Store:
             cost_usd=round(float(h.get("cost_usd") or 0), 8),
             created_at=h.get("created_at"),
             models=_per_model(h),
+            priority=_priority_of(h.get("poff")),
         )
 
     async def job_ids(self, batch_id: str, chunk: int = 500) -> AsyncIterator[list[str]]:

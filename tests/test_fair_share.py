@@ -100,6 +100,8 @@ async def test_high_priority_starts_before_batches_already_queued(store: Store) 
     await store.submit_chunk("normal", jobs("n", 20))
     await store.submit_chunk("urgent", jobs("u", 20), Priority.HIGH)
     assert await start_order(store, 20) == ["urgent"] * 20
+    st = await store.batch_status("urgent")
+    assert st is not None and st.priority == Priority.HIGH
     rest = await start_order(store, 40)
     assert rest.count("normal") == 20  # then the normal ones take turns again
 
