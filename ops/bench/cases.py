@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 
 from ops import procs
@@ -55,6 +56,7 @@ class Sizes:
     rss_latency_ms: int
     rss_n: int
     e2e_n: int
+    ratelimit_n: int
 
 
 FULL = Sizes(
@@ -72,6 +74,7 @@ FULL = Sizes(
     rss_latency_ms=5_000,
     rss_n=2_000,
     e2e_n=100_000,
+    ratelimit_n=1_200,
 )
 
 QUICK = Sizes(
@@ -89,6 +92,7 @@ QUICK = Sizes(
     rss_latency_ms=2_000,
     rss_n=300,
     e2e_n=2_000,
+    ratelimit_n=150,
 )
 
 
@@ -168,7 +172,12 @@ class Bench:
 
     @contextmanager
     def workers(
-        self, n: int, router: SimRouterProc, concurrency: int, queue: str
+        self,
+        n: int,
+        router: SimRouterProc,
+        concurrency: int,
+        queue: str,
+        extra_env: dict[str, str] | None = None,
     ) -> Iterator[list[WorkerProc]]:
         with workers_running(
             n,
@@ -177,6 +186,7 @@ class Bench:
             concurrency=concurrency,
             queue=queue,
             log_dir=self.tmp / "logs",
+            extra_env=extra_env,
         ) as ws:
             yield ws
 
@@ -766,6 +776,88 @@ async def e2e(b: Bench) -> list[Row]:
     ]
 
 
+# -- ratelimit ------------------------------------------------------------------------------
+
+ROUTER_RPS = 20
+BUDGET_SHARE = 0.95
+
+
+async def _sim(sim: SimRouterProc, method: str, path: str) -> Any:
+    """A /sim endpoint of the simulated Router (its stats, or a reset of them)."""
+    auth = {"Authorization": f"Bearer {procs.ROUTER_KEY}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        async with http.request(method, sim.url.removesuffix("/v1") + path) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
+
+async def ratelimit(b: Bench) -> list[Row]:
+    """2 workers x C=50 against a Router that allows 20 requests/s across all callers: with a
+    budget of 95% of that (AGENTQ_RATE_LIMITS), then without one. The share of the budget
+    used (calls answered 200 / (budget x seconds, submit to done)), calls answered 429, and
+    jobs failed."""
+    n = b.sizes.ratelimit_n
+    budget_rpm = ROUTER_RPS * 60 * BUDGET_SHARE
+    rows = []
+    with SimRouterProc(50, ("--rate-limit-rps", str(ROUTER_RPS))) as sim:
+        for budget in (True, False):
+            await b.flush()
+            side = "budget" if budget else "none"
+            queue = f"bench:ratelimit-{side}"
+            env = {"AGENTQ_RATE_LIMITS": json.dumps({"*": {"rpm": budget_rpm}})} if budget else {}
+            with b.workers(2, sim, 50, queue, extra_env=env):
+                async with b.producer(queue) as p:
+                    await _sim(sim, "POST", "/sim/reset")
+                    t0 = time.perf_counter()
+                    batch = await p.submit(make_jobs("plain", n, prefix=f"rl-{side}-"))
+                    st = await p.wait(batch.id, timeout=timeout_for(n, 5))
+                    seconds = time.perf_counter() - t0
+                    stats = await _sim(sim, "GET", "/sim/stats")
+            ok, refused = stats["by_outcome"]["ok"], stats["by_outcome"]["429"]
+            share_429 = refused / max(1, stats["total_requests"])
+            failed = st.counts[Status.FAILED]
+            use = ok / (seconds * budget_rpm / 60)
+            b.say(
+                f"{side}: {n} jobs in {seconds:.1f} s, {ok / seconds:.1f} calls/s answered, "
+                f"{refused} of {stats['total_requests']} calls answered 429, {failed} jobs failed"
+            )
+            detail = (
+                f"n={n} plain jobs (one call each), Router latency 50 ms, its limit "
+                f"{ROUTER_RPS} requests/s over any 1 s; {ok / seconds:.1f} calls/s answered, "
+                f"{refused} of {stats['total_requests']} calls answered 429, "
+                f"{seconds:.1f} s from submit to done"
+            )
+            if budget:
+                rows.append(
+                    Row(
+                        "ratelimit",
+                        f"budget {BUDGET_SHARE:.0%} of {ROUTER_RPS} rps, 2 workers C=50",
+                        f"{use:.0%} of the budget used, {share_429:.1%} of calls 429, "
+                        f"{failed} jobs failed",
+                        ">= 80% used, <= 5% 429, 0 failed",
+                        use >= 0.8 and share_429 <= 0.05 and failed == 0,
+                        value=round(use, 3),
+                        detail=detail,
+                        data={"use": use, "share_429": share_429, "failed": failed},
+                    )
+                )
+            else:
+                rows.append(
+                    Row(
+                        "ratelimit",
+                        "no budget, 2 workers C=50",
+                        f"{failed} of {n} jobs failed, {share_429:.1%} of calls 429, "
+                        f"{ok / seconds / ROUTER_RPS:.0%} of the Router's limit used",
+                        "(information)",
+                        None,
+                        value=round(share_429, 3),
+                        detail=detail,
+                        data={"share_429": share_429, "failed": failed},
+                    )
+                )
+    return rows
+
+
 # -- registry -------------------------------------------------------------------------------
 
 CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
@@ -776,6 +868,7 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "visible": (visible, "p50 <= 20, p99 <= 100 ms"),
     "rss": (rss, "<= 300 MB"),
     "e2e-100k": (e2e, "completes, memory flat"),
+    "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
 }
 
 
