@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -267,6 +268,29 @@ async def _call(provider: RouterProvider, model: str) -> None:
     await provider.get_model(model).get_response(
         None, "What is 1 + 1?", ModelSettings(), [], None, [], ModelTracing.DISABLED
     )
+
+
+async def test_tokens_are_reserved_then_settled_by_usage(redis: Redis, sim: SimRouter) -> None:
+    """A call under a token budget reserves its estimate (its text, and max_tokens) before it
+    is sent; the response's usage replaces the estimate."""
+    provider = RouterProvider(
+        {"default": (sim.url, ROUTER_KEY)}, concurrency=2, max_calls=2, call_timeout_s=5
+    )
+    provider.limiter = RateLimiter(redis, {"*": RateLimit(tpm=1_000_000)})
+    model = provider.get_model("gpt-4o")
+    settings_ = ModelSettings(max_tokens=500)
+    try:
+        with capture_logs() as logs:
+            await model.get_response(
+                "Be brief.", "What is 1 + 1?", settings_, [], None, [], ModelTracing.DISABLED
+            )
+    finally:
+        await provider.aclose()
+    [call] = [e for e in logs if e["event"] == "model_call"]
+    raw = await redis.hget(keys.BUDGETS, "*")
+    assert raw is not None
+    assert json.loads(raw)["t"] == call["total_tokens"]
+    assert ratelimit.estimate_tokens("Be brief.", "What is 1 + 1?", [], 500) == 500 + 23 // 4 + 1
 
 
 async def test_429s_under_a_budget_spend_no_tries(redis: Redis) -> None:
