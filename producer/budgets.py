@@ -63,13 +63,21 @@ class BudgetState:
             idle_s=max(0.0, now_ms - float(s.get("seen", 0))) / 1000,
         )
 
-    def use(self) -> str:
-        """ "1,083/1,140 rpm (95%), 12,400/200,000 tpm (6%)"."""
-        parts = []
-        for used, limit, unit in ((self.requests, self.rpm, "rpm"), (self.tokens, self.tpm, "tpm")):
-            if limit:
-                parts.append(f"{used:,.0f}/{limit:,.0f} {unit} ({used / limit:.0%})")
-        return ", ".join(parts)
+    def limits(self) -> str:
+        """Its limits, e.g. `1,140 rpm, 200,000 tpm`."""
+        parts = [f"{self.rpm:,.0f} rpm"] if self.rpm else []
+        return ", ".join(parts + ([f"{self.tpm:,.0f} tpm"] if self.tpm else []))
+
+    def last_minute(self) -> str:
+        """Its use, e.g. `1,083 calls (95%), 12,400 tokens (6%) in the last minute` (calls
+        given their turn, which may still be ahead)."""
+        parts = [
+            f"{self.requests:,.0f} call{'' if round(self.requests) == 1 else 's'}"
+            + (f" ({self.requests / self.rpm:.0%})" if self.rpm else "")
+        ]
+        if self.tpm:
+            parts.append(f"{self.tokens:,.0f} tokens ({self.tokens / self.tpm:.0%})")
+        return ", ".join(parts) + " in the last minute"
 
 
 async def read_budgets(redis: Any) -> tuple[dict[str, BudgetState], int]:
@@ -101,22 +109,24 @@ def describe_waits(states: dict[str, BudgetState]) -> list[str]:
             continue
         why = " (the Router asked to slow down)" if s.slowed_s > 0 else ""
         lines.append(
-            f"rate limited: budget {s.name} ({s.use()}): calls wait "
+            f"rate limited: budget {s.name} ({s.limits()}) in full use: calls wait "
             f"{_seconds(s.backlog_s)} for their turn{why}"
         )
     return lines
 
 
 def describe_budgets(states: dict[str, BudgetState]) -> list[str]:
-    """One line per budget and its current use, for `agentq health`."""
+    """One line per budget and its use, for `agentq health`."""
     lines = []
     for s in sorted(states.values(), key=lambda s: s.name):
+        head = f"Budget {s.name} ({s.limits()}): "
         if s.idle_s >= IDLE_S:
-            lines.append(f"Budget {s.name}: idle for {format_duration(s.idle_s)}")
+            lines.append(f"{head}unused for {format_duration(s.idle_s)}")
             continue
-        line = f"Budget {s.name}: {s.use()}"
-        if s.backlog_s > 0:
-            line += f"; calls wait {_seconds(s.backlog_s)} for their turn"
+        busy = f"in full use, calls wait {_seconds(s.backlog_s)} for their turn; " * (
+            s.backlog_s > 0
+        )
+        line = head + busy + s.last_minute()
         if s.slowed_s > 0:
             line += f"; the Router asked to slow down ({_seconds(s.slowed_s)} left)"
         lines.append(line)

@@ -338,10 +338,11 @@ async def test_a_spent_router_budget_is_heard(redis: Redis) -> None:
     assert state.slowed_s > 20 and state.backlog_s > 20
     assert round(state.requests) == 1
     [health] = describe_budgets(states)
-    assert health.startswith("Budget *: 1/600 rpm (0%)")
-    assert "the Router asked to slow down" in health
+    assert health.startswith("Budget * (600 rpm): in full use, calls wait ")
+    assert "for their turn; 1 call (0%) in the last minute; the Router asked to slow" in health
     [status] = describe_waits(states)
-    assert status.startswith("rate limited: budget * (1/600 rpm (0%)): calls wait")
+    assert status.startswith("rate limited: budget * (600 rpm) in full use: calls wait ")
+    assert status.endswith("for their turn (the Router asked to slow down)")
 
 
 # -- settings ---------------------------------------------------------------------------------

@@ -52,11 +52,12 @@ def test_two_workers_share_one_budget(redis_url: str, tmp_path: Path) -> None:
 
         def waiting() -> bool:
             out = agentq("status", batch_id, env=env).stdout
-            return "rate limited: budget * (" in out and "for their turn" in out
+            return "rate limited: budget * (1,140 rpm) in full use: calls wait" in out
 
         until(waiting, 60, "`agentq status` to show calls waiting for their turn")
         health = agentq("health", env=env).stdout
-        assert re.search(r"✓ Budget \*: [\d,]+/1,140 rpm \(\d+%\); calls wait", health), health
+        line = r"✓ Budget \* \(1,140 rpm\): in full use, calls wait [\d.]+s for their turn; "
+        assert re.search(line + r"[\d,]+ calls \(\d+%\) in the last minute", health), health
         until(lambda: finished(env, batch_id) >= N, 120, "the batch to finish")
 
         recs = results(env, batch_id)
