@@ -69,3 +69,8 @@ priority offset) of any job started. New jobs are placed from here; see store.py
 BREAKERS = f"{PREFIX}:breakers"
 """Hash: circuit breaker -> JSON state ("router|<name>" or "model|<router>|<model>"). A field
 exists only while its dependency is failing; workers share it, `status` and `health` read it."""
+
+BUDGETS = f"{PREFIX}:budgets"
+"""Hash: Router budget (AGENTQ_RATE_LIMITS name) -> JSON state: its schedule (when requests
+and tokens are next free, ms on Redis's clock), the Router's slow-downs, the last minutes' use.
+Workers write it, `status` and `health` read it."""

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 
 from ops import procs
@@ -58,6 +59,7 @@ class Sizes:
     fair_big: int
     """fair-share: the big batch the small and the priority batches are submitted behind."""
     fair_pair: int
+    ratelimit_n: int
 
 
 FULL = Sizes(
@@ -77,6 +79,7 @@ FULL = Sizes(
     e2e_n=100_000,
     fair_big=3_000,
     fair_pair=300,
+    ratelimit_n=1_200,
 )
 
 QUICK = Sizes(
@@ -96,6 +99,7 @@ QUICK = Sizes(
     e2e_n=2_000,
     fair_big=400,
     fair_pair=60,
+    ratelimit_n=150,
 )
 
 
@@ -175,7 +179,12 @@ class Bench:
 
     @contextmanager
     def workers(
-        self, n: int, router: SimRouterProc, concurrency: int, queue: str
+        self,
+        n: int,
+        router: SimRouterProc,
+        concurrency: int,
+        queue: str,
+        extra_env: dict[str, str] | None = None,
     ) -> Iterator[list[WorkerProc]]:
         with workers_running(
             n,
@@ -184,6 +193,7 @@ class Bench:
             concurrency=concurrency,
             queue=queue,
             log_dir=self.tmp / "logs",
+            extra_env=extra_env,
         ) as ws:
             yield ws
 
@@ -773,6 +783,94 @@ async def e2e(b: Bench) -> list[Row]:
     ]
 
 
+# -- ratelimit ------------------------------------------------------------------------------
+
+ROUTER_RPS = 20
+BUDGET_SHARE = 0.95
+"""The budget is set this far under the simulated Router's limit."""
+
+
+async def _sim(sim: SimRouterProc, method: str, path: str) -> Any:
+    """A /sim endpoint of the simulated Router (its stats, or a reset of them)."""
+    auth = {"Authorization": f"Bearer {procs.ROUTER_KEY}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        async with http.request(method, sim.url.removesuffix("/v1") + path) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
+
+async def ratelimit(b: Bench) -> list[Row]:
+    """2 workers x C=50 against a Router that allows 20 requests/s across all callers: with a
+    budget of 95% of that (AGENTQ_RATE_LIMITS), with one set too high (150%: the Router's 429s
+    must slow the fleet down), and without one. The share of the budget used (calls answered
+    200 / (budget x seconds, submit to done)), calls answered 429, and jobs failed."""
+    n = b.sizes.ratelimit_n
+    rows = []
+    with SimRouterProc(50, ("--rate-limit-rps", str(ROUTER_RPS))) as sim:
+        for share in (BUDGET_SHARE, 1.5, None):
+            await b.flush()
+            side = "none" if share is None else f"{share:.0%}"
+            queue = f"bench:ratelimit-{side.rstrip('%')}"
+            rpm = ROUTER_RPS * 60 * (share or 1)
+            env = {"AGENTQ_RATE_LIMITS": json.dumps({"*": {"rpm": rpm}})} if share else {}
+            with b.workers(2, sim, 50, queue, extra_env=env):
+                async with b.producer(queue) as p:
+                    await _sim(sim, "POST", "/sim/reset")
+                    t0 = time.perf_counter()
+                    batch = await p.submit(make_jobs("plain", n, prefix=f"rl-{side}-"))
+                    st = await p.wait(batch.id, timeout=timeout_for(n, 5))
+                    seconds = time.perf_counter() - t0
+                    stats = await _sim(sim, "GET", "/sim/stats")
+            ok, refused = stats["by_outcome"]["ok"], stats["by_outcome"]["429"]
+            share_429 = refused / max(1, stats["total_requests"])
+            failed = st.counts[Status.FAILED]
+            use = ok / (seconds * rpm / 60)
+            b.say(
+                f"budget {side}: {n} jobs in {seconds:.1f} s, {ok / seconds:.1f} calls/s "
+                f"answered, {refused} of {stats['total_requests']} calls answered 429, "
+                f"{failed} jobs failed"
+            )
+            measured = f"{share_429:.1%} of calls 429, {failed} jobs failed"
+            detail = (
+                f"n={n} plain jobs (one call each), Router latency 50 ms, its limit "
+                f"{ROUTER_RPS} requests/s over any 1 s; {ok / seconds:.1f} calls/s answered "
+                f"({ok / seconds / ROUTER_RPS:.0%} of the Router's limit), {refused} of "
+                f"{stats['total_requests']} calls answered 429, {seconds:.1f} s from submit "
+                f"to done"
+            )
+            data = {"use": use, "share_429": share_429, "failed": failed}
+            if share == BUDGET_SHARE:
+                row = Row(
+                    "ratelimit",
+                    f"budget {share:.0%} of {ROUTER_RPS} rps, 2 workers C=50",
+                    f"{use:.0%} of the budget used, {measured}",
+                    ">= 80% used, <= 5% 429, 0 failed",
+                    use >= 0.8 and share_429 <= 0.05 and failed == 0,
+                    value=round(use, 3),
+                )
+            elif share is not None:
+                row = Row(
+                    "ratelimit",
+                    f"budget {share:.0%} of the Router's limit (too high)",
+                    f"{ok / seconds / ROUTER_RPS:.0%} of the Router's limit used, {measured}",
+                    "(information)",
+                    None,
+                    value=round(share_429, 3),
+                )
+            else:
+                row = Row(
+                    "ratelimit",
+                    "no budget, 2 workers C=50",
+                    f"{ok / seconds / ROUTER_RPS:.0%} of the Router's limit used, {measured}",
+                    "(information)",
+                    None,
+                    value=round(share_429, 3),
+                )
+            row.detail, row.data = detail, data
+            rows.append(row)
+    return rows
+
+
 # -- registry -------------------------------------------------------------------------------
 
 # -- fair-share -----------------------------------------------------------------------------
@@ -851,6 +949,7 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "rss": (rss, "<= 300 MB"),
     "e2e-100k": (e2e, "completes, memory flat"),
     "fair-share": (fair_share, "small batch <= 3 s; high first"),
+    "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
 }
 
 
