@@ -57,6 +57,7 @@ async def follow_results(args: argparse.Namespace, settings: Settings) -> int:
     statuses = {Status.FAILED} if args.failed else None
     write = stream_csv if args.format == "csv" else stream_jsonl
     async with _producer(settings) as p:
+        await p.status(args.batch)  # a batch not found says so before a CSV header is written
         with contextlib.ExitStack() as stack:
             out = _output(stack, args.output)
             try:

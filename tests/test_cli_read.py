@@ -166,6 +166,54 @@ async def test_python_api_follows_results_until_the_batch_is_done(
     assert all(r.status == "succeeded" for r in got)
 
 
+async def test_follow_reads_the_batch_again_when_notices_are_lost(
+    producer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pub/sub drops what nobody heard: with every notice lost, a job's record still comes
+    while the batch runs on (the counters disagree after a quiet second), not only at the end."""
+    from producer import AgentJob, ResultRecord, Status, follow
+    from producer.models import job_id_for
+    from producer.store import now_iso
+
+    async def deaf(pubsub: Any) -> list[tuple[str, str]]:
+        await pubsub.get_message(ignore_subscribe_messages=True, timeout=follow.QUIET_S)
+        return []
+
+    monkeypatch.setattr(follow, "read_burst", deaf)
+    batch = await producer.submit([AgentJob(custom_id=c, input="x") for c in ("a", "b")])
+    got: asyncio.Queue[ResultRecord] = asyncio.Queue()
+
+    async def follower() -> None:
+        async for r in producer.results(batch.id, follow=True):
+            await got.put(r)
+
+    task = asyncio.create_task(follower())
+
+    async def finish(custom_id: str) -> None:
+        job_id = job_id_for(batch.id, custom_id)
+        claim = await producer.store.claim(job_id, batch.id, "test:1", "1")
+        record = ResultRecord(
+            custom_id=custom_id,
+            job_id=job_id,
+            batch_id=batch.id,
+            status=Status.SUCCEEDED,
+            finished_at=now_iso(),
+        )
+        assert await producer.store.finish(record, claim.token) == 1
+
+    try:
+        await finish("a")
+        first = await asyncio.wait_for(got.get(), 10)
+        assert first.custom_id == "a" and not (await producer.status(batch.id)).finished
+        await finish("b")
+        second = await asyncio.wait_for(got.get(), 10)
+        assert second.custom_id == "b"
+        await asyncio.wait_for(task, 10)  # the batch is done: it ends
+    finally:
+        task.cancel()
+    assert got.empty()
+
+
 def test_job_shows_one_record_for_a_person_and_as_json(env: dict[str, str], tmp_path: Path) -> None:
     batch = submit([job("q1", model="gpt-4o"), job("q2", model="no-such-model")], env, tmp_path)
     burst_worker(env)
