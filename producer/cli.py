@@ -1,4 +1,8 @@
-"""The `agentq` command line."""
+"""The `agentq` command line.
+
+Imports are lazy: a command imports what it uses when it runs, so `--help` and the commands
+that only read Redis start fast. Only `run`, `worker`, `health` and `models` load the Agents
+SDK or the openai client (tests/test_cli_startup.py guards this)."""
 
 from __future__ import annotations
 
@@ -10,28 +14,17 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from .cli_show import colour_enabled, inert, print_summary, status_dict
+from .lazy import defer
 
-from .breakers import describe_open, read_breakers
-from .budgets import describe_budgets, describe_waits, read_budgets
-from .client import BatchNotFound, Producer
-from .connect import redis_url
-from .embedded import (
-    EmbeddedRedisError,
-    embedded_status,
-    other_clients,
-    release_embedded_redis,
-    stop_embedded_redis,
-)
-from .export import Records, write_csv, write_jsonl
-from .jobfile import JobFileError
-from .models import BatchStatus, InvalidBatchId, ResultRecord, Status
-from .progress import Progress
-from .redact import safe_url
-from .routerinfo import RouterInfo, check_router, preflight
-from .settings import ConfigError, Settings, load_settings
+defer("jwt")  # redis-py's Entra ID tokens: PyJWT and cryptography load only if used
+
+if TYPE_CHECKING:
+    from .client import Producer
+    from .models import BatchStatus, ResultRecord
+    from .settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_TIMEOUT = 2
@@ -45,6 +38,12 @@ def _err(msg: str) -> None:
 # -- commands -------------------------------------------------------------------------------
 
 
+def _producer(settings: Settings) -> Producer:
+    from .client import Producer
+
+    return Producer.from_env(settings)
+
+
 def _announce_batch(batch_id: str) -> None:
     print(
         f"batch {batch_id}: enqueueing (if this stops, run the same submit with "
@@ -55,7 +54,7 @@ def _announce_batch(batch_id: str) -> None:
 
 
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         batch = await p.submit_file(
             args.file, batch_id=args.batch_id, on_batch_id=_announce_batch, priority=args.priority
         )
@@ -75,6 +74,8 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         # An embedded server this command started for itself goes when it is done (unless
         # another agentq process uses it meanwhile).
         if settings.redis_url is None:
+            from .embedded import release_embedded_redis
+
             with contextlib.suppress(Exception):
                 if release_embedded_redis(settings.data_dir):
                     print(f"stopped the embedded server in {settings.data_dir}", file=sys.stderr)
@@ -84,11 +85,13 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     # The one place the producer starts a worker: in-process, for a whole job on one machine.
     from worker.settings import build_worker
 
+    from .routerinfo import preflight
+
     problem = await preflight(settings)
     if problem is not None:
         _err(f"{problem}; nothing was enqueued")
         return EXIT_BAD_INPUT
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         batch = await p.submit_file(args.file, batch_id=args.batch_id)
         print(f"batch {batch.id}: {batch.jobs} jobs", file=sys.stderr)
         log_path = Path(settings.data_dir) / "logs" / f"{batch.id}.jsonl"
@@ -125,36 +128,51 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any], grace_s: float = 10
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    async with Producer.from_env(settings) as p:
+    from .breakers import describe_open, read_breakers
+    from .budgets import describe_waits, read_budgets
+
+    async with _producer(settings) as p:
         st = await p.status(args.batch)
         breakers, now_ms = await read_breakers(p.redis)
         budgets, _ = await read_budgets(p.redis)
     paused = describe_open(breakers, now_ms) if not st.finished else []
     waiting = describe_waits(budgets) if not st.finished else []
     if args.json:
-        print(json.dumps({**_status_dict(st), "paused": paused, "waiting": waiting}, indent=2))
+        print(json.dumps({**status_dict(st), "paused": paused, "waiting": waiting}, indent=2))
     else:
-        _print_summary(st, sys.stdout)
+        print_summary(st, sys.stdout, colour_enabled())
         for line in paused + waiting:
             print(line)
     return EXIT_OK
 
 
 async def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         try:
             st = await _wait(p, args.batch, args.timeout)
         except TimeoutError:
             st = await p.status(args.batch)
             _err(f"timed out after {args.timeout:g} s: {st.done}/{st.total} jobs done")
+            if args.json:
+                print(json.dumps(status_dict(st), indent=2))
             return EXIT_TIMEOUT
     _print_summary(st, sys.stderr)
+    if args.json:
+        print(json.dumps(status_dict(st), indent=2))
     return EXIT_OK if st.all_succeeded else EXIT_FAILED
 
 
 async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    from .models import Status
+
+    if args.json and args.format == "csv":
+        raise UsageError("--json and --format csv contradict each other: give one")
+    if args.follow:
+        from .cli_read import follow_results
+
+        return await follow_results(args, settings)
     statuses = {Status.FAILED} if args.failed else None
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         n = await _write_results(
             lambda: p.results(args.batch, statuses=statuses), args.output, args.format
         )
@@ -164,25 +182,28 @@ async def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         n = await p.cancel(args.batch)
         st = await p.status(args.batch)
     print(f"cancelled {n} jobs", file=sys.stderr)
-    _print_summary(st, sys.stdout)
+    print_summary(st, sys.stdout, colour_enabled())
     return EXIT_OK
 
 
 async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         n = await p.retry(args.batch, failed_only=args.failed)
         st = await p.status(args.batch)
     print(f"re-enqueued {n} jobs", file=sys.stderr)
-    _print_summary(st, sys.stdout)
+    print_summary(st, sys.stdout, colour_enabled())
     return EXIT_OK
 
 
 def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
     """`agentq embedded status|stop`: the embedded server of this directory."""
+    from .embedded import embedded_status, other_clients, stop_embedded_redis
+    from .redact import safe_url
+
     d = Path(settings.data_dir).resolve()
     if args.action == "stop":
         stopped = stop_embedded_redis(d)
@@ -190,9 +211,25 @@ def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     url = embedded_status(d)
     if url is None:
-        print(f"no embedded server runs in {d}")
+        if args.json:
+            print(json.dumps({"running": False, "data_dir": str(d)}))
+        else:
+            print(f"no embedded server runs in {d}")
         return EXIT_FAILED
     users = other_clients(d)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "running": True,
+                    "data_dir": str(d),
+                    "url": safe_url(url),
+                    "clients": users,
+                    "idle_s": settings.embedded_idle_s,
+                }
+            )
+        )
+        return EXIT_OK
     print(f"embedded server {safe_url(url)} (data in {d}), {users} clients connected")
     if settings.embedded_idle_s:
         print(f"stops itself after {settings.embedded_idle_s:g} s unused (AGENTQ_EMBEDDED_IDLE_S)")
@@ -200,6 +237,8 @@ def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from redis.exceptions import RedisError
+
     from worker.settings import build_worker
 
     if args.concurrency:
@@ -232,52 +271,85 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from .breakers import describe_open, read_breakers
+    from .budgets import describe_budgets, read_budgets
+    from .connect import redis_url
+    from .redact import safe_url
+    from .routerinfo import RouterInfo, check_router
+
     ok = True
     info: RouterInfo = await check_router(settings)
-    print("=== Checking Hanzo Router Health ===")
+    report: dict[str, Any] = {
+        "router": {
+            "url": safe_url(settings.router_url),
+            "ok": info.error is None,
+            "models": len(info.models),
+            "error": info.error,
+        }
+    }
+    lines = ["=== Checking Hanzo Router Health ==="]
     if info.error is None:
-        print(f"✓ Router health check passed ({safe_url(settings.router_url)})")
-        print(f"✓ Available models: {len(info.models)} found")
+        lines.append(f"✓ Router health check passed ({safe_url(settings.router_url)})")
+        lines.append(f"✓ Available models: {len(info.models)} found")
     else:
         ok = False
-        print(f"✗ Router health check failed: {info.error}")
-    print("=== Checking Redis and workers ===")
+        lines.append(f"✗ Router health check failed: {info.error}")
+    lines.append("=== Checking Redis and workers ===")
     try:
-        async with Producer.from_env(settings) as p:
+        async with _producer(settings) as p:
             server = await p.redis.info("server")
-            print(f"✓ Redis {server.get('redis_version', '?')} at {safe_url(redis_url(settings))}")
+            version = server.get("redis_version", "?")
+            lines.append(f"✓ Redis {version} at {safe_url(redis_url(settings))}")
             workers = await p.workers()
             breakers, now_ms = await read_breakers(p.redis)
             budgets, _ = await read_budgets(p.redis)
     except Exception as exc:
-        print(f"✗ Redis unreachable at {safe_url(redis_url(settings))}: {exc}")
+        report["redis"] = {"ok": False, "url": safe_url(redis_url(settings)), "error": str(exc)}
+        lines.append(f"✗ Redis unreachable at {safe_url(redis_url(settings))}: {exc}")
+        _emit(args, lines, report)
         return EXIT_FAILED
-    print(f"{'✓' if workers else '!'} Workers alive: {len(workers)}")
-    for line in describe_open(breakers, now_ms):
+    paused = describe_open(breakers, now_ms)
+    report["redis"] = {"ok": True, "url": safe_url(redis_url(settings)), "version": version}
+    report["workers"] = workers
+    report["paused"] = paused
+    lines.append(f"{'✓' if workers else '!'} Workers alive: {len(workers)}")
+    for line in paused:
         ok = False
-        print(f"✗ {line}")
-    for line in describe_budgets(budgets):
-        print(f"✓ {line}")
+        lines.append(f"✗ {line}")
+    report["budgets"] = describe_budgets(budgets)
+    for line in report["budgets"]:
+        lines.append(f"✓ {line}")
     for wid, beat in sorted(workers.items()):
-        print(
-            f"    {wid}  in flight {beat.get('in_flight')}/{beat.get('concurrency')}"
+        lines.append(
+            f"    {inert(wid)}  in flight {beat.get('in_flight')}/{beat.get('concurrency')}"
             f"  v{beat.get('version')}"
         )
+    report["ok"] = ok
+    _emit(args, lines, report)
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _emit(args: argparse.Namespace, lines: list[str], data: Any) -> None:
+    """The lines for a person, or with --json the data."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(lines))
+
+
 async def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from .routerinfo import check_router
+
     info = await check_router(settings)
     if info.error is not None:
         _err(info.error)
         return EXIT_FAILED
-    for m in info.models:
-        print(m)
+    _emit(args, [inert(m) for m in info.models], info.models)
     return EXIT_OK
 
 
 async def cmd_agents(args: argparse.Namespace, settings: Settings) -> int:
-    async with Producer.from_env(settings) as p:
+    async with _producer(settings) as p:
         workers = await p.workers()
     if not workers:
         _err("no live workers: start one with `agentq worker`")
@@ -287,16 +359,27 @@ async def cmd_agents(args: argparse.Namespace, settings: Settings) -> int:
     for beat in workers.values():
         tools.update(beat.get("tools", []))
         agents.update(beat.get("agents", {}))
-    print("agent profiles:")
-    for name, spec in sorted(agents.items()):
-        print(f"  {name}: tools={spec.get('tools', [])}")
-    print("tools:")
-    for t in sorted(tools):
-        print(f"  {t}")
+    lines = ["agent profiles:"]
+    lines += [f"  {inert(n)}: tools={spec.get('tools', [])}" for n, spec in sorted(agents.items())]
+    lines.append("tools:")
+    lines += [f"  {inert(t)}" for t in sorted(tools)]
+    _emit(args, lines, {"agents": agents, "tools": sorted(tools)})
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """A bash or zsh completion script, made by shtab from this parser."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
     return EXIT_OK
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Options that don't go together; the message says what to give instead."""
 
 
 async def _wait(
@@ -304,6 +387,8 @@ async def _wait(
 ) -> BatchStatus:
     """Wait with a progress display; `guard` is a task (an in-process worker) whose early
     end is an error."""
+    from .progress import Progress
+
     with Progress(batch_id) as progress:
         waiter = asyncio.create_task(p.wait(batch_id, timeout=timeout, on_progress=progress.update))
         if guard is None:
@@ -316,39 +401,13 @@ async def _wait(
         raise RuntimeError(f"the worker stopped before the batch finished: {exc!r}")
 
 
-def _status_dict(st: BatchStatus) -> dict[str, Any]:
-    return {
-        "batch_id": st.batch_id,
-        "total": st.total,
-        "done": st.done,
-        "finished": st.finished,
-        "counts": {s.value: n for s, n in st.counts.items()},
-        "usage": st.usage.model_dump(),
-        "cost_usd": st.cost_usd,
-        "created_at": st.created_at,
-        "models": {m: u.model_dump() for m, u in st.models.items()},
-    }
-
-
 def _print_summary(st: BatchStatus, out: IO[str]) -> None:
-    counts = ", ".join(f"{s.value} {st.counts.get(s, 0)}" for s in Status)
-    pct = 100.0 * st.done / st.total if st.total else 0.0
-    print(f"batch {st.batch_id}: {st.done}/{st.total} done ({pct:.0f}%) — {counts}", file=out)
-    print(
-        f"tokens {st.usage.total_tokens} (in {st.usage.input_tokens}, out "
-        f"{st.usage.output_tokens}), model requests {st.usage.requests}, "
-        f"cost ${st.cost_usd:.6f}",
-        file=out,
-    )
-    for model, u in st.models.items():  # jobs name models freely
-        print(
-            f"  {_inert(model)}: {u.jobs} jobs, tokens in {u.input_tokens} out {u.output_tokens}, "
-            f"cost ${u.cost_usd:.6f}",
-            file=out,
-        )
+    print_summary(st, out)
 
 
-async def _write_results(records: Records, output: str | None, fmt: str) -> int:
+async def _write_results(records: Any, output: str | None, fmt: str) -> int:
+    from .export import write_csv, write_jsonl
+
     with contextlib.ExitStack() as stack:
         out: IO[str] = (
             stack.enter_context(open(output, "w", encoding="utf-8", newline=""))
@@ -363,6 +422,8 @@ async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from .models import Status
+
     table = Table(show_lines=False)
     for col in ("custom_id", "status", "model", "output / error"):
         table.add_column(col, overflow="fold")
@@ -372,41 +433,85 @@ async def _print_table(records: AsyncIterator[ResultRecord]) -> None:
         shown = r.output if r.error is None else f"[{r.error.type}] {r.error.message}"
         style = "green" if r.status == Status.SUCCEEDED else "red"
         table.add_row(
-            Text(_inert(r.custom_id)),
+            Text(inert(r.custom_id)),
             Text(r.status.value, style=style),
-            Text(_inert(r.model or "")),
-            Text(_inert((shown or "")[:300])),
+            Text(inert(r.model or "")),
+            Text(inert((shown or "")[:300])),
         )
-    Console(emoji=False, highlight=False).print(table)
-
-
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
-
-
-def _inert(text: str) -> str:
-    """`text` with control characters shown as \\xNN: an ESC from a model output must not
-    reach the terminal (colours, hyperlinks, cursor moves, title changes)."""
-    return text.translate(_CONTROL)
+    # No colour (nor any other escape) under NO_COLOR or into a file or a pipe.
+    Console(emoji=False, highlight=False, color_system="auto" if colour_enabled() else None).print(
+        table
+    )
 
 
 # -- entry point ------------------------------------------------------------------------------
 
 
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+"""shtab's FILE completion (without importing shtab for every command)."""
+
+EXAMPLES = {
+    "run": "agentq run examples/quickstart.jsonl -o results.jsonl",
+    "submit": "agentq submit jobs.jsonl --wait",
+    "status": "agentq status b_1234abcd --json",
+    "wait": "agentq wait b_1234abcd --timeout 600",
+    "results": "agentq results b_1234abcd --follow --failed --format csv > failed.csv",
+    "job": "agentq job b_1234abcd q1",
+    "logs": "agentq logs b_1234abcd --follow --event model_call --level info",
+    "batches": "agentq batches --status active --limit 5",
+    "cancel": "agentq cancel b_1234abcd",
+    "retry": "agentq retry b_1234abcd --failed",
+    "worker": "agentq worker --concurrency 100",
+    "health": "agentq health --json",
+    "models": "agentq models",
+    "agents": "agentq agents --json",
+    "embedded": "agentq embedded status",
+    "completion": 'eval "$(agentq completion bash)"   # in ~/.bashrc',
+}
+
+
+class _Version(argparse.Action):
+    """--version, read from the installed package only when asked (importlib.metadata is
+    not free at start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print agentq's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("agentq")
+        except PackageNotFoundError:
+            v = "unknown (not installed: pip install -e .)"
+        print(f"agentq {v}")
+        parser.exit()
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="agentq", description="Run large batches of LLM agent jobs through Redis workers."
+        prog="agentq",
+        description="Run large batches of LLM agent jobs through Redis workers.",
+        epilog="example:\n  agentq submit jobs.jsonl && agentq wait b_1234abcd\n\n"
+        "`agentq COMMAND --help` shows a command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action=_Version)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a whole job file on this machine, print the results")
-    run.add_argument("file")
+    run.add_argument("file").complete = _FILE  # type: ignore[attr-defined]
     run.add_argument("-o", "--output", help="write result records (JSONL) here")
     run.add_argument("--batch-id")
 
     submit = sub.add_parser("submit", help="enqueue a job file; prints the batch id last")
-    submit.add_argument("file")
-    submit.add_argument("--batch-id")
-    submit.add_argument("--wait", action="store_true")
+    submit.add_argument("file").complete = _FILE  # type: ignore[attr-defined]
+    submit.add_argument("--batch-id", help="complete an interrupted submit of this batch")
+    submit.add_argument("--wait", action="store_true", help="then wait as `agentq wait` does")
     submit.add_argument(
         "--priority",
         choices=["high", "normal", "low"],
@@ -417,17 +522,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="counts by status, tokens, cost")
     status.add_argument("batch")
-    status.add_argument("--json", action="store_true")
+    _json_flag(status)
 
-    wait = sub.add_parser("wait", help="wait until a batch is done")
+    wait = sub.add_parser(
+        "wait", help="wait until a batch is done: exit 0 all succeeded, 1 some failed, 2 timeout"
+    )
     wait.add_argument("batch")
-    wait.add_argument("--timeout", type=float)
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
+    _json_flag(wait)
 
-    results = sub.add_parser("results", help="result records, in input order")
+    results = sub.add_parser(
+        "results", help="result records, in input order (--follow: as jobs finish)"
+    )
     results.add_argument("batch")
-    results.add_argument("-o", "--output")
+    results.add_argument("-o", "--output").complete = _FILE  # type: ignore[attr-defined]
     results.add_argument("--failed", action="store_true", help="only failed jobs")
     results.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    results.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream records as jobs finish, until the batch is done; exit codes as `wait`",
+    )
+    results.add_argument("--timeout", type=float, help="with --follow: give up after this long")
+    results.add_argument("--json", action="store_true", help="JSON lines (the default format)")
+
+    job = sub.add_parser("job", help="one job's record for a person: status, usage, error, log")
+    job.add_argument("batch")
+    job.add_argument("job", metavar="CUSTOM_ID|JOB_ID")
+    _json_flag(job)
+
+    logs = sub.add_parser("logs", help="log events of a batch's jobs, one line each")
+    logs.add_argument("batch")
+    logs.add_argument("custom_id", nargs="?", metavar="CUSTOM_ID|JOB_ID", help="only this job")
+    logs.add_argument("--follow", action="store_true", help="print events as jobs finish")
+    logs.add_argument(
+        "--event",
+        action="append",
+        metavar="NAME",
+        help="only these events (repeatable; shell patterns such as 'job.*')",
+    )
+    logs.add_argument(
+        "--level", choices=["debug", "info", "warning", "error"], help="only this level and above"
+    )
+    logs.add_argument("--timeout", type=float, help="with --follow: give up after this long")
+    _json_flag(logs)
+
+    batches = sub.add_parser("batches", help="batches, newest first, with counts, cost and age")
+    batches.add_argument("--status", choices=["active", "done"], help="only active or done ones")
+    batches.add_argument("--limit", type=_positive_int, default=20, help="at most N (20)")
+    _json_flag(batches)
 
     cancel = sub.add_parser("cancel", help="cancel the jobs of a batch not finished yet")
     cancel.add_argument("batch")
@@ -440,12 +583,35 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int)
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
 
-    sub.add_parser("health", help="Router, Redis and workers")
-    sub.add_parser("models", help="models the Router offers")
-    sub.add_parser("agents", help="agent profiles and tools the workers offer")
+    _json_flag(sub.add_parser("health", help="Router, Redis and workers"))
+    _json_flag(sub.add_parser("models", help="models the Router offers"))
+    _json_flag(sub.add_parser("agents", help="agent profiles and tools the workers offer"))
     embedded = sub.add_parser("embedded", help="the embedded server of this directory")
     embedded.add_argument("action", choices=["status", "stop"])
+    _json_flag(embedded)
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+
+    for name, p in sub.choices.items():
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = f"example:\n  {EXAMPLES[name]}"
     return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return n
+
+
+def _read_command(name: str) -> Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]:
+    from . import cli_read
+
+    return getattr(cli_read, f"cmd_{name}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
@@ -460,40 +626,72 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "models": cmd_models,
     "agents": cmd_agents,
 }
+READ_COMMANDS = ("job", "logs", "batches")
+"""Commands in producer/cli_read.py."""
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "completion":
+        sys.exit(cmd_completion(args))
     settings = None
     try:
+        from .settings import load_settings
+
         settings = load_settings()
         if args.command == "worker":
             code = cmd_worker(args, settings)
         elif args.command == "embedded":
             code = cmd_embedded(args, settings)
+        elif args.command in READ_COMMANDS:
+            code = asyncio.run(_read_command(args.command)(args, settings))
         else:
             code = asyncio.run(COMMANDS[args.command](args, settings))
-    except (ConfigError, JobFileError, FileNotFoundError, InvalidBatchId) as exc:
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = EXIT_OK
+    except Exception as exc:
+        code = _exit_code(exc, settings)
+    sys.exit(code)
+
+
+def _exit_code(exc: Exception, settings: Settings | None) -> int:
+    """A known error's message and exit code; anything else is a bug and shows its traceback.
+    The error classes are imported here, not at start-up: a module that raised one is loaded
+    already."""
+    from redis.exceptions import RedisError
+
+    from .client import BatchNotFound, JobNotFound
+    from .embedded import EmbeddedRedisError
+    from .jobfile import JobFileError
+    from .models import InvalidBatchId
+    from .redact import safe_url
+    from .settings import ConfigError
+
+    bad_input = (
+        ConfigError,
+        JobFileError,
+        FileNotFoundError,
+        InvalidBatchId,
+        BatchNotFound,
+        JobNotFound,
+        UsageError,
+    )
+    if isinstance(exc, bad_input):
         _err(str(exc))
-        code = EXIT_BAD_INPUT
-    except BatchNotFound as exc:
+        return EXIT_BAD_INPUT
+    if isinstance(exc, EmbeddedRedisError):  # says what went wrong and what to do
         _err(str(exc))
-        code = EXIT_BAD_INPUT
-    except EmbeddedRedisError as exc:  # says what went wrong and what to do
-        _err(str(exc))
-        code = EXIT_FAILED
-    except RedisError as exc:
+        return EXIT_FAILED
+    if isinstance(exc, RedisError):
         url = safe_url(settings.redis_url) if settings and settings.redis_url else None
         _err(
             f"Redis at {url or 'the embedded server'}: {exc} — check REDIS_URL "
             "(host, port, password, TLS)"
         )
-        code = EXIT_FAILED
-    except KeyboardInterrupt:
-        code = 130
-    except BrokenPipeError:
-        code = EXIT_OK
-    sys.exit(code)
+        return EXIT_FAILED
+    raise exc
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -26,6 +27,7 @@ from .models import (
     ResultRecord,
     Status,
     check_batch_id,
+    job_id_for,
     new_batch_id,
 )
 from .settings import Settings, load_settings
@@ -33,6 +35,27 @@ from .store import Store
 
 CHUNK = 1000
 """Jobs per pipelined round trip on submit."""
+
+
+class JobNotFound(LookupError):
+    def __init__(self, batch_id: str, ref: str) -> None:
+        super().__init__(
+            f"no job {ref!r} in batch {batch_id!r}: give its custom_id or its job id "
+            f"(`agentq results {batch_id}` lists them)"
+        )
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """A batch as `agentq batches` lists it."""
+
+    status: BatchStatus
+    active: bool
+    """It has queued or running jobs."""
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class BatchNotFound(LookupError):
@@ -208,16 +231,80 @@ class Producer:
             await pubsub.aclose()
 
     async def results(
-        self, batch_id: str, *, statuses: Iterable[Status] | None = None
-    ) -> AsyncIterator[ResultRecord]:
+        self, batch_id: str, *, statuses: Iterable[Status] | None = None, follow: bool = False
+    ) -> AsyncGenerator[ResultRecord, None]:
         """Result records in input order, streamed a chunk at a time; optionally only some
-        statuses (e.g. {Status.FAILED})."""
-        await self.status(batch_id)
+        statuses (e.g. {Status.FAILED}). With `follow`, final records as jobs finish instead
+        (see `follow`), until the batch is done."""
         wanted = set(statuses) if statuses is not None else None
+        if follow:
+            async with aclosing(self.follow(batch_id)) as followed:
+                async for record in followed:
+                    if wanted is None or record.status in wanted:
+                        yield record
+            return
+        await self.status(batch_id)
         async for ids in self.store.job_ids(batch_id):
             for record in await self.store.records(batch_id, ids):
                 if wanted is None or record.status in wanted:
                     yield record
+
+    def follow(self, batch_id: str) -> AsyncGenerator[ResultRecord, None]:
+        """Final records as jobs finish, in the order they finished, until the batch is done
+        (producer/follow.py says how)."""
+        from .follow import follow
+
+        return follow(self, batch_id)
+
+    async def job(self, batch_id: str, ref: str) -> ResultRecord:
+        """One job's record, by its custom_id or its job id."""
+        await self.status(batch_id)
+        for job_id in (job_id_for(batch_id, ref), ref):
+            owner, _ = await self.store.job_owner(job_id)
+            if owner == batch_id:
+                (record,) = await self.store.records(batch_id, [job_id])
+                return record
+        raise JobNotFound(batch_id, ref)
+
+    async def job_input(self, job_id: str) -> str | None:
+        """The input a job was given, as text (chat messages as JSON), for a person to read."""
+        spec = _text(await self.redis.hget(keys.job(job_id), "spec"))
+        if spec is None:
+            return None
+        try:
+            value = json.loads(spec).get("input")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    async def batches(self, *, active: bool | None = None, limit: int = 20) -> list[BatchInfo]:
+        """Batches newest first (by submit time), with their counters; `active` True only
+        those with queued or running jobs, False only those done. Expired batches are left
+        out."""
+        out: list[BatchInfo] = []
+        start, page = 0, max(limit, 100)
+        while len(out) < limit:
+            ids = [
+                _text(b) or ""
+                for b in await self.redis.zrevrange(keys.BATCHES, start, start + page - 1)
+            ]
+            if not ids:
+                break
+            start += len(ids)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for b in ids:
+                    pipe.zscore(keys.ACTIVE, b)
+                flags = await pipe.execute()
+            for b, score in zip(ids, flags, strict=True):
+                is_active = score is not None
+                if active is not None and is_active != active:
+                    continue
+                st = await self.store.batch_status(b)
+                if st is not None:
+                    out.append(BatchInfo(st, is_active))
+                    if len(out) >= limit:
+                        break
+        return out
 
     async def cancel(self, batch_id: str) -> int:
         """Cancel every job of the batch not final yet; returns how many were cancelled.

