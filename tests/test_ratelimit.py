@@ -164,6 +164,38 @@ def test_token_estimates_are_corrected(sync_redis: redis_sync.Redis) -> None:
     assert wait_over > 3000
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "5",
+        "null",
+        '"text"',
+        '{"tr": "soon", "tt": true, "slow": {}, "shift": [], "m": null, "r": "x"}',
+        '{"tr": NaN, "tt": Infinity, "slow": -Infinity, "shift": NaN}',
+    ],
+)
+def test_a_corrupt_budget_state_is_started_afresh(sync_redis: redis_sync.Redis, raw: str) -> None:
+    """Anyone who can write to Redis can write the budgets hash: a field that is not the
+    scripts' JSON must not fail every call under that budget in every worker (it did: the
+    scripts raised, so each call failed its job). It counts as a budget nobody used yet."""
+    s = Scripts(sync_redis)
+    b = fresh(rpm=600, tpm=60_000)
+    for script in ("take", "slow", "settle"):
+        sync_redis.hset(keys.BUDGETS, b.name, raw)
+        if script == "take":
+            wait, _, [shift] = s.take([b], 100)
+            assert (wait, shift) == (0, 0)
+        elif script == "slow":
+            assert s.slow([b], 500, refused=True) == [0]
+        else:
+            s.settle([b], 100)
+        wait, _, _ = s.take([b], 100)  # and the budget works on
+        assert wait <= 1000
+        state = json.loads(sync_redis.hget(keys.BUDGETS, b.name) or "")
+        assert all(isinstance(v, int | float) for v in state.values()), state
+
+
 # -- the limiter in the worker ----------------------------------------------------------------
 
 
