@@ -27,12 +27,14 @@ from structlog.testing import capture_logs
 from ops.simrouter import SimConfig, SimRouter
 from producer import keys
 from producer.budgets import describe_budgets, describe_waits, read_budgets
-from producer.settings import ConfigError, RateLimit, load_settings
+from producer.settings import ConfigError, RateLimit, Settings, load_settings
+from producer.store import RUN_FUNCTION
 from tests.conftest import ROUTER_KEY
 from worker import ratelimit
 from worker.provider import MAX_FREE_429S, CallMeter, RouterProvider, current_meter
 from worker.ratelimit import Budget, RateLimiter, Turn
 from worker.retry import RetryPolicy
+from worker.settings import ARQ_TIMEOUT_UNDER_BUDGETS_S, build_worker
 
 # -- the scripts, on the test Redis ----------------------------------------------------------
 
@@ -247,6 +249,25 @@ async def eventually(cond: Callable[[], bool], timeout_s: float = 30) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out waiting for a condition")
+
+
+def test_arq_never_cuts_short_a_run_waiting_for_its_turns(tmp_path: Path, redis_url: str) -> None:
+    """Turns are waited for off the job's timeout, however long a busy budget makes them. arq's
+    own job timeout (the job's longest timeout and outage, plus a minute) cut such runs short:
+    arq cancelled the run, the worker gave the job back to the front of the queue as at a
+    shutdown (no run counted), and it started again, spending the budget each time, forever."""
+    config = Settings(
+        redis_url=redis_url,
+        data_dir=str(tmp_path),
+        log_format="json",
+        rate_limits={"*": RateLimit(rpm=1)},
+    )
+    worker = build_worker(config, handle_signals=False)
+    assert worker.functions[RUN_FUNCTION].timeout_s == ARQ_TIMEOUT_UNDER_BUDGETS_S
+    unlimited = build_worker(config.model_copy(update={"rate_limits": {}}), handle_signals=False)
+    assert unlimited.functions[RUN_FUNCTION].timeout_s == config.max_job_timeout_s + (
+        config.outage_max_s + 60
+    )  # without budgets arq's backstop stays
 
 
 async def test_a_429_moves_every_worker_s_sleeping_calls(redis: Redis) -> None:
