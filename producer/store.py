@@ -380,10 +380,18 @@ for _, id in ipairs(ids) do
   local h = redis.call('HMGET', jkey(id), 'status', 'q', 'score')
   if h[1] == 'queued' then
     local aid = arq_id(id, h[2])
+    local score = tonumber(h[3] or '0') or 0
     if not redis.call('ZSCORE', QUEUE, aid) or redis.call('EXISTS', ARQ .. aid) == 0 then
       dequeue(id, h[2])
-      enqueue(id, b, h[3] or '0', false)
+      enqueue(id, b, score, false)
       fixed = fixed + 1
+    elseif score >= REAL_TIME then
+      -- queued by an agentq older than fair share (its place a clock time, after every place
+      -- since): a place of its batch, as `agentq retry` gives; not a repair
+      score = place(b)
+      redis.call('HSET', jkey(id), 'score', score)
+      dequeue(id, h[2])
+      enqueue(id, b, score, false)
     end
   elseif h[1] == 'running' and not redis.call('ZSCORE', LEASES, id) then
     requeue(id, b)
