@@ -86,7 +86,8 @@ end
 -- Workers take the lowest score first, so the active batches take turns, a job each per round
 -- of virtual time. A priority moves a batch's places ahead (high) or behind (low) by a fixed
 -- number of rounds ('poff'). Places stay far below any real time: a job deferred to a real
--- time (arq's retry after a Redis error) comes after all of them, as it did before.
+-- time (arq's retry after a Redis error) comes after all of them, until the reconciler puts
+-- it back at its place.
 local REAL_TIME = 1e12
 local function first_place(b)
   local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1  -- the round after the latest
@@ -381,7 +382,8 @@ for _, id in ipairs(ids) do
   if h[1] == 'queued' then
     local aid = arq_id(id, h[2])
     local score = tonumber(h[3] or '0') or 0
-    if not redis.call('ZSCORE', QUEUE, aid) or redis.call('EXISTS', ARQ .. aid) == 0 then
+    local qs = tonumber(redis.call('ZSCORE', QUEUE, aid))
+    if not qs or redis.call('EXISTS', ARQ .. aid) == 0 then
       dequeue(id, h[2])
       enqueue(id, b, score, false)
       fixed = fixed + 1
@@ -390,6 +392,11 @@ for _, id in ipairs(ids) do
       -- since): a place of its batch, as `agentq retry` gives; not a repair
       score = place(b)
       redis.call('HSET', jkey(id), 'score', score)
+      dequeue(id, h[2])
+      enqueue(id, b, score, false)
+    elseif qs >= REAL_TIME and qs <= now_ms() then
+      -- deferred by arq to a clock time (a claim met a Redis error), after every place, and
+      -- due: back to its own place
       dequeue(id, h[2])
       enqueue(id, b, score, false)
     end

@@ -169,6 +169,20 @@ async def test_jobs_queued_by_an_older_agentq_take_turns_once_reconciled(store: 
     assert order[:4].count("old") == 2, order  # turns (before: every "new" job came first)
 
 
+async def test_a_job_arq_deferred_gets_its_place_back_once_due(store: Store) -> None:
+    """arq defers a job whose claim met a Redis error to a clock time, after every place: on a
+    busy fleet it never started again. Once due, the reconciler puts it back at its place."""
+    await store.submit_chunk("a", jobs("a", 1))
+    jid = job_id_for("a", "a0")
+    sec, usec = await store.redis.time()
+    await store.redis.zadd(QUEUE, {f"{jid}.1": sec * 1000 + usec // 1000 - 1})  # due now
+    await store.submit_chunk("b", jobs("b", 3))
+    for _ in range(2):  # a step a batch, whichever it starts with
+        await store.reconcile(interval_s=0.001)
+        await asyncio.sleep(0.005)
+    assert (await start_order(store, 4))[0] == "a"  # before: after every job of "b"
+
+
 async def test_an_unknown_priority_is_refused_before_anything_is_enqueued(producer: Any) -> None:
     with pytest.raises(ValueError, match="one of high, normal, low"):
         await producer.submit(jobs("x", 1), batch_id="p", priority="urgent")
