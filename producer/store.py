@@ -91,7 +91,10 @@ end
 local REAL_TIME = 1e12
 local function first_place(b)
   local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1  -- the round after the latest
-  return math.max(v, tonumber(redis.call('HGET', bkey(b), 'vnext') or '0'))
+  -- after its own last place only while it has jobs waiting there (not, say, cancelled ones)
+  local h = redis.call('HMGET', bkey(b), 'vnext', 'queued')
+  if (tonumber(h[2]) or 0) <= 0 then return v end
+  return math.max(v, tonumber(h[1]) or 0)
 end
 local function place(b)
   local v = first_place(b)
@@ -330,9 +333,9 @@ if not allowed then
   return 0
 end
 local now = now_ms()
+local score = place(b)
 move(b, st, 'queued')
 redis.call('HDEL', jkey(id), 'result', 'started_at', 'finished_at', 'worker')
-local score = place(b)
 redis.call('HSET', jkey(id), 'status', 'queued', 'runs', 0, 'score', score, 'qt', now)
 redis.call('HINCRBY', jkey(id), 'retries', 1)
 redis.call('PERSIST', jkey(id))

@@ -94,6 +94,20 @@ async def test_a_retried_job_takes_its_batch_turn(store: Store) -> None:
     assert "other" in await start_order(store, 2)  # not behind the rest of "big"
 
 
+async def test_a_cancelled_batch_retried_takes_turns_from_now(store: Store) -> None:
+    """A batch's next place is after its own last one only while it has jobs waiting: a
+    cancelled batch retried (or given more jobs) went behind every place it ever handed out,
+    after every other batch's work up to there."""
+    await store.submit_chunk("big", jobs("b", 200))
+    await start_order(store, 5)
+    ids = [job_id_for("big", f"b{i}") for i in range(200)]
+    await store.flag_cancelled("big")
+    await store.cancel("big", ids)
+    await store.submit_chunk("other", jobs("o", 50))
+    assert await store.retry("big", ids[100:101], [Status.CANCELLED]) == 1
+    assert "big" in await start_order(store, 2)  # before: after all 50 of "other"
+
+
 async def test_high_priority_starts_before_batches_already_queued(store: Store) -> None:
     await store.submit_chunk("big", jobs("b", 100))
     await start_order(store, 3)
