@@ -149,6 +149,22 @@ async def test_normal_work_goes_before_a_low_batch_that_runs_alone(
     assert await start_order(store, 10) == ["normal"] * 10
 
 
+async def test_a_batch_given_more_jobs_at_another_priority_keeps_the_turns(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job moves the fleet's virtual time by its place less its own priority's offset. It
+    was its batch's latest offset: a low batch completed at normal priority (submit again with
+    the same batch id, --priority forgotten) moved it by the whole offset when an earlier low
+    job started, and every batch submitted after that waited behind all queued work."""
+    monkeypatch.setitem(store_module._PRIORITY_OFFSET, Priority.LOW, 1000)
+    await store.submit_chunk("big", jobs("b", 50))
+    await store.submit_chunk("x", jobs("l", 2), Priority.LOW)
+    await store.submit_chunk("x", jobs("n", 1))  # the rest of the file, priority forgotten
+    assert (await store.claim(job_id_for("x", "l0"), "x", "w", "1")).holds
+    await store.submit_chunk("new", jobs("s", 5))
+    assert "new" in await start_order(store, 4)  # before: all 50 of "big" first
+
+
 async def test_a_place_is_never_a_real_time(store: Store) -> None:
     """Places stay below Redis's clock (due at once), and a job arq defers to a real time
     after a Redis error does not move the fleet's virtual time."""
