@@ -434,6 +434,9 @@ def test_rate_limits_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ('{"gpt-4o": {}}', 'a budget needs "rpm", "tpm" or both'),
         ('{"gpt-4o": 500}', "AGENTQ_RATE_LIMITS: gpt-4o: Input should be a valid dictionary"),
         ('{"nope:*": {"rpm": 5}}', '"nope:*" names no Router of AGENTQ_ROUTERS'),
+        # accepted before, and every call under the budget then failed (no JSON for inf)
+        ('{"gpt-4o": {"rpm": Infinity}}', "gpt-4o.rpm: Input should be a finite number"),
+        ('{"gpt-4o": {"tpm": 1e999}}', "gpt-4o.tpm: Input should be a finite number"),
     ],
 )
 def test_a_bad_budget_says_what_to_write(
