@@ -393,9 +393,10 @@ for _, id in ipairs(ids) do
       dequeue(id, h[2])
       enqueue(id, b, score, false)
       fixed = fixed + 1
-    elseif score >= REAL_TIME then
+    elseif score >= REAL_TIME and qs >= REAL_TIME then
       -- queued by an agentq older than fair share (its place a clock time, after every place
-      -- since): a place of its batch, as `agentq retry` gives; not a repair
+      -- since; not one given back to the front): a place of its batch, as `agentq retry`
+      -- gives; not a repair
       score = place(b, id)
       redis.call('HSET', jkey(id), 'score', score)
       dequeue(id, h[2])

@@ -182,18 +182,20 @@ async def test_jobs_queued_by_an_older_agentq_take_turns_once_reconciled(store: 
     """An older agentq placed jobs at clock times, which come after every place: on a busy
     fleet (new batches keep coming) they never started. The reconciler gives them places of
     their batch, as `agentq retry` would, so they take turns with the batches placed since."""
-    await store.submit_chunk("old", jobs("o", 4))
-    for i in range(4):  # as an agentq before fair share wrote them
+    await store.submit_chunk("old", jobs("o", 5))
+    for i in range(5):  # as an agentq before fair share wrote them; o4 given back to the front
         jid = job_id_for("old", f"o{i}")
         await store.redis.hset(keys.job(jid), "score", 1_700_000_000_000 + i)
-        await store.redis.zadd(QUEUE, {f"{jid}.1": 1_700_000_000_000 + i})
+        await store.redis.zadd(QUEUE, {f"{jid}.1": 1_700_000_000_000 + i - 1e13 * (i == 4)})
     await store.redis.hdel(keys.batch("old"), "vnext", "poff")
     await store.submit_chunk("new", jobs("n", 4))
     for _ in range(4):  # a step a batch, whichever it starts with
         await store.reconcile(interval_s=0.001)
         await asyncio.sleep(0.005)
     scores = [s for _, s in await store.redis.zrange(QUEUE, 0, -1, withscores=True)]
-    assert len(scores) == 8 and all(s < 1e12 for s in scores)
+    assert len(scores) == 9 and all(s < 1e12 for s in scores)
+    started = await start_next(store)
+    assert started is not None and started[1].custom_id == "o4"  # still at the front
     order = await start_order(store, 8)
     assert sorted(order) == ["new"] * 4 + ["old"] * 4
     assert order[:4].count("old") == 2, order  # turns (before: every "new" job came first)
