@@ -65,9 +65,9 @@ class RateLimit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rpm: float | None = Field(None, gt=0)
+    rpm: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Requests per minute."""
-    tpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Tokens (input and output) per minute."""
 
     @model_validator(mode="after")

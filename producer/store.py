@@ -86,18 +86,25 @@ end
 -- Workers take the lowest score first, so the active batches take turns, a job each per round
 -- of virtual time. A priority moves a batch's places ahead (high) or behind (low) by a fixed
 -- number of rounds ('poff'). Places stay far below any real time: a job deferred to a real
--- time (arq's retry after a Redis error) comes after all of them, as it did before.
+-- time (arq's retry after a Redis error) comes after all of them, until the reconciler puts
+-- it back at its place.
 local REAL_TIME = 1e12
 local function first_place(b)
   local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1  -- the round after the latest
-  return math.max(v, tonumber(redis.call('HGET', bkey(b), 'vnext') or '0'))
+  -- after its own last place only while it has jobs waiting there (not, say, cancelled ones)
+  local h = redis.call('HMGET', bkey(b), 'vnext', 'queued')
+  if (tonumber(h[2]) or 0) <= 0 then return v end
+  return math.max(v, tonumber(h[1]) or 0)
 end
-local function place(b)
+local function place(b, id)
   local v = first_place(b)
   redis.call('HSET', bkey(b), 'vnext', v + 1)
-  return v + tonumber(redis.call('HGET', bkey(b), 'poff') or '0')
+  local poff = tonumber(redis.call('HGET', bkey(b), 'poff') or '0')
+  redis.call('HSET', jkey(id), 'poff', poff)
+  return v + poff
 end
--- A job started at place `score`: the fleet's virtual time moves on to it. A low batch's job
+-- A job started at place `score`, placed with offset `poff` (its own: a batch's priority may
+-- change when it gets more jobs): the fleet's virtual time moves on to it. A low batch's job
 -- moves it only to its place before the offset, so work submitted while low jobs run still
 -- goes first; a high batch's places lie behind it and move it not, so a high batch leaves the
 -- turns of the other batches as they were.
@@ -169,8 +176,8 @@ for i = 4, #ARGV, 3 do
   local id = ARGV[i]
   if redis.call('EXISTS', jkey(id)) == 0 then
     redis.call('HSET', jkey(id), 'status', 'queued', 'custom_id', ARGV[i + 1], 'batch_id', b,
-               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', v + poff, 'qt', now, 'runs', 0,
-               'token', 0, 'q', 0)
+               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', v + poff, 'poff', poff, 'qt',
+               now, 'runs', 0, 'token', 0, 'q', 0)
     redis.call('RPUSH', okey(b), id)
     enqueue(id, b, v + poff, false)
     v = v + 1
@@ -194,7 +201,7 @@ return {new, revived and 1 or 0}
 _CLAIM = """
 -- ARGV: job id, queue generation (from the arq payload), worker, started_at.
 local id = ARGV[1]
-local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt', 'score')
+local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt', 'score', 'poff')
 local st, b = h[1], h[3]
 if not st then return {'missing'} end
 if final(st) then return {st} end
@@ -213,7 +220,7 @@ local now = now_ms()
 dequeue(id, h[2])
 local c = redis.call('HMGET', bkey(b), 'cancelled_at', 'poff')
 local cancelled = c[1]
-advance(h[5], c[2])
+advance(h[5], h[6] or c[2])
 if cancelled and tonumber(h[4] or 0) <= tonumber(cancelled) then
   move(b, 'queued', 'cancelled')
   redis.call('HSET', jkey(id), 'status', 'cancelled', 'finished_at', ARGV[4])
@@ -329,9 +336,9 @@ if not allowed then
   return 0
 end
 local now = now_ms()
+local score = place(b, id)
 move(b, st, 'queued')
 redis.call('HDEL', jkey(id), 'result', 'started_at', 'finished_at', 'worker')
-local score = place(b)
 redis.call('HSET', jkey(id), 'status', 'queued', 'runs', 0, 'score', score, 'qt', now)
 redis.call('HINCRBY', jkey(id), 'retries', 1)
 redis.call('PERSIST', jkey(id))
@@ -380,10 +387,25 @@ for _, id in ipairs(ids) do
   local h = redis.call('HMGET', jkey(id), 'status', 'q', 'score')
   if h[1] == 'queued' then
     local aid = arq_id(id, h[2])
-    if not redis.call('ZSCORE', QUEUE, aid) or redis.call('EXISTS', ARQ .. aid) == 0 then
+    local score = tonumber(h[3] or '0') or 0
+    local qs = tonumber(redis.call('ZSCORE', QUEUE, aid))
+    if not qs or redis.call('EXISTS', ARQ .. aid) == 0 then
       dequeue(id, h[2])
-      enqueue(id, b, h[3] or '0', false)
+      enqueue(id, b, score, false)
       fixed = fixed + 1
+    elseif score >= REAL_TIME and qs >= REAL_TIME then
+      -- queued by an agentq older than fair share (its place a clock time, after every place
+      -- since; not one given back to the front): a place of its batch, as `agentq retry`
+      -- gives; not a repair
+      score = place(b, id)
+      redis.call('HSET', jkey(id), 'score', score)
+      dequeue(id, h[2])
+      enqueue(id, b, score, false)
+    elseif qs >= REAL_TIME and qs <= now_ms() then
+      -- deferred by arq to a clock time (a claim met a Redis error), after every place, and
+      -- due: back to its own place
+      dequeue(id, h[2])
+      enqueue(id, b, score, false)
     end
   elseif h[1] == 'running' and not redis.call('ZSCORE', LEASES, id) then
     requeue(id, b)

@@ -94,6 +94,20 @@ async def test_a_retried_job_takes_its_batch_turn(store: Store) -> None:
     assert "other" in await start_order(store, 2)  # not behind the rest of "big"
 
 
+async def test_a_cancelled_batch_retried_takes_turns_from_now(store: Store) -> None:
+    """A batch's next place is after its own last one only while it has jobs waiting: a
+    cancelled batch retried (or given more jobs) went behind every place it ever handed out,
+    after every other batch's work up to there."""
+    await store.submit_chunk("big", jobs("b", 200))
+    await start_order(store, 5)
+    ids = [job_id_for("big", f"b{i}") for i in range(200)]
+    await store.flag_cancelled("big")
+    await store.cancel("big", ids)
+    await store.submit_chunk("other", jobs("o", 50))
+    assert await store.retry("big", ids[100:101], [Status.CANCELLED]) == 1
+    assert "big" in await start_order(store, 2)  # before: after all 50 of "other"
+
+
 async def test_high_priority_starts_before_batches_already_queued(store: Store) -> None:
     await store.submit_chunk("big", jobs("b", 100))
     await start_order(store, 3)
@@ -135,6 +149,22 @@ async def test_normal_work_goes_before_a_low_batch_that_runs_alone(
     assert await start_order(store, 10) == ["normal"] * 10
 
 
+async def test_a_batch_given_more_jobs_at_another_priority_keeps_the_turns(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job moves the fleet's virtual time by its place less its own priority's offset. It
+    was its batch's latest offset: a low batch completed at normal priority (submit again with
+    the same batch id, --priority forgotten) moved it by the whole offset when an earlier low
+    job started, and every batch submitted after that waited behind all queued work."""
+    monkeypatch.setitem(store_module._PRIORITY_OFFSET, Priority.LOW, 1000)
+    await store.submit_chunk("big", jobs("b", 50))
+    await store.submit_chunk("x", jobs("l", 2), Priority.LOW)
+    await store.submit_chunk("x", jobs("n", 1))  # the rest of the file, priority forgotten
+    assert (await store.claim(job_id_for("x", "l0"), "x", "w", "1")).holds
+    await store.submit_chunk("new", jobs("s", 5))
+    assert "new" in await start_order(store, 4)  # before: all 50 of "big" first
+
+
 async def test_a_place_is_never_a_real_time(store: Store) -> None:
     """Places stay below Redis's clock (due at once), and a job arq defers to a real time
     after a Redis error does not move the fleet's virtual time."""
@@ -146,6 +176,43 @@ async def test_a_place_is_never_a_real_time(store: Store) -> None:
     await store.claim(jid, "a", "w", "1")
     vclock = await store.redis.get(keys.VCLOCK)
     assert vclock is None or float(vclock) < 1e12
+
+
+async def test_jobs_queued_by_an_older_agentq_take_turns_once_reconciled(store: Store) -> None:
+    """An older agentq placed jobs at clock times, which come after every place: on a busy
+    fleet (new batches keep coming) they never started. The reconciler gives them places of
+    their batch, as `agentq retry` would, so they take turns with the batches placed since."""
+    await store.submit_chunk("old", jobs("o", 5))
+    for i in range(5):  # as an agentq before fair share wrote them; o4 given back to the front
+        jid = job_id_for("old", f"o{i}")
+        await store.redis.hset(keys.job(jid), "score", 1_700_000_000_000 + i)
+        await store.redis.zadd(QUEUE, {f"{jid}.1": 1_700_000_000_000 + i - 1e13 * (i == 4)})
+    await store.redis.hdel(keys.batch("old"), "vnext", "poff")
+    await store.submit_chunk("new", jobs("n", 4))
+    for _ in range(4):  # a step a batch, whichever it starts with
+        await store.reconcile(interval_s=0.001)
+        await asyncio.sleep(0.005)
+    scores = [s for _, s in await store.redis.zrange(QUEUE, 0, -1, withscores=True)]
+    assert len(scores) == 9 and all(s < 1e12 for s in scores)
+    started = await start_next(store)
+    assert started is not None and started[1].custom_id == "o4"  # still at the front
+    order = await start_order(store, 8)
+    assert sorted(order) == ["new"] * 4 + ["old"] * 4
+    assert order[:4].count("old") == 2, order  # turns (before: every "new" job came first)
+
+
+async def test_a_job_arq_deferred_gets_its_place_back_once_due(store: Store) -> None:
+    """arq defers a job whose claim met a Redis error to a clock time, after every place: on a
+    busy fleet it never started again. Once due, the reconciler puts it back at its place."""
+    await store.submit_chunk("a", jobs("a", 1))
+    jid = job_id_for("a", "a0")
+    sec, usec = await store.redis.time()
+    await store.redis.zadd(QUEUE, {f"{jid}.1": sec * 1000 + usec // 1000 - 1})  # due now
+    await store.submit_chunk("b", jobs("b", 3))
+    for _ in range(2):  # a step a batch, whichever it starts with
+        await store.reconcile(interval_s=0.001)
+        await asyncio.sleep(0.005)
+    assert (await start_order(store, 4))[0] == "a"  # before: after every job of "b"
 
 
 async def test_an_unknown_priority_is_refused_before_anything_is_enqueued(producer: Any) -> None:

@@ -27,12 +27,14 @@ from structlog.testing import capture_logs
 from ops.simrouter import SimConfig, SimRouter
 from producer import keys
 from producer.budgets import describe_budgets, describe_waits, read_budgets
-from producer.settings import ConfigError, RateLimit, load_settings
+from producer.settings import ConfigError, RateLimit, Settings, load_settings
+from producer.store import RUN_FUNCTION
 from tests.conftest import ROUTER_KEY
 from worker import ratelimit
 from worker.provider import MAX_FREE_429S, CallMeter, RouterProvider, current_meter
 from worker.ratelimit import Budget, RateLimiter, Turn
 from worker.retry import RetryPolicy
+from worker.settings import ARQ_TIMEOUT_UNDER_BUDGETS_S, build_worker
 
 # -- the scripts, on the test Redis ----------------------------------------------------------
 
@@ -164,6 +166,38 @@ def test_token_estimates_are_corrected(sync_redis: redis_sync.Redis) -> None:
     assert wait_over > 3000
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "5",
+        "null",
+        '"text"',
+        '{"tr": "soon", "tt": true, "slow": {}, "shift": [], "m": null, "r": "x"}',
+        '{"tr": NaN, "tt": Infinity, "slow": -Infinity, "shift": NaN}',
+    ],
+)
+def test_a_corrupt_budget_state_is_started_afresh(sync_redis: redis_sync.Redis, raw: str) -> None:
+    """Anyone who can write to Redis can write the budgets hash: a field that is not the
+    scripts' JSON must not fail every call under that budget in every worker (it did: the
+    scripts raised, so each call failed its job). It counts as a budget nobody used yet."""
+    s = Scripts(sync_redis)
+    b = fresh(rpm=600, tpm=60_000)
+    for script in ("take", "slow", "settle"):
+        sync_redis.hset(keys.BUDGETS, b.name, raw)
+        if script == "take":
+            wait, _, [shift] = s.take([b], 100)
+            assert (wait, shift) == (0, 0)
+        elif script == "slow":
+            assert s.slow([b], 500, refused=True) == [0]
+        else:
+            s.settle([b], 100)
+        wait, _, _ = s.take([b], 100)  # and the budget works on
+        assert wait <= 1000
+        state = json.loads(sync_redis.hget(keys.BUDGETS, b.name) or "")
+        assert all(isinstance(v, int | float) for v in state.values()), state
+
+
 # -- the limiter in the worker ----------------------------------------------------------------
 
 
@@ -215,6 +249,25 @@ async def eventually(cond: Callable[[], bool], timeout_s: float = 30) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out waiting for a condition")
+
+
+def test_arq_never_cuts_short_a_run_waiting_for_its_turns(tmp_path: Path, redis_url: str) -> None:
+    """Turns are waited for off the job's timeout, however long a busy budget makes them. arq's
+    own job timeout (the job's longest timeout and outage, plus a minute) cut such runs short:
+    arq cancelled the run, the worker gave the job back to the front of the queue as at a
+    shutdown (no run counted), and it started again, spending the budget each time, forever."""
+    config = Settings(
+        redis_url=redis_url,
+        data_dir=str(tmp_path),
+        log_format="json",
+        rate_limits={"*": RateLimit(rpm=1)},
+    )
+    worker = build_worker(config, handle_signals=False)
+    assert worker.functions[RUN_FUNCTION].timeout_s == ARQ_TIMEOUT_UNDER_BUDGETS_S
+    unlimited = build_worker(config.model_copy(update={"rate_limits": {}}), handle_signals=False)
+    assert unlimited.functions[RUN_FUNCTION].timeout_s == config.max_job_timeout_s + (
+        config.outage_max_s + 60
+    )  # without budgets arq's backstop stays
 
 
 async def test_a_429_moves_every_worker_s_sleeping_calls(redis: Redis) -> None:
@@ -381,6 +434,9 @@ def test_rate_limits_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ('{"gpt-4o": {}}', 'a budget needs "rpm", "tpm" or both'),
         ('{"gpt-4o": 500}', "AGENTQ_RATE_LIMITS: gpt-4o: Input should be a valid dictionary"),
         ('{"nope:*": {"rpm": 5}}', '"nope:*" names no Router of AGENTQ_ROUTERS'),
+        # accepted before, and every call under the budget then failed (no JSON for inf)
+        ('{"gpt-4o": {"rpm": Infinity}}', "gpt-4o.rpm: Input should be a finite number"),
+        ('{"gpt-4o": {"tpm": 1e999}}', "gpt-4o.tpm: Input should be a finite number"),
     ],
 )
 def test_a_bad_budget_says_what_to_write(

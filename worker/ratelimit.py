@@ -39,6 +39,23 @@ DEFAULT_PAUSE_S = 1.0
 REDIS_RETRY_S = 1.0
 """A turn that Redis could not give is asked for again this much later (never skipped)."""
 
+_STATE = """
+-- A budget's state as stored, or a fresh one: the hash is anyone's to write, and a field that
+-- is not this JSON (or holds no number where one belongs) must not fail every call.
+local FIELDS = {'rpm', 'tpm', 'tr', 'tt', 'slow', 'shift', 'm', 'r', 't', 'pr', 'pt', 'seen'}
+local function state(raw)
+  local ok, d = pcall(cjson.decode, raw or '')
+  local s = {}
+  if ok and type(d) == 'table' then
+    for _, k in ipairs(FIELDS) do
+      local v = type(d[k]) == 'number' and d[k] or nil
+      if v and v == v and v ~= math.huge and v ~= -math.huge then s[k] = v end
+    end
+  end
+  return s
+end
+"""
+
 _TAKE = """
 -- Take a turn under every budget named: one request and ARGV[1] tokens each, at the earliest
 -- time all of them allow, reserved now (the caller sleeps until then). GCRA on Redis's clock,
@@ -55,7 +72,7 @@ local tokens = tonumber(ARGV[1])
 local names, states, at = {}, {}, now
 for i = 2, #ARGV, 3 do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
-  local s = raw and cjson.decode(raw) or {}
+  local s = state(raw)
   s.rpm, s.tpm = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   at = math.max(at, s.slow or 0)
   names[#names + 1], states[#states + 1] = ARGV[i], s
@@ -99,7 +116,7 @@ for i = 3, #ARGV do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   local shift = 0
   if raw then
-    local s = cjson.decode(raw)
+    local s = state(raw)
     local from = math.max(now, s.slow or 0)
     if till > from then
       if ARGV[2] == '1' and ((s.tr or 0) > now or (s.tt or 0) > now) then
@@ -129,7 +146,7 @@ local n = 0
 for i = 2, #ARGV do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   if raw then
-    local s = cjson.decode(raw)
+    local s = state(raw)
     if (s.tpm or 0) > 0 then
       local ms = delta * 60000 / s.tpm
       if delta > 0 then s.tt = math.max(s.tt or 0, now) + ms else s.tt = (s.tt or 0) + ms end
@@ -141,6 +158,8 @@ for i = 2, #ARGV do
 end
 return n
 """
+
+_TAKE, _SLOW, _SETTLE = (_STATE + script for script in (_TAKE, _SLOW, _SETTLE))
 
 
 @dataclass(frozen=True)

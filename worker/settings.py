@@ -274,6 +274,12 @@ def _secrets(settings: Settings) -> list[str]:
     return [s for s in found if s]
 
 
+ARQ_TIMEOUT_UNDER_BUDGETS_S = 365 * 86_400.0
+"""arq's job timeout when AGENTQ_RATE_LIMITS has budgets: none in effect. A call waits for its
+turn off the job's timeout, as long as a busy budget makes it; arq cutting the run short would
+give the job back and start it again, forever (leases cover dead workers, not this timeout)."""
+
+
 def build_worker(
     settings: Settings | None = None,
     *,
@@ -292,8 +298,11 @@ def build_worker(
         log_file=log_file,
     )
     # arq's own job timeout stays above any job's timeout, so arq never cuts a run short and
-    # never starts it a second time while it still runs.
+    # never starts it a second time while it still runs. Under budgets a run's waits for its
+    # turns have no bound: see ARQ_TIMEOUT_UNDER_BUDGETS_S.
     arq_timeout = settings.max_job_timeout_s + settings.outage_max_s + 60
+    if settings.rate_limits:
+        arq_timeout = ARQ_TIMEOUT_UNDER_BUDGETS_S
     worker = BatchStartWorker(
         functions=[func(run_agent_job, name=RUN_FUNCTION, timeout=arq_timeout)],
         queue_name=settings.queue,
