@@ -238,7 +238,7 @@ class FairShareMachine(RuleBasedStateMachine):
         self.running: dict[str, str] = {}  # job id -> token
         self.finals: dict[str, int] = {}
         self.queued: dict[str, set[str]] = {b: set() for b in BATCHES}
-        self.since: dict[tuple[str, str], tuple[int, int]] = {}
+        self.since: dict[tuple[str, str], tuple[int, int, int]] = {}
         """For two batches of one priority, both waiting: their starts when both began to."""
         self.starts = dict.fromkeys(BATCHES, 0)
         self.batch_of: dict[str, str] = {}
@@ -281,13 +281,26 @@ class FairShareMachine(RuleBasedStateMachine):
     def waiting(self) -> set[str]:
         return {b for b, q in self.queued.items() if q}
 
+    def head(self, batch: str) -> float | None:
+        """The lowest place a batch's waiting jobs hold (runs given back aside: they go first
+        in any case); None if it has no other."""
+        jids = self.queued[batch] - self.front
+        return min(float(self.job_field(j, "score")) for j in jids) if jids else None
+
+    def job_field(self, jid: str, name: str) -> str:
+        return _s(self.run(self.redis.hget(keys.job(jid), name)))
+
     def mark_pairs(self) -> None:
-        """Start counting turns for every same-priority pair that both wait now."""
+        """Start counting turns for every same-priority pair that both wait now. Their heads
+        may be some rounds apart then (one batch had already had its turn in the round the
+        other still waits in): each round between them is one turn more for the one behind."""
         w = self.waiting()
         for a in w:
             for b in w:
                 if a < b and BATCHES[a] == BATCHES[b] and (a, b) not in self.since:
-                    self.since[(a, b)] = (self.starts[a], self.starts[b])
+                    ha, hb = self.head(a), self.head(b)
+                    if ha is not None and hb is not None:
+                        self.since[(a, b)] = (self.starts[a], self.starts[b], abs(ha - hb))
         for pair in list(self.since):
             if not set(pair) <= w:
                 del self.since[pair]
@@ -353,9 +366,18 @@ class FairShareMachine(RuleBasedStateMachine):
 
     @invariant()
     def batches_of_one_priority_take_turns(self) -> None:
-        for (a, b), (sa, sb) in self.since.items():
+        for (a, b), (sa, sb, gap) in self.since.items():
             da, db = self.starts[a] - sa, self.starts[b] - sb
-            assert abs(da - db) <= 1, (a, da, b, db)
+            assert abs(da - db) <= 1 + gap, (a, da, b, db, gap)
+
+    @invariant()
+    def waiting_batches_of_one_priority_are_within_a_round(self) -> None:
+        """Whoever waits is at most one round behind another of its priority: no batch is
+        queued behind another's whole backlog."""
+        for p in Priority:
+            mine = [self.head(b) for b in self.waiting() if BATCHES[b] == p]
+            heads = [h for h in mine if h is not None]
+            assert not heads or max(heads) - min(heads) <= 1, (p, heads)
 
     @invariant()
     def every_waiting_job_is_in_arq_queue(self) -> None:
