@@ -55,9 +55,7 @@ def _announce_batch(batch_id: str) -> None:
 
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     async with Producer.from_env(settings) as p:
-        batch = await p.submit_file(
-            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch
-        )
+        batch = await p.submit_file(args.file, batch_id=args.batch_id, on_batch_id=_announce_batch)
         print(f"submitted {batch.jobs} jobs ({batch.enqueued} new)", file=sys.stderr)
         print(batch.id)
         sys.stdout.flush()
@@ -197,6 +195,14 @@ def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if args.processes != 1:
+        from worker.supervisor import cpu_count, supervise
+
+        n = args.processes or cpu_count()
+        if n > 1:
+            again = [f"--concurrency={args.concurrency}"] if args.concurrency else []
+            again += ["--burst"] if args.burst else []
+            return supervise(again, n, metrics_port=settings.metrics_port)
     from worker.settings import build_worker
 
     if args.concurrency:
@@ -386,6 +392,19 @@ def _inert(text: str) -> str:
 # -- entry point ------------------------------------------------------------------------------
 
 
+def _processes(value: str) -> int:
+    """--processes: a count, or 0 for auto."""
+    if value == "auto":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="agentq", description="Run large batches of LLM agent jobs through Redis workers."
@@ -426,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument("--concurrency", type=int)
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N|auto",
+        help="run N worker processes under a supervisor (auto: one per CPU this may use)",
+    )
 
     sub.add_parser("health", help="Router, Redis and workers")
     sub.add_parser("models", help="models the Router offers")
