@@ -49,7 +49,7 @@ def _chunks(jobs: Iterable[AgentJob], n: int) -> Iterator[list[AgentJob]]:
         yield chunk
 
 
-TRAILING_S = 0.015
+TRAILING_S = (keys.PROGRESS_THROTTLE_MS + 5) / 1000
 """After a progress message, `wait` reads the counters once more this much later unless another
 message came: a change inside the publisher's throttle window sends none of its own."""
 
@@ -167,7 +167,7 @@ class Producer:
         """Until every job of the batch is final. Subscribes first, then reads the counters,
         then re-reads them when told the batch may have finished (no job left queued or
         running, or it was just sealed), and, for `on_progress`, when its counters changed
-        (at most one message per batch per 10 ms, whatever the number of jobs).
+        (at most one message per batch per 20 ms, whatever the number of jobs).
         Raises TimeoutError after `timeout` seconds."""
         pubsub = self.redis.pubsub()
         channels = [keys.batch_settled(batch_id)]

@@ -41,7 +41,7 @@ def batch_progress_throttle(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:throttle"
 
 
-PROGRESS_THROTTLE_MS = 10
+PROGRESS_THROTTLE_MS = 20
 
 
 def wake(queue: str) -> str:

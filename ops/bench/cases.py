@@ -819,7 +819,12 @@ async def _idle_cost(b: Bench, url: str, w: WorkerProc) -> Row:
 
     r = redis_sync.Redis.from_url(url)
     try:
-        await asyncio.sleep(2.0)  # past the warm-up's tail
+        # past the warm-up's tail: its records' TTLs re-armed (a sweep step every 5 s)
+        for _ in range(120):
+            if not r.zcard(keys.SWEEPS) and not r.zcard(keys.ACTIVE):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         total0, calls0 = _stats(r)
         cpu0, t0 = w.cpu_s(), time.perf_counter()
         await asyncio.sleep(b.sizes.idle_window_s)
