@@ -96,8 +96,8 @@ QUICK = Sizes(
     rss_n=300,
     e2e_n=2_000,
     idle_window_s=4.0,
-    idle_starts=8,
-    wait_n=300,
+    idle_starts=5,
+    wait_n=150,
 )
 
 
