@@ -2,7 +2,7 @@
 #
 #   docker build -t agentq .
 #   docker run --rm -e REDIS_URL=redis://host:6379/0 -e HANZO_ROUTER_URL=https://router/v1 \
-#     -e HANZO_API_KEY=sk-... agentq                # = agentq worker
+#     -e HANZO_API_KEY=sk-... agentq                # = agentq worker --processes auto
 #   docker run --rm -e REDIS_URL=... -v "$PWD/jobs:/jobs:ro" agentq submit /jobs/x.jsonl --wait
 #
 # Stage 1 installs the project and its dependencies into a virtualenv; stage 2 copies only that
@@ -33,9 +33,11 @@ RUN useradd --uid 10001 --user-group --create-home --home-dir /app --shell /usr/
 COPY --from=build /opt/agentq /opt/agentq
 WORKDIR /app
 USER 10001:10001
-# Prometheus /metrics of `agentq worker` (AGENTQ_METRICS_PORT; 0 turns it off). It listens on
-# every interface of the container (AGENTQ_METRICS_HOST) so Prometheus can reach it; publish
-# the port only to a network you trust (/metrics has no auth and shows model names).
-EXPOSE 9108
+# Prometheus /metrics of `agentq worker` (AGENTQ_METRICS_PORT; 0 turns it off; worker process i
+# of --processes serves it on AGENTQ_METRICS_PORT + i). It listens on every interface of the
+# container (AGENTQ_METRICS_HOST) so Prometheus can reach it; publish the ports only to a
+# network you trust (/metrics has no auth and shows model names).
+EXPOSE 9108 9109 9110 9111
 ENTRYPOINT ["agentq"]
-CMD ["worker"]
+# One worker process per CPU the container may use (its cpuset and --cpus quota).
+CMD ["worker", "--processes", "auto"]

@@ -235,6 +235,8 @@ class WorkerProc:
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()
+    """More `agentq worker` options (e.g. --processes 2: then pid is the supervisor's)."""
 
     def start(self) -> WorkerProc:
         env = base_env()
@@ -251,7 +253,10 @@ class WorkerProc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = spawn(
-                ["-m", "producer.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+                ["-m", "producer.cli", "worker", *self.args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 
@@ -262,7 +267,11 @@ class WorkerProc:
 
     @property
     def worker_id(self) -> str:
-        return f"{socket.gethostname()}:{self.pid}"
+        return self.id_of(self.pid)
+
+    @staticmethod
+    def id_of(pid: int) -> str:
+        return f"{socket.gethostname()}:{pid}"
 
     def log_tail(self, n: int = 15) -> str:
         try:
@@ -290,6 +299,16 @@ class WorkerProc:
 
     def cpu_s(self) -> float:
         return cpu_s(self.pid)
+
+    def children(self) -> list[int]:
+        """The pids of the processes it started (a supervisor's workers)."""
+        try:
+            return [
+                int(x)
+                for x in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            ]
+        except OSError:
+            return []
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -237,6 +237,15 @@ def cmd_embedded(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if args.processes != 1:
+        from worker.supervisor import cpu_count, supervise
+
+        n = args.processes or cpu_count()
+        if n > 1:
+            again = [f"--concurrency={args.concurrency}"] if args.concurrency else []
+            again += ["--burst"] if args.burst else []
+            return supervise(again, n, metrics_port=settings.metrics_port)
+
     from redis.exceptions import RedisError
 
     from worker.settings import build_worker
@@ -492,6 +501,19 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _processes(value: str) -> int:
+    """--processes: a count, or 0 for auto."""
+    if value == "auto":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="agentq",
@@ -582,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument("--concurrency", type=int)
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N|auto",
+        help="run N worker processes under a supervisor (auto: one per CPU this may use)",
+    )
 
     _json_flag(sub.add_parser("health", help="Router, Redis and workers"))
     _json_flag(sub.add_parser("models", help="models the Router offers"))

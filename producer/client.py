@@ -80,13 +80,13 @@ def _chunks(jobs: Iterable[AgentJob], n: int) -> Iterator[list[AgentJob]]:
         yield chunk
 
 
-async def _next_burst(pubsub: Any) -> None:
-    """Wait for a change notification (or a second: pub/sub drops what nobody heard, e.g.
-    across a reconnect), then drain the burst of notifications that came with it."""
-    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-    deadline = time.monotonic() + 0.05
-    while msg is not None and time.monotonic() < deadline:
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+TRAILING_S = (keys.PROGRESS_THROTTLE_MS + 5) / 1000
+"""After a progress message, `wait` reads the counters once more this much later unless another
+message came: a change inside the publisher's throttle window sends none of its own."""
+
+SAFETY_S = 2.0
+"""With nothing heard, `wait` still re-reads the counters this often: pub/sub drops what
+nobody heard (across a reconnect, say)."""
 
 
 class Producer:
@@ -209,12 +209,18 @@ class Producer:
         on_progress: Callable[[BatchStatus], None] | None = None,
     ) -> BatchStatus:
         """Until every job of the batch is final. Subscribes first, then reads the counters,
-        then re-reads them after each burst of change notifications (never a poll per job).
+        then re-reads them when told the batch may have finished (no job left queued or
+        running, or it was just sealed), and, for `on_progress`, when its counters changed
+        (at most one message per batch per 20 ms, whatever the number of jobs).
         Raises TimeoutError after `timeout` seconds."""
         pubsub = self.redis.pubsub()
+        channels = [keys.batch_settled(batch_id)]
+        if on_progress:
+            channels.append(keys.batch_progress(batch_id))
         try:
             async with asyncio.timeout(timeout):
-                await pubsub.subscribe(keys.batch_events(batch_id))
+                await pubsub.subscribe(*channels)
+                trailing = False
                 while True:
                     try:
                         st = await self.status(batch_id)
@@ -222,7 +228,11 @@ class Producer:
                             on_progress(st)
                         if st.finished:
                             return st
-                        await _next_burst(pubsub)
+                        msg = await pubsub.get_message(
+                            ignore_subscribe_messages=True,
+                            timeout=TRAILING_S if trailing else SAFETY_S,
+                        )
+                        trailing = msg is not None
                     except RedisConnectionError:
                         # Redis restarting: the client's own retries ran out; keep waiting.
                         # pub/sub re-subscribes when it reconnects.

@@ -23,6 +23,33 @@ def batch_events(batch_id: str) -> str:
     return f"{PREFIX}:events:{batch_id}"
 
 
+def batch_settled(batch_id: str) -> str:
+    """Pub/sub channel: a message when the batch may have finished (no job of it is queued or
+    running any more, or it was just sealed). Waiters hear this, not one message per job."""
+    return f"{PREFIX}:settled:{batch_id}"
+
+
+def batch_progress(batch_id: str) -> str:
+    """Pub/sub channel: the batch's counters changed. At most one message per
+    PROGRESS_THROTTLE_MS per batch (a change inside that window is announced by no message of
+    its own: listeners re-read once a window after the last message they heard)."""
+    return f"{PREFIX}:progress:{batch_id}"
+
+
+def batch_progress_throttle(batch_id: str) -> str:
+    """String, set for PROGRESS_THROTTLE_MS after each progress message of the batch."""
+    return f"{PREFIX}:batch:{batch_id}:throttle"
+
+
+PROGRESS_THROTTLE_MS = 20
+
+
+def wake(queue: str) -> str:
+    """Pub/sub channel: a message when jobs were put in `queue` (submit, retry, a release, a
+    reap, a repair). Idle workers sleep until they hear it instead of polling."""
+    return f"{PREFIX}:wake:{queue}"
+
+
 BATCHES = f"{PREFIX}:batches"
 """Sorted set of batch ids by creation time."""
 

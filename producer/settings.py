@@ -189,9 +189,8 @@ class Settings(BaseSettings):
     """Python modules that register tools and agent profiles (comma-separated)."""
 
     poll_delay_s: float = Field(0.02, gt=0)
-    """How often a worker looks at the queue for new jobs. A freed slot waits up to this long
-    for its next job; an idle worker spends about 3% of a core at 0.02 (raise it for idle
-    fleets)."""
+    """The least time between two reads of the queue by a busy worker: a freed slot waits up
+    to this long for its next job. An idle worker does not poll: enqueues wake it."""
 
     metrics_port: int = Field(0, ge=0, le=65535)
     """Port of the worker's Prometheus /metrics endpoint; 0 turns it off (9108 in the compose

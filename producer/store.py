@@ -42,6 +42,7 @@ _PRELUDE = """
 local QUEUE, LEASES, CLOCK, ACTIVE, SWEEPS, INDEX, VCLOCK = {queue}, {leases}, {clock},
   {active}, {sweeps}, {index}, {vclock}
 local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
+local WAKE, SETTLED, PROGRESS, THROTTLE_MS = {wake}, {settled}, {progress}, {throttle_ms}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
 
 local function now_ms()
@@ -61,10 +62,22 @@ local function misfit(b)
 end
 local function final(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function arq_id(id, q) return id .. '.' .. (q or '0') end
-local function publish(b, msg) redis.call('PUBLISH', EVENTS .. b, msg) end
+-- Every job change is announced on the batch's events channel; its counters' change on the
+-- progress channel, at most once per THROTTLE_MS (waiters re-read a window later).
+local function publish(b, msg)
+  redis.call('PUBLISH', EVENTS .. b, msg)
+  if redis.call('SET', BATCH .. b .. ':throttle', '1', 'PX', THROTTLE_MS, 'NX') then
+    redis.call('PUBLISH', PROGRESS .. b, '1')
+  end
+end
 local function move(b, from, to)
   redis.call('HINCRBY', bkey(b), from, -1)
   redis.call('HINCRBY', bkey(b), to, 1)
+end
+-- Idle workers sleep until they hear of new jobs: one message per script that enqueues.
+local woken = false
+local function wake()
+  if not woken then redis.call('PUBLISH', WAKE, '1') woken = true end
 end
 -- A new arq queue entry and payload for the job (its next generation), at `score`; `front`
 -- puts it before every job never started, in its original order among those put back.
@@ -79,6 +92,7 @@ local function enqueue(id, b, score, front)
   redis.call('SET', ARQ .. aid, payload, 'PX', PAYLOAD_MS)
   if front then score = tonumber(score) - 1e13 end
   redis.call('ZADD', QUEUE, score, aid)
+  wake()
 end
 -- Fair share and priorities. A job's score in arq's queue is a place in virtual time, not a
 -- clock reading: a batch numbers its jobs one after another from the fleet's virtual time when
@@ -134,6 +148,7 @@ local function settle(b)
     redis.call('EXPIRE', bkey(b), TTL)
     -- the order list expires when the sweep has re-armed every record it lists
     if redis.call('ZREM', ACTIVE, b) == 1 then redis.call('ZADD', SWEEPS, 0, b) end
+    redis.call('PUBLISH', SETTLED .. b, '1')
   end
 end
 -- Every renew and reap starts here: if nobody renewed for half a lease (Redis was down, or
@@ -355,6 +370,7 @@ local b = ARGV[1]
 redis.call('HSETNX', bkey(b), 'created_at', ARGV[2])
 redis.call('HSET', bkey(b), 'sealed', 1)
 publish(b, '- sealed')
+redis.call('PUBLISH', SETTLED .. b, '1')
 if not redis.call('ZSCORE', ACTIVE, b) then redis.call('EXPIRE', bkey(b), TTL) end
 return 1
 """
@@ -460,6 +476,10 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         job=_lua_str(keys.job("")),
         batch=_lua_str(keys.batch("")),
         events=_lua_str(keys.batch_events("")),
+        wake=_lua_str(keys.wake(queue)),
+        settled=_lua_str(keys.batch_settled("")),
+        progress=_lua_str(keys.batch_progress("")),
+        throttle_ms=keys.PROGRESS_THROTTLE_MS,
         arq=_lua_str(keys.ARQ_JOB_PREFIX),
         func=_lua_str(RUN_FUNCTION),
         ttl=ttl_s,

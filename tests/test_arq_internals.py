@@ -40,3 +40,40 @@ def test_arq_cleans_up_by_the_arq_job_id_only() -> None:
     src = inspect.getsource(Worker.finish_job) + inspect.getsource(Worker.finish_failed_job)
     assert "job_key_prefix + job_id" in src and "self.queue_name, job_id" in src
     assert "in_progress_key_prefix + job_id" in src
+
+
+def test_arq_main_loop_that_batchstartworker_replaces() -> None:
+    """BatchStartWorker.main copies arq's start-up and replaces its poll loop; its
+    _poll_iteration reads the queue only when there may be work (see worker/arqworker.py)."""
+    main = inspect.getsource(Worker.main)
+    for line in (
+        "create_pool(",
+        "job_deserializer=self.job_deserializer",
+        "expires_extra_ms=self.expires_extra_ms",
+        "log_redis_info(self.pool",
+        "self.ctx['redis'] = self.pool",
+        "await self.on_startup(self.ctx)",
+        "async for _ in poll(self.poll_delay_s)",
+        "await self._poll_iteration()",
+        "queued_jobs = await self.pool.zcard(self.queue_name)",
+    ):
+        assert line in main, line
+    poll = inspect.getsource(Worker._poll_iteration)
+    for line in (
+        "self.allow_pick_jobs",
+        "self._cancel_aborted_jobs()",
+        "t.result()",
+        "await self.heart_beat()",
+        "await self.start_jobs(job_ids)",
+    ):
+        assert line in poll, line
+    init = inspect.getsource(Worker.__init__)
+    for attr in ("self.max_burst_jobs", "self.queue_read_limit", "self.poll_delay_s"):
+        assert attr in init, attr
+    # The drain waits for self.tasks to empty: the loop must tidy up ended runs meanwhile.
+    assert "while len(self.tasks)" in inspect.getsource(Worker._sleep_until_tasks_complete)
+    assert "self.allow_pick_jobs = False" in inspect.getsource(
+        Worker.handle_sig_wait_for_completion
+    )
+    assert BatchStartWorker.main is not Worker.main
+    assert BatchStartWorker._poll_iteration is not Worker._poll_iteration

@@ -114,7 +114,7 @@ def test_compose_worker_scales_and_drains(services: dict[str, dict[str, Any]]) -
     worker = services["worker"]
     assert "container_name" not in worker, "--scale worker=N needs generated names"
     assert "ports" not in worker, "a published host port would clash between replicas"
-    assert worker["command"] == ["worker"]
+    assert worker["command"] == ["worker", "--processes", "${AGENTQ_WORKER_PROCESSES:-auto}"]
     env = env_of(worker)
     grace = int(env.get("AGENTQ_SHUTDOWN_GRACE_S", SHUTDOWN_GRACE_S))
     assert duration_s(worker["stop_grace_period"]) > grace
@@ -311,7 +311,7 @@ def test_agentq_dockerfile() -> None:
     final = final_stage(instrs)
     assert_non_root(instrs)
     assert json.loads(last(final, "ENTRYPOINT")) == ["agentq"]
-    assert json.loads(last(final, "CMD")) == ["worker"]
+    assert json.loads(last(final, "CMD")) == ["worker", "--processes", "auto"]
     assert str(METRICS_PORT) in last(final, "EXPOSE").split()
     # No build tools, and the project is installed by pip without a cache.
     assert not any(word == "RUN" and "apt-get" in args for word, args in final)

@@ -6,7 +6,9 @@ milliseconds starting them while the Router waits. Here one script checks and ma
 jobs as there are free slots, with arq's own rules: not in progress, due, still queued. And its
 close() runs on_shutdown even when Redis is gone, so a worker restarted after a long outage does
 not leak MCP subprocesses and HTTP sessions. And a run waiting out a Router outage can park:
-it gives its slot back while it waits (see park())."""
+it gives its slot back while it waits (see park()). And it does not poll: an idle worker
+sleeps until a wake message (every script that enqueues publishes one), a slot frees, or the
+next deferred job is due (see main())."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from types import FrameType
 from typing import Any
 
 from arq import Worker
+from arq.connections import create_pool, log_redis_info
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
+from arq.worker import logger
 
 _TAKE = """
 local now, limit, taken = tonumber(ARGV[1]), tonumber(ARGV[3]), {}
@@ -51,6 +55,11 @@ its event loop is stuck (leases lapse, and its jobs run again elsewhere)."""
 
 PARK_FACTOR = 4
 
+IDLE_CHECK_S = 2.0
+"""A worker with free slots reads the queue this often even when it hears nothing: a wake lost
+in a reconnect, a job whose arq in-progress mark lapsed, or one deferred by another worker
+still starts."""
+
 
 class BatchStartWorker(Worker):
     _take: Any = None
@@ -61,6 +70,141 @@ class BatchStartWorker(Worker):
     stop_requested: threading.Event | None = None
     """Set by SIGTERM/SIGINT (when the worker handles signals): `agentq worker` exits instead
     of restarting the worker after a Redis outage."""
+
+    def __init__(self, *args: Any, wake_channel: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.max_burst_jobs >= 0:
+            raise ValueError("BatchStartWorker does not support max_burst_jobs")
+        self.wake_channel = wake_channel
+        """Pub/sub channel the enqueue scripts publish to; None: read every IDLE_CHECK_S."""
+        self._nudge = asyncio.Event()
+        """Set when something changed: a wake, a slot freed, a run ended."""
+        self._more = True
+        """The queue may hold jobs this worker could start now: read it when a slot is free."""
+        self._next_due: float | None = None
+        """Score (ms) of the first queued job not yet due at the last read."""
+        self._ended = 0
+        """Runs ended since the last iteration (their tasks are tidied up then)."""
+        self._last_iteration = 0.0
+        self._taken = 0
+
+    def wake(self) -> None:
+        """New jobs may be in the queue."""
+        self._more = True
+        self._nudge.set()
+
+    async def main(self) -> None:
+        """arq's main loop (same start-up and burst rules), but it waits for work instead of
+        polling every poll_delay: a worker reads the queue when it was woken or a slot freed
+        while jobs were left behind, at most every poll_delay; an idle one costs nothing."""
+        if self._pool is None:
+            self._pool = await create_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        logger.info(
+            "Starting worker for %d functions: %s", len(self.functions), ", ".join(self.functions)
+        )
+        await log_redis_info(self.pool, logger.info)
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        listener = asyncio.create_task(self._listen_wake()) if self.wake_channel else None
+        try:
+            while True:
+                await self._poll_iteration()
+                if self.burst and await self.pool.zcard(self.queue_name) == 0:
+                    await asyncio.gather(*self.tasks.values())
+                    return
+                await self._wait_for_work()
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _poll_iteration(self) -> None:
+        """arq's, but the queue is read only when there may be something to start."""
+        self._last_iteration = self.loop.time()
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs and self._more:
+            await self._read_queue()
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        self._ended = 0
+        for job_id, t in list(self.tasks.items()):
+            if t.done():
+                del self.tasks[job_id]
+                t.result()  # errors in run_job propagate, as in arq
+        await self.heart_beat()
+
+    async def _read_queue(self) -> None:
+        """One read of the queue's front (due jobs, and when the next one is due) and the
+        start of what fits."""
+        self._more = False  # a wake heard while reading sets it again
+        count = self.queue_read_limit
+        entries = await self.pool.zrangebyscore(
+            self.queue_name,
+            min=float("-inf"),
+            max=float("inf"),
+            start=0,
+            num=count + 1,
+            withscores=True,
+        )
+        now = timestamp_ms()
+        due = [jid for jid, score in entries if score <= now]
+        later = [score for _, score in entries if score > now]
+        self._next_due = later[0] if later else None
+        self._taken = 0
+        await self.start_jobs(due[:count])
+        full = self.job_counter >= self.max_jobs
+        if (full and len(due) > self._taken) or len(due) > count:
+            self._more = True  # left behind: read again when a slot frees
+
+    async def _wait_for_work(self) -> None:
+        """Until the next iteration has something to do: read the queue (a wake, a slot
+        freed with jobs left behind, a deferred job due, or IDLE_CHECK_S with free slots),
+        or tidy up ended runs. Iterations are poll_delay apart at least."""
+        while True:
+            free = self.allow_pick_jobs and self.job_counter < self.max_jobs
+            if (free and self._more) or self._ended:
+                break
+            timeout = None
+            if free:
+                timeout = IDLE_CHECK_S
+                if self._next_due is not None:
+                    timeout = min(timeout, max(0.0, (self._next_due - timestamp_ms()) / 1000))
+            self._nudge.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._nudge.wait()
+            except TimeoutError:
+                self._more = True
+        wait = self._last_iteration + self.poll_delay_s - self.loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _listen_wake(self) -> None:
+        """Hear the enqueue scripts' wake messages. A (re)subscription counts as one: pub/sub
+        drops what is published while the connection is away."""
+        assert self.wake_channel is not None
+        while True:
+            pubsub = self.pool.pubsub()
+            try:
+                await pubsub.subscribe(self.wake_channel)
+                while True:
+                    if await pubsub.get_message(timeout=IDLE_CHECK_S) is not None:
+                        self.wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: the client reconnects; reads go on meanwhile
+                logger.debug("wake channel lost: %s", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     def take_signals(self, stop: threading.Event) -> None:
         """Handle SIGTERM and SIGINT with Python's signal module instead of the event loop's:
@@ -110,6 +254,7 @@ class BatchStartWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(taken[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+            self._taken += 1
 
     @contextlib.asynccontextmanager
     async def park(self) -> AsyncIterator[None]:
@@ -122,6 +267,7 @@ class BatchStartWorker(Worker):
         self.parked += 1
         self.job_counter -= 1
         self.sem.release()
+        self._nudge.set()
         try:
             yield
         finally:
@@ -139,6 +285,8 @@ class BatchStartWorker(Worker):
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         self.job_counter -= 1
+        self._ended += 1
+        self._nudge.set()
         if self._slot_debts:
             self._slot_debts -= 1
         else:

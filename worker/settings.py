@@ -188,6 +188,8 @@ async def renew_leases(rt: Runtime) -> None:
     """Extend this worker's leases; stop runs whose lease is gone (another run took the job,
     or it is final) and runs of cancelled batches."""
     runs = rt.runs()
+    if not runs:  # nothing to renew (the reap that follows keeps the fleet's clock)
+        return
     tokens = dict(runs)
     lost, cancelled = await rt.store.renew(runs)
     for jid in lost:
@@ -311,6 +313,7 @@ def build_worker(
         job_timeout=arq_timeout,
         keep_result=0,
         poll_delay=settings.poll_delay_s,
+        wake_channel=keys.wake(settings.queue),
         burst=burst,
         handle_signals=handle_signals,
         job_completion_wait=settings.shutdown_grace_s,

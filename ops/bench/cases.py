@@ -60,6 +60,12 @@ class Sizes:
     """fair-share: the big batch the small and the priority batches are submitted behind."""
     fair_pair: int
     ratelimit_n: int
+    idle_window_s: float = 20.0
+    """How long an idle worker's Redis commands and CPU are counted."""
+    idle_starts: int = 40
+    """Single jobs submitted to an idle worker, one at a time (submit-to-start latency)."""
+    wait_n: int = 2_000
+    """Jobs of the batch whose `wait` CPU is measured."""
 
 
 FULL = Sizes(
@@ -100,6 +106,9 @@ QUICK = Sizes(
     fair_big=400,
     fair_pair=60,
     ratelimit_n=150,
+    idle_window_s=4.0,
+    idle_starts=5,
+    wait_n=150,
 )
 
 
@@ -871,6 +880,247 @@ async def ratelimit(b: Bench) -> list[Row]:
     return rows
 
 
+# -- idle -----------------------------------------------------------------------------------
+
+
+def _stats(r: Any) -> tuple[int, dict[str, int]]:
+    total = int(r.info("stats")["total_commands_processed"])
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
+    return total, calls
+
+
+async def idle(b: Bench) -> list[Row]:
+    """An idle worker, alone on a private Redis (so every command counted is its own): Redis
+    commands per second and CPU; then single jobs submitted to it one at a time (submit to
+    start); then the CPU `wait` spends per job it watches."""
+    server = procs.EmbeddedRedis(b.tmp / "idle-valkey")
+    url = server.start()
+    try:
+        with (
+            SimRouterProc(0) as sim,
+            procs.workers_running(
+                1,
+                redis_url=url,
+                router_url=sim.url,
+                concurrency=50,
+                queue="bench:idle",
+                log_dir=b.tmp / "logs",
+                extra_env={"AGENTQ_POLL_DELAY_S": "0.02"},  # the default, not the bench's 0.05
+            ) as [w],
+        ):
+            settings = load_settings(redis_url=url, queue="bench:idle")
+            async with Producer.from_env(settings) as p:
+                await warm_up(p, 1, kinds=("plain",))
+                rows = [await _idle_cost(b, url, w)]
+                rows.append(await _submit_to_start(b, p))
+                rows += await _wait_cpu(b, p, w)
+    finally:
+        server.stop()
+    return rows
+
+
+async def _idle_cost(b: Bench, url: str, w: WorkerProc) -> Row:
+    import redis as redis_sync
+
+    r = redis_sync.Redis.from_url(url)
+    try:
+        # past the warm-up's tail: its records' TTLs re-armed (a sweep step every 5 s)
+        for _ in range(120):
+            if not r.zcard(keys.SWEEPS) and not r.zcard(keys.ACTIVE):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+        total0, calls0 = _stats(r)
+        cpu0, t0 = w.cpu_s(), time.perf_counter()
+        await asyncio.sleep(b.sizes.idle_window_s)
+        total1, calls1 = _stats(r)
+        cpu1, t1 = w.cpu_s(), time.perf_counter()
+    finally:
+        r.close()
+    seconds = t1 - t0
+    # the two INFO calls that opened the window ran on this connection, not the worker's
+    per_s = (total1 - total0 - 2) / seconds
+    cpu_pct = (cpu1 - cpu0) / seconds * 100
+    delta = {c: n - calls0.get(c, 0) for c, n in calls1.items() if c != "info"}
+    top = ", ".join(
+        f"{c} {n / seconds:.2f}/s" for c, n in sorted(delta.items(), key=lambda x: -x[1]) if n
+    )
+    return Row(
+        "idle",
+        "idle worker: Redis commands, CPU",
+        f"{per_s:.2f} commands/s, {cpu_pct:.2f}% of a core",
+        "<= 5/s, <= 1%",
+        per_s <= 5 and cpu_pct <= 1,
+        value=round(per_s, 3),
+        detail=(
+            f"{seconds:.0f} s of an idle `agentq worker` (AGENTQ_CONCURRENCY=50, "
+            f"AGENTQ_POLL_DELAY_S=0.02), the only client of a private Valkey: "
+            f"total_commands_processed delta (commands run inside scripts count too): {top}"
+        ),
+        data={"commands_per_s": per_s, "cpu_pct": cpu_pct},
+    )
+
+
+async def _submit_to_start(b: Bench, p: Producer) -> Row:
+    n = b.sizes.idle_starts
+    ids = []
+    for i in range(n):
+        await asyncio.sleep(0.25 + 0.05 * (i % 5))  # the worker is idle again
+        batch = await p.submit([AgentJob(custom_id="s", input=question(i))])
+        ids.append(batch.id)
+    lat = []
+    for batch_id in ids:
+        st = await p.wait(batch_id, timeout=60)
+        await check_done(p, st, 1)
+        async for rec in p.results(batch_id):
+            lat.append((_iso_ts(rec.started_at or "") - _iso_ts(rec.enqueued_at or "")) * 1000)
+    p50, p90 = pct(lat, 50), pct(lat, 90)
+    return Row(
+        "idle",
+        "submit → start, idle worker",
+        f"p50 {p50:.1f} ms, p90 {p90:.1f} ms",
+        "p50 <= 20 ms",
+        p50 <= 20,
+        value=round(p50, 2),
+        detail=(
+            f"{n} single-job batches, one every ~0.3 s, to the idle worker; from the job's "
+            f"enqueued_at (stamped by the producer just before its submit script) to its "
+            f"started_at (the worker's claim); ms resolution"
+        ),
+    )
+
+
+async def _per_message_wait(p: Producer, batch_id: str) -> BatchStatus:
+    """`wait` as it was before: a message per job change, counters re-read per burst."""
+    pubsub = p.redis.pubsub()
+    try:
+        await pubsub.subscribe(keys.batch_events(batch_id))
+        while True:
+            st = await p.status(batch_id)
+            if st.finished:
+                return st
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            deadline = time.monotonic() + 0.05
+            while msg is not None and time.monotonic() < deadline:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+    finally:
+        await pubsub.aclose()
+
+
+async def _wait_cpu(b: Bench, p: Producer, w: WorkerProc) -> list[Row]:
+    """CPU of this process while it only waits (the worker paused while the batch is
+    enqueued, so the wait sees every job), per job watched: `wait` with a progress callback
+    (as `agentq wait` runs it), without, and the per-message waiter it replaced."""
+    n = b.sizes.wait_n
+    out: dict[str, float] = {}
+    seen: list[BatchStatus] = []
+    for side in ("wait (progress)", "wait", "per-message waiter (before)"):
+        os.kill(w.pid, signal.SIGSTOP)
+        try:
+            batch = await p.submit(make_jobs("plain", n, f"w{len(out)}-"))
+        finally:
+            os.kill(w.pid, signal.SIGCONT)
+        c0 = time.process_time()
+        if side == "wait (progress)":
+            st = await p.wait(batch.id, timeout=timeout_for(n), on_progress=seen.append)
+        elif side == "wait":
+            st = await p.wait(batch.id, timeout=timeout_for(n))
+        else:
+            st = await _per_message_wait(p, batch.id)
+        out[side] = (time.process_time() - c0) * 1000 / n
+        await check_done(p, st, n)
+    main = out["wait (progress)"]
+    return [
+        Row(
+            "idle",
+            "wait CPU per watched job",
+            f"{main:.3f} ms (no progress callback {out['wait']:.3f}; before "
+            f"{out['per-message waiter (before)']:.3f})",
+            "<= 0.25 ms",
+            main <= 0.25,
+            value=round(main, 4),
+            detail=(
+                f"n={n} plain jobs, Router 0 ms, 1 worker C=50; this process's CPU while it "
+                f"only waits, per job; the progress callback does nothing here (the CLI's "
+                f"progress bar adds its own drawing) and was called {len(seen)} "
+                f"times"
+            ),
+            data={"cpu_ms_per_job": out},
+        )
+    ]
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+async def processes(b: Bench) -> list[Row]:
+    """`agentq worker --processes 2` vs `agentq worker`: tool jobs, Router latency 0."""
+    await b.flush()
+    n = b.sizes.scale_n
+    rate: dict[int, list[float]] = {1: [], 2: []}
+    with ExitStack() as stack:
+        sim = stack.enter_context(SimRouterProc(0))
+        groups: dict[int, WorkerProc] = {}
+        for k in (1, 2):
+            w = WorkerProc(
+                b.redis_url,
+                sim.url,
+                50,
+                f"bench:procs-{k}",
+                b.tmp / "logs" / f"procs-{k}.log",
+                args=("--processes", str(k)),
+            ).start()
+            stack.callback(w.stop)
+            groups[k] = w
+        await _until_registered(b.redis_url, groups[1], 1)
+        await _until_registered(b.redis_url, groups[2], 2)
+        async with b.producer("bench:procs-1") as p1, b.producer("bench:procs-2") as p2:
+            producers = {1: p1, 2: p2}
+            await warm_up(p1, 1)
+            await warm_up(p2, 2)
+            for r in range(b.sizes.rounds):
+                for k in (1, 2) if r % 2 == 0 else (2, 1):
+                    jobs = make_jobs("tool", n, prefix=f"p{k}-{r}-")
+                    rate[k].append(n / await run_batch(producers[k], jobs, timeout_for(n)))
+                b.say(
+                    f"round {r + 1}: --processes 1 {rate[1][-1]:.0f} runs/s, "
+                    f"--processes 2 {rate[2][-1]:.0f} runs/s"
+                )
+    ratio = median(rate[2]) / median(rate[1])
+    return [
+        Row(
+            "processes",
+            "--processes 2 vs 1, tool jobs, 0ms",
+            f"{ratio:.2f}x ({median(rate[2]):.0f} vs {median(rate[1]):.0f} runs/s)",
+            ">= 1.7x",
+            ratio >= 1.7,
+            value=round(ratio, 3),
+            detail=(
+                f"n={n}/round; per-round rates --processes 2: {fmt_rounds(rate[2], '.0f')}, "
+                f"1: {fmt_rounds(rate[1], '.0f')}; one `agentq worker` command each, "
+                f"{os.cpu_count()} cores"
+            ),
+        )
+    ]
+
+
+async def _until_registered(url: str, w: WorkerProc, k: int, timeout_s: float = 90) -> None:
+    """Until the command's k worker processes have published their heartbeats."""
+    r = Redis.from_url(url)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                pids = [w.pid] if k == 1 else w.children()
+                beats = {x.decode() for x in await r.hkeys(keys.WORKERS)}
+                if len(pids) == k and all(WorkerProc.id_of(pid) in beats for pid in pids):
+                    return
+                if w.proc is not None and w.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited: {w.log_tail()}")
+                await asyncio.sleep(0.1)
+    finally:
+        await r.aclose()
+
+
 # -- registry -------------------------------------------------------------------------------
 
 # -- fair-share -----------------------------------------------------------------------------
@@ -950,6 +1200,8 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "e2e-100k": (e2e, "completes, memory flat"),
     "fair-share": (fair_share, "small batch <= 3 s; high first"),
     "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
+    "idle": (idle, "<= 5 commands/s, <= 1% CPU, start p50 <= 20 ms, wait <= 0.25 ms/job"),
+    "processes": (processes, ">= 1.7x"),
 }
 
 

@@ -1,0 +1,131 @@
+"""Idle is free: a worker with nothing to do does not poll the queue; enqueues wake it, a job
+deferred to later starts when due, and `wait` does not hear one message per job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from producer import AgentJob, Producer, Settings, keys
+from producer.store import Store
+from worker import arqworker
+from worker.arqworker import BatchStartWorker
+from worker.settings import build_worker
+
+
+async def _until(cond: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if await cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[BatchStartWorker]:
+    """An in-process worker, started (its on_startup done) and stopped at the end."""
+    worker = build_worker(settings, handle_signals=False)
+    task = asyncio.ensure_future(worker.async_run())
+    try:
+
+        async def started() -> bool:
+            return "agentq" in worker.ctx or task.done()
+
+        await _until(started, "the worker started")
+        assert not task.done(), task
+        yield worker
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await asyncio.wait({asyncio.ensure_future(worker.close())}, timeout=30)
+
+
+async def _calls(redis: Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def _finished(producer: Producer, batch_id: str) -> bool:
+    return (await producer.status(batch_id)).finished
+
+
+async def test_an_idle_worker_does_not_poll_the_queue(settings: Settings, redis: Redis) -> None:
+    """Before: a read of the queue every poll_delay (0.01 s here: ~300 in the 3 s below)."""
+    async with running(settings):
+        await asyncio.sleep(0.5)
+        before = await _calls(redis, "zrangebyscore")
+        await asyncio.sleep(3)
+        reads = await _calls(redis, "zrangebyscore") - before
+    # a read every IDLE_CHECK_S, and the lease reaper's one inside its script every few s
+    assert reads <= 3 / arqworker.IDLE_CHECK_S + 3, reads
+
+
+async def test_an_enqueue_wakes_an_idle_worker(
+    settings: Settings, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(arqworker, "IDLE_CHECK_S", 3600.0)  # only the wake can start the job
+    async with running(settings):
+        await asyncio.sleep(0.3)  # its first read is done: it sleeps
+        batch = await producer.submit([AgentJob(custom_id="a", input="What is 2+2?")])
+        await _until(lambda: _finished(producer, batch.id), "the job done")
+
+
+async def test_a_deferred_job_starts_when_due_without_a_wake(
+    settings: Settings, producer: Producer, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(arqworker, "IDLE_CHECK_S", 3600.0)
+    batch = await producer.submit([AgentJob(custom_id="a", input="What is 2+2?")])
+    ((entry, _),) = await redis.zrange(settings.queue, 0, -1, withscores=True)
+    (now_s, now_us) = await redis.time()
+    await redis.zadd(settings.queue, {entry: now_s * 1000 + now_us // 1000 + 1500}, xx=True)
+    async with running(settings):
+        await _until(lambda: _finished(producer, batch.id), "the job done")
+
+
+async def test_wait_hears_one_channel_per_batch_not_one_message_per_job(
+    settings: Settings, producer: Producer, redis: Redis
+) -> None:
+    """Before: wait subscribed to the batch's events channel, a message per job change."""
+    batch = await producer.submit([AgentJob(custom_id=f"j{i}", input="2+2?") for i in range(20)])
+    waiter = asyncio.ensure_future(producer.wait(batch.id, timeout=60))
+    settled = keys.batch_settled(batch.id)
+    try:
+
+        async def subscribed() -> bool:
+            return dict(await redis.pubsub_numsub(settled)).get(settled.encode(), 0) > 0
+
+        await _until(subscribed, "wait subscribed")
+        events = keys.batch_events(batch.id)
+        assert dict(await redis.pubsub_numsub(events)).get(events.encode(), 0) == 0
+        async with running(settings):
+            st = await asyncio.wait_for(waiter, 60)
+        assert st.finished and st.counts
+    finally:
+        waiter.cancel()
+
+
+async def test_progress_messages_are_coalesced(store: Store, store_redis: Redis) -> None:
+    """Counters changing n times in a burst send far fewer than n progress messages, and the
+    batch's end is announced whatever the throttle."""
+    n = 200
+    jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(n)]
+    pubsub = store_redis.pubsub()
+    await pubsub.subscribe(keys.batch_progress("b1"), keys.batch_settled("b1"))
+    await store.submit_chunk("b1", jobs)
+    await store.seal("b1")
+    ids = [i async for chunk in store.job_ids("b1") for i in chunk]
+    await store.cancel("b1", ids)  # n finish scripts in one pipeline
+    heard: dict[str, int] = {}
+    async with asyncio.timeout(10):
+        while keys.batch_settled("b1") not in heard:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None:
+                channel = msg["channel"].decode()
+                heard[channel] = heard.get(channel, 0) + 1
+    await pubsub.aclose()
+    assert 1 <= heard.get(keys.batch_progress("b1"), 0) < n / 2, heard
