@@ -40,3 +40,20 @@ def test_arq_cleans_up_by_the_arq_job_id_only() -> None:
     src = inspect.getsource(Worker.finish_job) + inspect.getsource(Worker.finish_failed_job)
     assert "job_key_prefix + job_id" in src and "self.queue_name, job_id" in src
     assert "in_progress_key_prefix + job_id" in src
+
+
+def test_claims_clean_up_what_arq_would() -> None:
+    """A claim removes arq's keys of its enqueue (producer/store.py's dequeue), so
+    BatchStartWorker.finish_job can skip arq's clean-up: the names and the call must match."""
+    from arq import constants
+
+    from producer import keys
+
+    assert constants.job_key_prefix == keys.ARQ_JOB_PREFIX
+    assert constants.in_progress_key_prefix == keys.ARQ_IN_PROGRESS_PREFIX
+    assert constants.retry_key_prefix == keys.ARQ_RETRY_PREFIX
+    assert list(inspect.signature(Worker.finish_job).parameters) == list(
+        inspect.signature(BatchStartWorker.finish_job).parameters
+    )
+    src = inspect.getsource(Worker.run_job)
+    assert "await asyncio.shield(self.finish_job(" in src or "self.finish_job(" in src
