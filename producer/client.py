@@ -49,10 +49,19 @@ def _chunks(jobs: Iterable[AgentJob], n: int) -> Iterator[list[AgentJob]]:
         yield chunk
 
 
-async def _next_burst(pubsub: Any) -> None:
+READ_GAP_S = 0.01
+"""`wait` reads the counters at most this often: a busy batch's notifications (two a job) are
+read in bursts, not one counter read each."""
+
+
+async def _next_burst(pubsub: Any, last_read: float) -> None:
     """Wait for a change notification (or a second: pub/sub drops what nobody heard, e.g.
-    across a reconnect), then drain the burst of notifications that came with it."""
+    across a reconnect), then drain the burst of notifications that came with it. A read that
+    would follow the last one within READ_GAP_S waits for the rest of the gap first."""
     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    gap = READ_GAP_S - (time.monotonic() - last_read)
+    if msg is not None and gap > 0:
+        await asyncio.sleep(gap)
     deadline = time.monotonic() + 0.05
     while msg is not None and time.monotonic() < deadline:
         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
@@ -174,11 +183,12 @@ class Producer:
                 while True:
                     try:
                         st = await self.status(batch_id)
+                        last_read = time.monotonic()
                         if on_progress:
                             on_progress(st)
                         if st.finished:
                             return st
-                        await _next_burst(pubsub)
+                        await _next_burst(pubsub, last_read)
                     except RedisConnectionError:
                         # Redis restarting: the client's own retries ran out; keep waiting.
                         # pub/sub re-subscribes when it reconnects.
