@@ -60,6 +60,8 @@ class Sizes:
     e2e_n: int
     cmds_n: int
     """redis-cmds: jobs per batch whose Redis commands are counted."""
+    cmds_cases: tuple[tuple[int, str], ...]
+    """redis-cmds: (Router latency ms, plain|tool) of each batch counted."""
     long_concurrency: int
     long_latency_ms: int
     long_waves: int
@@ -83,6 +85,7 @@ FULL = Sizes(
     rss_n=2_000,
     e2e_n=100_000,
     cmds_n=600,
+    cmds_cases=((0, "plain"), (200, "plain"), (200, "tool")),
     long_concurrency=500,
     long_latency_ms=2_000,
     long_waves=6,
@@ -105,6 +108,7 @@ QUICK = Sizes(
     rss_n=300,
     e2e_n=2_000,
     cmds_n=100,
+    cmds_cases=((0, "plain"),),
     long_concurrency=100,
     long_latency_ms=500,
     long_waves=3,
@@ -831,7 +835,7 @@ async def redis_cmds(b: Bench) -> list[Row]:
     rows: list[Row] = []
     queue = "bench:cmds"
     n = b.sizes.cmds_n
-    for latency, kind in ((0, "plain"), (200, "plain"), (200, "tool")):
+    for latency, kind in b.sizes.cmds_cases:
         await b.flush()
         with SimRouterProc(latency) as sim, b.workers(1, sim, 50, queue):
             async with b.producer(queue) as p:
