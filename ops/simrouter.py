@@ -5,6 +5,12 @@ openai client and the OpenAI Agents SDK: ``/v1/models``, non-streaming ``/v1/cha
 LiteLLM-style health checks and error bodies, plus injectable faults (500/503/429/401/400, hang,
 dropped connection) and ``/sim/*`` endpoints exposing counters and the last recorded requests
 (they need the key too, when one is set).
+With ``--rate-limit-rps R`` it also enforces one rate limit across all callers, as a Router's
+key limit does: at most R × ``--rate-window-s`` (1 s) chat completions in any sliding window of
+that length. Past it, it answers 429 with ``retry-after-ms`` / ``retry-after`` (when the next
+slot frees); every answer carries ``x-ratelimit-limit-requests``,
+``x-ratelimit-remaining-requests`` and ``x-ratelimit-reset-requests`` (again: until the next
+slot frees, e.g. ``52ms``).
 Answers are deterministic: arithmetic is computed, a ``calculator`` tool is called when offered,
 json_schema response formats get schema-conforming JSON. A tool the user message names is
 called with the whole message as its string arguments (the calculator too, when the message
@@ -24,6 +30,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import os
 import random
 import re
@@ -79,8 +86,16 @@ class SimConfig:
     price_per_1k_tokens: float = 0.002
     cost_header: bool = True
     """Send x-llm-response-cost (a Router without cost tracking sends none)."""
+    rate_limit_rps: float | None = None
+    """Chat completions per second across all callers (None: no limit)."""
+    rate_window_s: float = 1.0
+    """The sliding window the rate limit is counted over."""
 
     def __post_init__(self) -> None:
+        if self.rate_limit_rps is not None and (
+            self.rate_limit_rps <= 0 or self.rate_window_s <= 0
+        ):
+            raise ValueError("the rate limit and its window must be above 0")
         unknown = set(self.fault_rates) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown fault(s) {sorted(unknown)}; known: {', '.join(FAULTS)}")
@@ -333,6 +348,32 @@ class _SimState:
         self.rates = sorted(config.fault_rates.items())
         self.outages: dict[str, tuple[str, float]] = {}
         """model -> (fault, monotonic deadline): the model answers only that fault until then."""
+        self.admitted: deque[float] = deque()
+        """When the requests inside the rate limit's window were admitted (monotonic)."""
+
+    def rate_limit(self) -> tuple[bool, dict[str, str]]:
+        """Admit a request under the rate limit or not, and the x-ratelimit-* headers."""
+        rps = self.config.rate_limit_rps
+        if rps is None:
+            return True, {}
+        span = self.config.rate_window_s
+        limit = max(1, int(rps * span))
+        now, window = time.monotonic(), self.admitted
+        while window and window[0] <= now - span:
+            window.popleft()
+        admit = len(window) < limit
+        if admit:
+            window.append(now)
+        free_in = max(0.0, window[0] + span - now) if len(window) >= limit else 0.0
+        headers = {
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(limit - len(window)),
+            "x-ratelimit-reset-requests": f"{math.ceil(free_in * 1000)}ms",
+        }
+        if not admit:
+            headers["retry-after-ms"] = str(math.ceil(free_in * 1000))
+            headers["retry-after"] = str(math.ceil(free_in))
+        return admit, headers
 
     def authorized(self, request: web.Request) -> bool:
         if self.config.api_key is None:
@@ -429,6 +470,10 @@ class _SimState:
                 f"Invalid model name passed in model={model}. Call "
                 "`/v1/models` to view available models for your key.",
             )
+        admitted, limit_headers = self.rate_limit()
+        if not admitted:
+            stats.by_outcome["429"] += 1
+            return error_response(429, "Rate limit exceeded: too many requests", limit_headers)
         fault = self.pick_fault(request, model)
         if fault is None and model == "sim-flaky" and self.flaky_first_time(body.get("messages")):
             fault = "500"
@@ -448,7 +493,9 @@ class _SimState:
         if fault is not None:
             return await self.act_out(request, fault)
         stats.by_outcome["ok"] += 1
-        return self.success(body, model)
+        response = self.success(body, model)
+        response.headers.update(limit_headers)
+        return response
 
     async def act_out(self, request: web.Request, fault: str) -> web.StreamResponse:
         if fault == "drop":
@@ -660,6 +707,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--retry-after", type=float, default=1.0, help="seconds, for 429s")
     parser.add_argument("--hang-s", type=float, default=3600.0)
+    parser.add_argument(
+        "--rate-limit-rps",
+        type=float,
+        default=None,
+        metavar="R",
+        help="answer 429 past R chat completions a second, across all callers",
+    )
+    parser.add_argument(
+        "--rate-window-s", type=float, default=1.0, help="the window the rate limit counts over"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
@@ -676,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
             retry_after_s=args.retry_after,
             hang_s=args.hang_s,
             seed=args.seed,
+            rate_limit_rps=args.rate_limit_rps,
+            rate_window_s=args.rate_window_s,
         )
     except ValueError as exc:
         parser.error(str(exc))

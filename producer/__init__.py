@@ -9,6 +9,7 @@ from .models import (
     AgentSpec,
     BatchStatus,
     JobError,
+    Priority,
     ResultRecord,
     Status,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "JobError",
     "JobFileError",
+    "Priority",
     "Producer",
     "ResultRecord",
     "Settings",

@@ -15,6 +15,7 @@ from typing import IO, Any
 from redis.exceptions import RedisError
 
 from .breakers import describe_open, read_breakers
+from .budgets import describe_budgets, describe_waits, read_budgets
 from .client import BatchNotFound, Producer
 from .connect import redis_url
 from .embedded import (
@@ -56,7 +57,7 @@ def _announce_batch(batch_id: str) -> None:
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     async with Producer.from_env(settings) as p:
         batch = await p.submit_file(
-            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch
+            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch, priority=args.priority
         )
         print(f"submitted {batch.jobs} jobs ({batch.enqueued} new)", file=sys.stderr)
         print(batch.id)
@@ -127,12 +128,14 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async with Producer.from_env(settings) as p:
         st = await p.status(args.batch)
         breakers, now_ms = await read_breakers(p.redis)
+        budgets, _ = await read_budgets(p.redis)
     paused = describe_open(breakers, now_ms) if not st.finished else []
+    waiting = describe_waits(budgets) if not st.finished else []
     if args.json:
-        print(json.dumps({**_status_dict(st), "paused": paused}, indent=2))
+        print(json.dumps({**_status_dict(st), "paused": paused, "waiting": waiting}, indent=2))
     else:
         _print_summary(st, sys.stdout)
-        for line in paused:
+        for line in paused + waiting:
             print(line)
     return EXIT_OK
 
@@ -245,6 +248,7 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
             print(f"✓ Redis {server.get('redis_version', '?')} at {safe_url(redis_url(settings))}")
             workers = await p.workers()
             breakers, now_ms = await read_breakers(p.redis)
+            budgets, _ = await read_budgets(p.redis)
     except Exception as exc:
         print(f"✗ Redis unreachable at {safe_url(redis_url(settings))}: {exc}")
         return EXIT_FAILED
@@ -252,6 +256,8 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     for line in describe_open(breakers, now_ms):
         ok = False
         print(f"✗ {line}")
+    for line in describe_budgets(budgets):
+        print(f"✓ {line}")
     for wid, beat in sorted(workers.items()):
         print(
             f"    {wid}  in flight {beat.get('in_flight')}/{beat.get('concurrency')}"
@@ -401,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file")
     submit.add_argument("--batch-id")
     submit.add_argument("--wait", action="store_true")
+    submit.add_argument(
+        "--priority",
+        choices=["high", "normal", "low"],
+        default="normal",
+        help="start this batch's jobs before (high) or after (low) other batches' "
+        "(default: normal; active batches of one priority take turns)",
+    )
 
     status = sub.add_parser("status", help="counts by status, tokens, cost")
     status.add_argument("batch")

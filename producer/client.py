@@ -19,7 +19,15 @@ from . import keys
 from .checks import Check, job_checker, stored_size_problem
 from .connect import connect
 from .jobfile import JobFileError, LineError, iter_jobs, validate_file
-from .models import AgentJob, BatchStatus, ResultRecord, Status, check_batch_id, new_batch_id
+from .models import (
+    AgentJob,
+    BatchStatus,
+    Priority,
+    ResultRecord,
+    Status,
+    check_batch_id,
+    new_batch_id,
+)
 from .settings import Settings, load_settings
 from .store import Store
 
@@ -93,9 +101,18 @@ class Producer:
 
     # -- submit ---------------------------------------------------------------------------
 
-    async def submit(self, jobs: Iterable[AgentJob], *, batch_id: str | None = None) -> Batch:
+    async def submit(
+        self,
+        jobs: Iterable[AgentJob],
+        *,
+        batch_id: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
+    ) -> Batch:
         """Enqueue jobs as one batch. Duplicate custom_ids are rejected before anything is
-        enqueued; submitting the same batch id and custom_id again enqueues it once."""
+        enqueued; submitting the same batch id and custom_id again enqueues it once. Active
+        batches share the workers in turns; `priority` ("high", "normal", "low") moves this
+        batch ahead or behind (see PRIORITY_ROUNDS in producer/store.py)."""
+        priority = _priority(priority)
         jobs = jobs if isinstance(jobs, Sequence) else list(jobs)
         check = await self.checker()
         seen: dict[str, int] = {}
@@ -111,7 +128,7 @@ class Producer:
             seen.setdefault(job.custom_id, n)
         if errors:
             raise JobFileError("jobs", errors[:50], len(errors))
-        return await self._enqueue(jobs, len(jobs), batch_id or new_batch_id())
+        return await self._enqueue(jobs, len(jobs), batch_id or new_batch_id(), priority)
 
     async def submit_file(
         self,
@@ -119,22 +136,26 @@ class Producer:
         *,
         batch_id: str | None = None,
         on_batch_id: Callable[[str], None] | None = None,
+        priority: Priority | str = Priority.NORMAL,
     ) -> Batch:
         """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again).
         `on_batch_id` hears the batch id before the first job is enqueued: if submit fails
         halfway, submitting the same file with that batch id completes the batch (idempotent)."""
+        priority = _priority(priority)
         batch_id = check_batch_id(batch_id or new_batch_id())  # before reading a large file
         limit = self.settings.max_line_bytes
         count = validate_file(path, await self.checker(), max_line_bytes=limit)
         if on_batch_id is not None:
             on_batch_id(batch_id)
-        return await self._enqueue(iter_jobs(path, limit), count, batch_id)
+        return await self._enqueue(iter_jobs(path, limit), count, batch_id, priority)
 
     async def checker(self) -> Check:
         """Checks against the size limit and the live workers' tools and agent profiles."""
         return job_checker(self.settings.max_input_chars, await self.workers())
 
-    async def _enqueue(self, jobs: Iterable[AgentJob], count: int, batch_id: str) -> Batch:
+    async def _enqueue(
+        self, jobs: Iterable[AgentJob], count: int, batch_id: str, priority: Priority
+    ) -> Batch:
         check_batch_id(batch_id)
         new = 0
         # One chunk in flight while the next is read and packed: Redis and the producer work
@@ -142,7 +163,7 @@ class Producer:
         sending: asyncio.Task[int] | None = None
         try:
             for chunk in _chunks(jobs, CHUNK):
-                task = asyncio.create_task(self.store.submit_chunk(batch_id, chunk))
+                task = asyncio.create_task(self.store.submit_chunk(batch_id, chunk, priority))
                 if sending is not None:
                     new += await sending
                 sending = task
@@ -242,3 +263,12 @@ class Producer:
             if now - float(beat.get("seen_at", 0)) < 15:
                 out[k.decode() if isinstance(k, bytes) else k] = beat
         return out
+
+
+def _priority(value: Priority | str) -> Priority:
+    try:
+        return Priority(value)
+    except ValueError:
+        raise ValueError(
+            f"priority must be one of high, normal, low (got {value!r}); nothing was enqueued"
+        ) from None

@@ -65,6 +65,15 @@ RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"
 CONTROL = f"{PREFIX}:control"
 """Pub/sub channel to workers: "cancel <batch_id>" stops that batch's running jobs."""
 
+VCLOCK = f"{PREFIX}:vclock"
+"""The fleet's virtual time for fair share: the highest place (queue score, without its batch's
+priority offset) of any job started. New jobs are placed from here; see store.py."""
+
 BREAKERS = f"{PREFIX}:breakers"
 """Hash: circuit breaker -> JSON state ("router|<name>" or "model|<router>|<model>"). A field
 exists only while its dependency is failing; workers share it, `status` and `health` read it."""
+
+BUDGETS = f"{PREFIX}:budgets"
+"""Hash: Router budget (AGENTQ_RATE_LIMITS name) -> JSON state: its schedule (when requests
+and tokens are next free, ms on Redis's clock), the Router's slow-downs, the last minutes' use.
+Workers write it, `status` and `health` read it."""

@@ -28,6 +28,14 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
 
 
+class Priority(StrEnum):
+    """A batch's priority: see PRIORITY_ROUNDS in producer/store.py for the rule."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
 TERMINAL: frozenset[Status] = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
 ACTIVE: frozenset[Status] = frozenset({Status.QUEUED, Status.RUNNING})
 
@@ -272,6 +280,8 @@ class BatchStatus(BaseModel):
     cost_usd: float = 0.0
     created_at: str | None = None
     models: dict[str, ModelUsage] = Field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    """The priority of its latest submit."""
 
     @property
     def done(self) -> int:

@@ -14,7 +14,9 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
@@ -56,6 +58,26 @@ class RouterSpec(BaseModel):
 
     def api_key(self) -> str:
         return os.environ.get(self.key_env, "") if self.key_env else ""
+
+
+class RateLimit(BaseModel):
+    """A Router budget: requests and/or tokens per minute, for all workers together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: float | None = Field(None, gt=0)
+    """Requests per minute."""
+    tpm: float | None = Field(None, gt=0)
+    """Tokens (input and output) per minute."""
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> RateLimit:
+        if self.rpm is None and self.tpm is None:
+            raise ValueError('a budget needs "rpm", "tpm" or both')
+        return self
+
+
+RATE_LIMITS_EXAMPLE = '{"gpt-4o": {"rpm": 500, "tpm": 200000}, "*": {"rpm": 1000}}'
 
 
 class Settings(BaseSettings):
@@ -146,6 +168,12 @@ class Settings(BaseSettings):
     """More Routers by name, as JSON: {"backup": {"url": "https://...", "key_env": "BACKUP_KEY"}};
     a job's model or fallback "backup:gpt-4o" goes to that Router."""
 
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    """Router budgets shared by every worker on this Redis, as JSON {"gpt-4o": {"rpm": 500,
+    "tpm": 200000}}: by model name as jobs write it ("backup:gpt-4o" for a named Router), "*"
+    for all calls to the default Router together ("backup:*" for a named one). A call waits
+    for its turn under every budget that applies to it."""
+
     mcp_servers: str = ""
     """MCP servers the workers connect to, as JSON: {"files": {"command": "python", "args":
     [...]}, "search": {"url": "http://host/mcp", "headers": {...}}}; jobs name them."""
@@ -190,6 +218,21 @@ class Settings(BaseSettings):
     def _router_url(cls, v: str) -> str:
         return check_router_url(v)
 
+    @field_validator("rate_limits")
+    @classmethod
+    def _budget_names(cls, v: dict[str, RateLimit], info: ValidationInfo) -> dict[str, RateLimit]:
+        routers = info.data.get("routers") or {}
+        for name in v:
+            prefix, sep, rest = name.partition(":")
+            if not name.strip():
+                raise ValueError('a budget needs a model name (or "*")')
+            if sep and rest == "*" and prefix not in routers:
+                raise ValueError(
+                    f'"{name}" names no Router of AGENTQ_ROUTERS: use "*" for the default '
+                    'Router, "NAME:*" for a Router named in AGENTQ_ROUTERS'
+                )
+        return v
+
     @field_validator("plugins", mode="before")
     @classmethod
     def _split_plugins(cls, v: object) -> object:
@@ -226,7 +269,10 @@ def load_settings(**overrides: object) -> Settings:
         m = re.search(r'field "(\w+)"', str(exc))
         env = _env_name(m.group(1)) if m else "a setting"
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise ConfigError(f"bad configuration: {env} is not valid JSON{cause}") from None
+        example = (
+            f" — write it as {RATE_LIMITS_EXAMPLE}" if m and m.group(1) == "rate_limits" else ""
+        )
+        raise ConfigError(f"bad configuration: {env} is not valid JSON{cause}{example}") from None
 
 
 def _shown(field: str, value: object) -> str:
@@ -240,6 +286,8 @@ def _shown(field: str, value: object) -> str:
 
 
 def _hint(field: str, err_type: str) -> str:
+    if field == "rate_limits":
+        return f" — write it as {RATE_LIMITS_EXAMPLE}: rpm and/or tpm, each above 0"
     if field == "routers" and err_type == "extra_forbidden":
         return (
             ' — a Router takes "url" and "key_env" only: put its key in an environment '

@@ -22,6 +22,7 @@ from .models import (
     BatchStatus,
     JobError,
     ModelUsage,
+    Priority,
     ResultRecord,
     Status,
     Usage,
@@ -38,8 +39,8 @@ RUN_FUNCTION = "run_agent_job"
 # carry it. Times are Redis's (TIME), never a worker's clock.
 
 _PRELUDE = """
-local QUEUE, LEASES, CLOCK, ACTIVE, SWEEPS, INDEX = {queue}, {leases}, {clock}, {active},
-  {sweeps}, {index}
+local QUEUE, LEASES, CLOCK, ACTIVE, SWEEPS, INDEX, VCLOCK = {queue}, {leases}, {clock},
+  {active}, {sweeps}, {index}, {vclock}
 local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
 local ARQ_IP, ARQ_RETRY = {arq_in_progress}, {arq_retry}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
@@ -79,6 +80,34 @@ local function enqueue(id, b, score, front)
   redis.call('SET', ARQ .. aid, payload, 'PX', PAYLOAD_MS)
   if front then score = tonumber(score) - 1e13 end
   redis.call('ZADD', QUEUE, score, aid)
+end
+-- Fair share and priorities. A job's score in arq's queue is a place in virtual time, not a
+-- clock reading: a batch numbers its jobs one after another from the fleet's virtual time when
+-- they come (VCLOCK, the highest place started) or from its own last place, whichever is later.
+-- Workers take the lowest score first, so the active batches take turns, a job each per round
+-- of virtual time. A priority moves a batch's places ahead (high) or behind (low) by a fixed
+-- number of rounds ('poff'). Places stay far below any real time: a job deferred to a real
+-- time (arq's retry after a Redis error) comes after all of them, as it did before.
+local REAL_TIME = 1e12
+local function first_place(b)
+  local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1  -- the round after the latest
+  return math.max(v, tonumber(redis.call('HGET', bkey(b), 'vnext') or '0'))
+end
+local function place(b)
+  local v = first_place(b)
+  redis.call('HSET', bkey(b), 'vnext', v + 1)
+  return v + tonumber(redis.call('HGET', bkey(b), 'poff') or '0')
+end
+-- A job started at place `score`: the fleet's virtual time moves on to it. A low batch's job
+-- moves it only to its place before the offset, so work submitted while low jobs run still
+-- goes first; a high batch's places lie behind it and move it not, so a high batch leaves the
+-- turns of the other batches as they were.
+local function advance(score, poff)
+  local v = tonumber(score or '')
+  if v then v = v - math.max(tonumber(poff) or 0, 0) end
+  if v and v < REAL_TIME and v > tonumber(redis.call('GET', VCLOCK) or '0') then
+    redis.call('SET', VCLOCK, v)
+  end
 end
 -- Every arq key of that enqueue goes: its queue entry, payload, in-progress marker and try
 -- count. An arq id is never enqueued again, so once a claim took it arq's own clean-up after
@@ -133,27 +162,30 @@ end
 """
 
 _SUBMIT = """
--- ARGV: batch id, enqueued_at, then (job id, custom_id, spec) triples.
-local b, enq, now, new = ARGV[1], ARGV[2], now_ms(), 0
+-- ARGV: batch id, enqueued_at, priority offset (rounds), then (job id, custom_id, spec) triples.
+local b, enq, poff, now, new = ARGV[1], ARGV[2], tonumber(ARGV[3]), now_ms(), 0
 local bad = misfit(b)
 if bad then return bad end
+local v = first_place(b)
 -- A batch that was done and gets more jobs: the caller keeps its older records (keep_records).
 local revived = redis.call('ZSCORE', ACTIVE, b) == false
   and tonumber(redis.call('HGET', bkey(b), 'total') or '0') > 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local id = ARGV[i]
   if redis.call('EXISTS', jkey(id)) == 0 then
     redis.call('HSET', jkey(id), 'status', 'queued', 'custom_id', ARGV[i + 1], 'batch_id', b,
-               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', now, 'qt', now, 'runs', 0,
+               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', v + poff, 'qt', now, 'runs', 0,
                'token', 0, 'q', 0)
     redis.call('RPUSH', okey(b), id)
-    enqueue(id, b, now, false)
+    enqueue(id, b, v + poff, false)
+    v = v + 1
     new = new + 1
   end
 end
 redis.call('HSETNX', bkey(b), 'created_at', enq)
 redis.call('ZADD', INDEX, 'NX', now, b)
 if new > 0 then
+  redis.call('HSET', bkey(b), 'vnext', v, 'poff', poff)
   redis.call('HINCRBY', bkey(b), 'total', new)
   redis.call('HINCRBY', bkey(b), 'queued', new)
   activate(b, now)
@@ -167,7 +199,7 @@ return {new, revived and 1 or 0}
 _CLAIM = """
 -- ARGV: job id, queue generation (from the arq payload), worker, started_at.
 local id = ARGV[1]
-local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt')
+local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt', 'score')
 local st, b = h[1], h[3]
 if not st then return {'missing'} end
 if final(st) then return {st} end
@@ -184,7 +216,9 @@ local bad = misfit(b)
 if bad then return bad end
 local now = now_ms()
 dequeue(id, h[2])
-local cancelled = redis.call('HGET', bkey(b), 'cancelled_at')
+local c = redis.call('HMGET', bkey(b), 'cancelled_at', 'poff')
+local cancelled = c[1]
+advance(h[5], c[2])
 if cancelled and tonumber(h[4] or 0) <= tonumber(cancelled) then
   move(b, 'queued', 'cancelled')
   redis.call('HSET', jkey(id), 'status', 'cancelled', 'finished_at', ARGV[4])
@@ -302,11 +336,12 @@ end
 local now = now_ms()
 move(b, st, 'queued')
 redis.call('HDEL', jkey(id), 'result', 'started_at', 'finished_at', 'worker')
-redis.call('HSET', jkey(id), 'status', 'queued', 'runs', 0, 'score', now, 'qt', now)
+local score = place(b)
+redis.call('HSET', jkey(id), 'status', 'queued', 'runs', 0, 'score', score, 'qt', now)
 redis.call('HINCRBY', jkey(id), 'retries', 1)
 redis.call('PERSIST', jkey(id))
 activate(b, now)
-enqueue(id, b, now, false)
+enqueue(id, b, score, false)
 publish(b, id .. ' queued')
 return 1
 """
@@ -404,6 +439,7 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         active=_lua_str(keys.ACTIVE),
         sweeps=_lua_str(keys.SWEEPS),
         index=_lua_str(keys.BATCHES),
+        vclock=_lua_str(keys.VCLOCK),
         job=_lua_str(keys.job("")),
         batch=_lua_str(keys.batch("")),
         events=_lua_str(keys.batch_events("")),
@@ -430,6 +466,26 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         "sweep": _SWEEP,
     }
     return {name: prelude + body for name, body in bodies.items()}
+
+
+PRIORITY_ROUNDS = 10_000
+"""How far a priority moves a batch, in rounds of fair share (virtual time). A high batch's
+jobs are placed this many rounds ahead of a normal one submitted at the same moment, a low
+batch's this many behind. So a higher priority starts first (all of a batch up to this many
+jobs, before any job of a lower priority already queued), and a lower one is never starved:
+its jobs start once every normal batch has had this many more turns, however much new normal
+work keeps coming."""
+
+_PRIORITY_OFFSET = {
+    Priority.HIGH: -PRIORITY_ROUNDS,
+    Priority.NORMAL: 0,
+    Priority.LOW: PRIORITY_ROUNDS,
+}
+
+
+def _priority_of(poff: str | None) -> Priority:
+    offset = _i(poff)
+    return Priority.HIGH if offset < 0 else Priority.LOW if offset > 0 else Priority.NORMAL
 
 
 def arq_job_id(job_id: str, q: int | str) -> str:
@@ -558,12 +614,14 @@ class Store:
 
     # -- producer side -------------------------------------------------------------------
 
-    async def submit_chunk(self, batch_id: str, jobs: Sequence[AgentJob]) -> int:
+    async def submit_chunk(
+        self, batch_id: str, jobs: Sequence[AgentJob], priority: Priority = Priority.NORMAL
+    ) -> int:
         """Enqueue jobs in one script call; jobs whose (batch, custom_id) exists are skipped.
         Returns how many were new."""
         if not jobs:
             return 0
-        args: list[str] = [batch_id, now_iso()]
+        args: list[str | int] = [batch_id, now_iso(), _PRIORITY_OFFSET[Priority(priority)]]
         for job in jobs:
             args += (
                 job_id_for(batch_id, job.custom_id),
@@ -598,6 +656,7 @@ class Store:
             cost_usd=round(float(h.get("cost_usd") or 0), 8),
             created_at=h.get("created_at"),
             models=_per_model(h),
+            priority=_priority_of(h.get("poff")),
         )
 
     async def job_ids(self, batch_id: str, chunk: int = 500) -> AsyncIterator[list[str]]:

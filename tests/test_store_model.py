@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 from redis.asyncio import Redis
 
 from producer import keys
-from producer.models import AgentJob, ResultRecord, Status, Usage, job_id_for
+from producer.models import AgentJob, Priority, ResultRecord, Status, Usage, job_id_for
 from producer.store import Store, arq_job_id, now_iso
 
 BATCH = "model"
@@ -141,12 +141,15 @@ class JobStateMachine(RuleBasedStateMachine):
 
     @initialize(ids=st.lists(st.sampled_from(CUSTOM_IDS), min_size=1, unique=True))
     def submit_first(self, ids: list[str]) -> None:
-        self.submit(ids)
+        self.submit(ids, Priority.NORMAL)
 
-    @rule(ids=st.lists(st.sampled_from(CUSTOM_IDS), min_size=1, unique=True))
-    def submit(self, ids: list[str]) -> None:
+    @rule(
+        ids=st.lists(st.sampled_from(CUSTOM_IDS), min_size=1, unique=True),
+        priority=st.sampled_from(list(Priority)),
+    )
+    def submit(self, ids: list[str], priority: Priority) -> None:
         jobs = [AgentJob(custom_id=c, input="q") for c in ids]
-        self.run(self.store.submit_chunk(BATCH, jobs))
+        self.run(self.store.submit_chunk(BATCH, jobs, priority))
         if BATCH in self.store.revived:  # as Producer.submit does
             self.store.revived.discard(BATCH)
             self.run(self.store.keep_records(BATCH))

@@ -287,30 +287,19 @@ class Breakers:
             down_s=round(self._down_s(state), 1),
             error=state.error,
         )
-        # The outage does not count against the job's own timeout: it is off while the call
-        # waits, and pushed back by the wait afterwards.
-        deadline = meter.deadline if meter is not None else None
-        when = deadline.when() if deadline is not None else None
-        if deadline is not None:
-            deadline.reschedule(None)
-        try:
+        # The outage does not count against the job's own timeout.
+        off_clock = meter.off_the_clock() if meter is not None else contextlib.nullcontext()
+        with off_clock:
             async with self.park():
                 while state is not None:
                     down_s = self._down_s(state)
                     if down_s > self.outage_max_s:
-                        raise OutageTooLong(
-                            state, down_s, self.outage_max_s, safe_url(route.url)
-                        )
+                        raise OutageTooLong(state, down_s, self.outage_max_s, safe_url(route.url))
                     self._ensure_prober(state, route, model, probe)
                     await asyncio.sleep(POLL_S)
                     await self.refresh(POLL_S)
                     state = self.open_state(*fields)
-        finally:
-            waited = time.monotonic() - started
-            if deadline is not None and when is not None:
-                with contextlib.suppress(RuntimeError):  # the job's timeout already ended
-                    deadline.reschedule(when + waited)
-        log.info("breaker.resumed", waited_s=round(waited, 1))
+        log.info("breaker.resumed", waited_s=round(time.monotonic() - started, 1))
         return True
 
     def _ensure_prober(

@@ -26,6 +26,12 @@ BREAKER_OPEN = Gauge(
     "1 while the circuit breaker of a Router (empty model label) or of one model is open",
     ["router", "model"],
 )
+RATELIMIT_WAIT = Histogram(
+    "agentq_ratelimit_wait_seconds",
+    "How long model calls waited for their turn under a Router budget (AGENTQ_RATE_LIMITS)",
+    ["budget"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")
 
 

@@ -5,7 +5,9 @@ model calls in flight (around the call itself, not around get_model)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +22,17 @@ from producer.models import Attempt, Usage
 
 from . import metrics
 from .breaker import MAX_HOLDS, OUTAGE_KINDS, Breakers
-from .errors import classify
+from .errors import classify, retry_after
+from .ratelimit import Budget, RateLimiter, estimate_tokens
 from .retry import RetryPolicy
 
 log = structlog.get_logger("agentq.provider")
 
 APP_NAME = "agentq"
 MAX_CACHED_MODELS = 256
+MAX_FREE_429S = 10
+"""429s of one call under a budget that spend none of its tries (each moves the fleet's turns
+later instead); past them, tries are spent as usual."""
 COST_HEADERS = ("x-llm-response-cost", "x-litellm-response-cost")
 
 
@@ -45,7 +51,26 @@ class CallMeter:
     can_fall_back: bool = False
     """The model being tried has a fallback after it (a down model is then skipped at once)."""
     deadline: asyncio.Timeout | None = None
-    """The job's timeout; waiting out an outage pushes it back."""
+    """The job's timeout; waiting out an outage or for a budget's turn pushes it back."""
+    router_reset_s: float | None = None
+    """Set by the last response: the Router's budget is spent for this long (x-ratelimit-*)."""
+
+    @contextlib.contextmanager
+    def off_the_clock(self) -> Iterator[None]:
+        """Time spent in here (an outage, a budget's turn) does not count against the job's
+        timeout: it is off meanwhile, and pushed back by the wait afterwards."""
+        deadline = self.deadline
+        when = deadline.when() if deadline is not None else None
+        if deadline is None or when is None:
+            yield
+            return
+        deadline.reschedule(None)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RuntimeError):  # the job's timeout already ended
+                deadline.reschedule(when + time.monotonic() - started)
 
 
 current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)
@@ -56,6 +81,8 @@ async def _on_response(response: httpx2.Response) -> None:
     if meter is None:
         return
     meter.priced_by_router = False
+    if response.status_code < 400:
+        meter.router_reset_s = retry_after(response.headers)
     for name in COST_HEADERS:
         value = response.headers.get(name)
         if value:
@@ -92,20 +119,30 @@ class RouterModel(OpenAIChatCompletionsModel):
         self._price = price
         """USD per million input and output tokens, for Routers that send no cost header."""
         self.breakers: Breakers | None = None
+        self.limiter: RateLimiter | None = None
+        self.budgets: tuple[Budget, ...] = ()
+        """The budgets this model's calls take turns under (none: no Redis command)."""
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
         """Tries spent count failures of this call. Outage failures (connection, 5xx,
         timeout) are the exception: one that finds (or opens) its dependency's breaker open
         spends nothing, the call waits for the breaker instead; and a last try is not given
-        up while the dependency is failing for other jobs too (its breaker is about to open)."""
+        up while the dependency is failing for other jobs too (its breaker is about to open).
+        Under a budget (AGENTQ_RATE_LIMITS) each send waits for its turn first, and a 429 slows
+        the whole fleet down and takes a new turn, spending no try (MAX_FREE_429S times)."""
         meter = current_meter.get()
-        breakers = self.breakers
-        spent = held = 0
+        breakers, limiter = self.breakers, self.limiter if self.budgets else None
+        spent = held = refused = 0
         while True:
             if breakers is not None and await breakers.wait(
                 self.route, self.model_name, meter, self._probe
             ):
                 held += 1
+            turn = (
+                await limiter.take(self.budgets, self._estimate(args, kwargs), meter)
+                if limiter is not None
+                else None
+            )
             start, began = time.perf_counter(), breakers.clock() if breakers else 0.0
             try:
                 async with self._slots:
@@ -126,6 +163,13 @@ class RouterModel(OpenAIChatCompletionsModel):
                             error=kind,
                         )
                     )
+                if limiter is not None and turn is not None:
+                    await limiter.settle(turn, 0)
+                    if kind == "rate_limited":  # the whole fleet slows down, not just this call
+                        await limiter.slow_down(turn, failure.retry_after_s, refused=True)
+                        if refused < MAX_FREE_429S:
+                            refused += 1
+                            continue  # a new turn, no try spent
                 outage = OUTAGE_KINDS.get(kind) if breakers is not None else None
                 if outage is not None and breakers is not None and held < MAX_HOLDS:
                     field = breakers.fields(self.route.name, self.model_name)[outage == "model"]
@@ -159,7 +203,15 @@ class RouterModel(OpenAIChatCompletionsModel):
                     *breakers.fields(self.route.name, self.model_name), began=began
                 )
             self._record(response, time.perf_counter() - start, meter)
+            if limiter is not None and turn is not None:
+                await limiter.settle(turn, response.usage.total_tokens)
+                if meter is not None and meter.router_reset_s:
+                    await limiter.slow_down(turn, meter.router_reset_s, refused=False)
             return response
+
+    def _estimate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """The call's tokens before it is sent, when a token budget needs them."""
+        return _estimate(args, kwargs) if any(b.tpm for b in self.budgets) else 0
 
     async def _probe(self) -> None:
         """The smallest call that proves the model answers (a breaker's probe)."""
@@ -191,6 +243,19 @@ class RouterModel(OpenAIChatCompletionsModel):
             output_tokens=u.output_tokens,
             total_tokens=u.total_tokens,
         )
+
+
+def _estimate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The token estimate of a get_response call (its arguments as the SDK passes them)."""
+    names = ("system_instructions", "input", "model_settings", "tools")
+    given = dict(zip(names, args, strict=False)) | kwargs
+    settings = given.get("model_settings")
+    return estimate_tokens(
+        given.get("system_instructions"),
+        given.get("input", ""),
+        given.get("tools") or (),
+        getattr(settings, "max_tokens", None),
+    )
 
 
 @dataclass(frozen=True)
@@ -246,6 +311,8 @@ class RouterProvider(ModelProvider):
         self._models: dict[str, RouterModel] = {}
         self.breakers: Breakers | None = None
         """The fleet's circuit breakers (set by the worker; None: calls never wait)."""
+        self.limiter: RateLimiter | None = None
+        """The fleet's budgets (set by the worker when AGENTQ_RATE_LIMITS has any)."""
 
     @property
     def base_url(self) -> str:
@@ -272,6 +339,9 @@ class RouterProvider(ModelProvider):
                 model_name, name, route, self._slots, self.policy, price
             )
             model.breakers = self.breakers
+            if self.limiter is not None:
+                model.limiter = self.limiter
+                model.budgets = self.limiter.budgets_for(model_name, route.name)
         return model
 
     async def aclose(self) -> None:

@@ -31,6 +31,7 @@ from .breaker import Breakers
 from .mcp import McpPool, parse_mcp_config
 from .payload import load_job
 from .provider import RouterProvider
+from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .runner import Runtime, run_agent_job
 from .tools import default_registry, load_plugins
@@ -94,6 +95,8 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     if isinstance(ctx.get("agentq_worker"), BatchStartWorker):
         breakers.park = ctx["agentq_worker"].park
     provider.breakers = breakers
+    if settings.rate_limits:
+        provider.limiter = RateLimiter(ctx["redis"], settings.rate_limits, settings.backoff_max_s)
     metrics.serve(settings.metrics_port, settings.metrics_host)
     mcp = McpPool()
     await mcp.start(parse_mcp_config(settings.mcp_servers))
@@ -109,6 +112,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         worker=rt.worker_id,
         router_url=safe_url(settings.router_url),
         routers=sorted(settings.routers),
+        rate_limits={n: b.model_dump(exclude_none=True) for n, b in settings.rate_limits.items()},
         concurrency=settings.concurrency,
         queue=settings.queue,
         lease_s=settings.lease_s,

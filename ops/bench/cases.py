@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 
 from ops import procs
@@ -67,6 +68,10 @@ class Sizes:
     long_waves: int
     """long-run runs C x waves jobs a round."""
     long_rounds: int
+    fair_big: int
+    """fair-share: the big batch the small and the priority batches are submitted behind."""
+    fair_pair: int
+    ratelimit_n: int
 
 
 FULL = Sizes(
@@ -90,6 +95,9 @@ FULL = Sizes(
     long_latency_ms=2_000,
     long_waves=6,
     long_rounds=2,
+    fair_big=3_000,
+    fair_pair=300,
+    ratelimit_n=1_200,
 )
 
 QUICK = Sizes(
@@ -113,6 +121,9 @@ QUICK = Sizes(
     long_latency_ms=500,
     long_waves=3,
     long_rounds=1,
+    fair_big=400,
+    fair_pair=60,
+    ratelimit_n=150,
 )
 
 
@@ -192,7 +203,12 @@ class Bench:
 
     @contextmanager
     def workers(
-        self, n: int, router: SimRouterProc, concurrency: int, queue: str
+        self,
+        n: int,
+        router: SimRouterProc,
+        concurrency: int,
+        queue: str,
+        extra_env: dict[str, str] | None = None,
     ) -> Iterator[list[WorkerProc]]:
         with workers_running(
             n,
@@ -201,6 +217,7 @@ class Bench:
             concurrency=concurrency,
             queue=queue,
             log_dir=self.tmp / "logs",
+            extra_env=extra_env,
         ) as ws:
             yield ws
 
@@ -955,7 +972,162 @@ async def long_run(b: Bench) -> list[Row]:
     ]
 
 
+# -- ratelimit ------------------------------------------------------------------------------
+
+ROUTER_RPS = 20
+BUDGET_SHARE = 0.95
+"""The budget is set this far under the simulated Router's limit."""
+
+
+async def _sim(sim: SimRouterProc, method: str, path: str) -> Any:
+    """A /sim endpoint of the simulated Router (its stats, or a reset of them)."""
+    auth = {"Authorization": f"Bearer {procs.ROUTER_KEY}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        async with http.request(method, sim.url.removesuffix("/v1") + path) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
+
+async def ratelimit(b: Bench) -> list[Row]:
+    """2 workers x C=50 against a Router that allows 20 requests/s across all callers: with a
+    budget of 95% of that (AGENTQ_RATE_LIMITS), with one set too high (150%: the Router's 429s
+    must slow the fleet down), and without one. The share of the budget used (calls answered
+    200 / (budget x seconds, submit to done)), calls answered 429, and jobs failed."""
+    n = b.sizes.ratelimit_n
+    rows = []
+    with SimRouterProc(50, ("--rate-limit-rps", str(ROUTER_RPS))) as sim:
+        for share in (BUDGET_SHARE, 1.5, None):
+            await b.flush()
+            side = "none" if share is None else f"{share:.0%}"
+            queue = f"bench:ratelimit-{side.rstrip('%')}"
+            rpm = ROUTER_RPS * 60 * (share or 1)
+            env = {"AGENTQ_RATE_LIMITS": json.dumps({"*": {"rpm": rpm}})} if share else {}
+            with b.workers(2, sim, 50, queue, extra_env=env):
+                async with b.producer(queue) as p:
+                    await _sim(sim, "POST", "/sim/reset")
+                    t0 = time.perf_counter()
+                    batch = await p.submit(make_jobs("plain", n, prefix=f"rl-{side}-"))
+                    st = await p.wait(batch.id, timeout=timeout_for(n, 5))
+                    seconds = time.perf_counter() - t0
+                    stats = await _sim(sim, "GET", "/sim/stats")
+            ok, refused = stats["by_outcome"]["ok"], stats["by_outcome"]["429"]
+            share_429 = refused / max(1, stats["total_requests"])
+            failed = st.counts[Status.FAILED]
+            use = ok / (seconds * rpm / 60)
+            b.say(
+                f"budget {side}: {n} jobs in {seconds:.1f} s, {ok / seconds:.1f} calls/s "
+                f"answered, {refused} of {stats['total_requests']} calls answered 429, "
+                f"{failed} jobs failed"
+            )
+            measured = f"{share_429:.1%} of calls 429, {failed} jobs failed"
+            detail = (
+                f"n={n} plain jobs (one call each), Router latency 50 ms, its limit "
+                f"{ROUTER_RPS} requests/s over any 1 s; {ok / seconds:.1f} calls/s answered "
+                f"({ok / seconds / ROUTER_RPS:.0%} of the Router's limit), {refused} of "
+                f"{stats['total_requests']} calls answered 429, {seconds:.1f} s from submit "
+                f"to done"
+            )
+            data = {"use": use, "share_429": share_429, "failed": failed}
+            if share == BUDGET_SHARE:
+                row = Row(
+                    "ratelimit",
+                    f"budget {share:.0%} of {ROUTER_RPS} rps, 2 workers C=50",
+                    f"{use:.0%} of the budget used, {measured}",
+                    ">= 80% used, <= 5% 429, 0 failed",
+                    use >= 0.8 and share_429 <= 0.05 and failed == 0,
+                    value=round(use, 3),
+                )
+            elif share is not None:
+                row = Row(
+                    "ratelimit",
+                    f"budget {share:.0%} of the Router's limit (too high)",
+                    f"{ok / seconds / ROUTER_RPS:.0%} of the Router's limit used, {measured}",
+                    "(information)",
+                    None,
+                    value=round(share_429, 3),
+                )
+            else:
+                row = Row(
+                    "ratelimit",
+                    "no budget, 2 workers C=50",
+                    f"{ok / seconds / ROUTER_RPS:.0%} of the Router's limit used, {measured}",
+                    "(information)",
+                    None,
+                    value=round(share_429, 3),
+                )
+            row.detail, row.data = detail, data
+            rows.append(row)
+    return rows
+
+
 # -- registry -------------------------------------------------------------------------------
+
+# -- fair-share -----------------------------------------------------------------------------
+
+
+async def fair_share(b: Bench) -> list[Row]:
+    """One worker (C=20, Router latency 200 ms) busy with a big batch: a 20-job batch submitted
+    behind it, then a normal and a high-priority batch submitted back to back."""
+    big_n, pair_n, c = b.sizes.fair_big, b.sizes.fair_pair, 20
+    await b.flush()
+    queue = "bench:fair"
+    with SimRouterProc(200) as sim, b.workers(1, sim, c, queue):
+        async with b.producer(queue) as p:
+            await warm_up(p, 1, kinds=("plain",))
+            big = await p.submit(make_jobs("plain", big_n, "big-"))
+            await asyncio.sleep(2.0)  # under way at full speed
+            before = await p.status(big.id)
+            t0 = time.perf_counter()
+            small = await p.submit(make_jobs("plain", 20, "small-"))
+            st = await p.wait(small.id, timeout=120)
+            small_s = time.perf_counter() - t0
+            await check_done(p, st, 20)
+            after = await p.status(big.id)
+            done = lambda s: s.total - s.counts[Status.QUEUED] - s.counts[Status.RUNNING]  # noqa: E731
+            rate = (done(after) - done(before) + 20) / small_s  # runs/s of the worker meanwhile
+            ahead = before.counts[Status.QUEUED] + before.counts[Status.RUNNING]
+            fifo_s = (ahead + 20) / rate
+            b.say(
+                f"small batch done {small_s:.2f} s after its submit; {ahead} big-batch jobs were "
+                f"ahead of it (FIFO: about {fifo_s:.0f} s at the {rate:.0f} runs/s measured)"
+            )
+
+            async def timed(batch_id: str) -> float:
+                s = await p.wait(batch_id, timeout=timeout_for(big_n))
+                await check_done(p, s, pair_n)
+                return time.perf_counter() - t1
+
+            t1 = time.perf_counter()
+            normal = await p.submit(make_jobs("plain", pair_n, "normal-"))
+            high = await p.submit(make_jobs("plain", pair_n, "high-"), priority="high")
+            normal_s, high_s = await asyncio.gather(timed(normal.id), timed(high.id))
+            b.say(f"{pair_n} normal jobs done after {normal_s:.2f} s, high after {high_s:.2f} s")
+            await p.cancel(big.id)
+    return [
+        Row(
+            "fair-share",
+            f"20 jobs behind {big_n:,}",
+            f"done {small_s:.1f} s after submit (FIFO: ~{fifo_s:.0f} s)",
+            "<= 3 s",
+            small_s <= 3.0,
+            value=round(small_s, 3),
+            detail=(
+                f"1 worker, C={c}, Router 200 ms; {ahead} jobs of the big batch were queued or "
+                f"running at the submit; the FIFO figure is that many jobs at the {rate:.0f} "
+                "runs/s measured meanwhile (an estimate, not a run)"
+            ),
+        ),
+        Row(
+            "fair-share",
+            f"{pair_n} high vs {pair_n} normal, back to back",
+            f"high done in {high_s:.1f} s, normal in {normal_s:.1f} s",
+            "high clearly first",
+            high_s < 0.8 * normal_s,
+            value=round(high_s / normal_s, 3),
+            detail=f"both submitted behind the rest of the {big_n:,}-job batch",
+        ),
+    ]
+
 
 CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "sdk-loop": (sdk_loop, ">= 1.0x"),
@@ -967,6 +1139,8 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "e2e-100k": (e2e, "completes, memory flat"),
     "redis-cmds": (redis_cmds, "<= 8 commands/job"),
     "long-run": (long_run, ">= 95% of C/L; <= 150 KB per run in flight"),
+    "fair-share": (fair_share, "small batch <= 3 s; high first"),
+    "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
 }
 
 
