@@ -62,6 +62,9 @@ ARQ_JOB_PREFIX = "arq:job:"
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
 """arq's marker of a job being run (arq.constants.in_progress_key_prefix)."""
 
+ARQ_RETRY_PREFIX = "arq:retry:"
+"""arq's count of a job's tries (arq.constants.retry_key_prefix)."""
+
 LEASES = f"{PREFIX}:leases"
 """Sorted set: running job id -> lease deadline (ms on Redis's clock). A running job leaves
 arq's queue, so polls cost nothing per job in flight; a job whose worker stops renewing goes

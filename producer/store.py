@@ -43,6 +43,7 @@ local QUEUE, LEASES, CLOCK, ACTIVE, SWEEPS, INDEX, VCLOCK = {queue}, {leases}, {
   {active}, {sweeps}, {index}, {vclock}
 local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
 local WAKE, SETTLED, PROGRESS, THROTTLE_MS = {wake}, {settled}, {progress}, {throttle_ms}
+local ARQ_IP, ARQ_RETRY = {arq_in_progress}, {arq_retry}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
 
 local function now_ms()
@@ -129,9 +130,13 @@ local function advance(score, poff)
     redis.call('SET', VCLOCK, v)
   end
 end
+-- Every arq key of that enqueue goes: its queue entry, payload, in-progress marker and try
+-- count. An arq id is never enqueued again, so once a claim took it arq's own clean-up after
+-- the run has nothing left to do (the worker skips it: BatchStartWorker.finish_job).
 local function dequeue(id, q)
-  redis.call('ZREM', QUEUE, arq_id(id, q))
-  redis.call('DEL', ARQ .. arq_id(id, q))
+  local aid = arq_id(id, q)
+  redis.call('ZREM', QUEUE, aid)
+  redis.call('DEL', ARQ .. aid, ARQ_IP .. aid, ARQ_RETRY .. aid)
 end
 -- A batch with queued or running jobs: none of its keys expire meanwhile.
 local function activate(b, now)
@@ -481,6 +486,8 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         progress=_lua_str(keys.batch_progress("")),
         throttle_ms=keys.PROGRESS_THROTTLE_MS,
         arq=_lua_str(keys.ARQ_JOB_PREFIX),
+        arq_in_progress=_lua_str(keys.ARQ_IN_PROGRESS_PREFIX),
+        arq_retry=_lua_str(keys.ARQ_RETRY_PREFIX),
         func=_lua_str(RUN_FUNCTION),
         ttl=ttl_s,
         lease_ms=lease_ms,

@@ -77,3 +77,19 @@ def test_arq_main_loop_that_batchstartworker_replaces() -> None:
     )
     assert BatchStartWorker.main is not Worker.main
     assert BatchStartWorker._poll_iteration is not Worker._poll_iteration
+
+
+def test_claims_clean_up_what_arq_would() -> None:
+    """A claim removes arq's keys of its enqueue (producer/store.py's dequeue), so
+    BatchStartWorker.finish_job can skip arq's clean-up: the names and the call must match."""
+    from arq import constants
+
+    from producer import keys
+
+    assert constants.job_key_prefix == keys.ARQ_JOB_PREFIX
+    assert constants.in_progress_key_prefix == keys.ARQ_IN_PROGRESS_PREFIX
+    assert constants.retry_key_prefix == keys.ARQ_RETRY_PREFIX
+    assert list(inspect.signature(Worker.finish_job).parameters) == list(
+        inspect.signature(BatchStartWorker.finish_job).parameters
+    )
+    assert "self.finish_job(" in inspect.getsource(Worker.run_job)

@@ -67,12 +67,16 @@ class BatchStartWorker(Worker):
     """Runs waiting for a circuit breaker, their slots given back."""
     _slot_debts = 0
     """Parked runs that ended without taking their slot back: their end releases none."""
+    claimed: set[str]
+    """arq ids whose run claimed its job: the claim removed every arq key of that id, so
+    arq's clean-up transaction after the run is skipped (see finish_job)."""
     stop_requested: threading.Event | None = None
     """Set by SIGTERM/SIGINT (when the worker handles signals): `agentq worker` exits instead
     of restarting the worker after a Redis outage."""
 
     def __init__(self, *args: Any, wake_channel: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.claimed = set()
         if self.max_burst_jobs >= 0:
             raise ValueError("BatchStartWorker does not support max_burst_jobs")
         self.wake_channel = wake_channel
@@ -255,6 +259,33 @@ class BatchStartWorker(Worker):
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
             self._taken += 1
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's, skipped for a finished run whose claim already removed the id's keys (5
+        commands a job). Anything else (a Retry, a shutdown, a run that never claimed) goes
+        through arq's own."""
+        if job_id in self.claimed:
+            self.claimed.discard(job_id)
+            if finish and result_data is None and keep_in_progress is None:
+                return
+        await super().finish_job(
+            job_id,
+            finish,
+            result_data,
+            result_timeout_s,
+            keep_result_forever,
+            incr_score,
+            keep_in_progress,
+        )
 
     @contextlib.asynccontextmanager
     async def park(self) -> AsyncIterator[None]:

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -121,7 +121,8 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One writer for every event (a factory building one per event costs a lock look-up).
+        logger_factory=_shared(structlog.WriteLogger(out)),
         # Not cached: a module's logger cached on first use keeps the configuration of that
         # moment (its output, its redactor's secrets) when a process builds a second worker
         # (tests, an embedding application). Costs a few microseconds per event.
@@ -129,6 +130,13 @@ def configure(
     )
     # arq logs every job start and end through stdlib logging: too chatty at batch volume.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def _shared(writer: structlog.WriteLogger) -> Callable[..., structlog.WriteLogger]:
+    def factory(*args: Any) -> structlog.WriteLogger:
+        return writer
+
+    return factory
 
 
 @contextmanager

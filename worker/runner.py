@@ -145,6 +145,10 @@ async def run_agent_job(
     except RedisError as exc:
         log.warning("job.redis_error", job_id=job_id, error=str(exc), retry_in_s=REDIS_RETRY_S)
         raise Retry(defer=REDIS_RETRY_S) from exc
+    if claim.holds:  # the claim removed every key of this arq id: arq's clean-up is skipped
+        claimed: set[str] | None = getattr(ctx.get("agentq_worker"), "claimed", None)
+        if claimed is not None:
+            claimed.add(ctx["job_id"])
     if not claim.holds:
         log.info("job.skipped", job_id=job_id, batch_id=batch_id, state=claim.state)
         return

@@ -25,7 +25,7 @@ from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
-from . import logs, metrics
+from . import heap, logs, metrics
 from .arqworker import BatchStartWorker
 from .breaker import Breakers
 from .mcp import McpPool, parse_mcp_config
@@ -106,6 +106,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(_maintain(rt)),
         asyncio.create_task(_listen(rt)),
     ]
+    frozen = heap.freeze()
     log.info(
         "worker.started",
         worker=rt.worker_id,
@@ -118,6 +119,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         tools=sorted(registry.tools),
         agents=sorted(registry.agents),
         mcp_servers=mcp.status(),
+        heap_frozen=frozen,
     )
 
 
@@ -150,6 +152,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
             processor.shutdown()  # flushes spans still queued for OTLP
     await rt.provider.aclose()
+    heap.thaw()
     log.info("worker.stopped", worker=rt.worker_id)
 
 

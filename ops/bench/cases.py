@@ -9,12 +9,15 @@ processes of its own (workers, the plain SDK loop, the submitting client)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import signal
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +59,15 @@ class Sizes:
     rss_latency_ms: int
     rss_n: int
     e2e_n: int
+    cmds_n: int
+    """redis-cmds: jobs per batch whose Redis commands are counted."""
+    cmds_cases: tuple[tuple[int, str], ...]
+    """redis-cmds: (Router latency ms, plain|tool) of each batch counted."""
+    long_concurrency: int
+    long_latency_ms: int
+    long_waves: int
+    """long-run runs C x waves jobs a round."""
+    long_rounds: int
     fair_big: int
     """fair-share: the big batch the small and the priority batches are submitted behind."""
     fair_pair: int
@@ -83,6 +95,12 @@ FULL = Sizes(
     rss_latency_ms=5_000,
     rss_n=2_000,
     e2e_n=100_000,
+    cmds_n=600,
+    cmds_cases=((0, "plain"), (200, "plain"), (200, "tool")),
+    long_concurrency=500,
+    long_latency_ms=2_000,
+    long_waves=6,
+    long_rounds=2,
     fair_big=3_000,
     fair_pair=300,
     ratelimit_n=1_200,
@@ -103,6 +121,12 @@ QUICK = Sizes(
     rss_latency_ms=2_000,
     rss_n=300,
     e2e_n=2_000,
+    cmds_n=100,
+    cmds_cases=((0, "plain"),),
+    long_concurrency=100,
+    long_latency_ms=500,
+    long_waves=3,
+    long_rounds=1,
     fair_big=400,
     fair_pair=60,
     ratelimit_n=150,
@@ -792,6 +816,171 @@ async def e2e(b: Bench) -> list[Row]:
     ]
 
 
+# -- redis-cmds -----------------------------------------------------------------------------
+
+
+async def count_commands(
+    b: Bench, p: Producer, body: Callable[[], Awaitable[Any]]
+) -> tuple[Counter[str], Counter[str]]:
+    """Commands Redis executes while body() runs, read through MONITOR: (sent by clients,
+    each script call once; called inside scripts). INFO commandstats cannot tell them apart."""
+    sent: Counter[str] = Counter()
+    inside: Counter[str] = Counter()
+    marker = f"agentq-bench-end-{time.time_ns()}"
+    mon = Redis.from_url(b.redis_url)
+    try:
+        async with mon.monitor() as m:
+
+            async def read() -> None:
+                while True:
+                    cmd = await m.next_command()
+                    name = cmd["command"].split(" ", 1)[0].lower()
+                    if cmd["client_type"] == "lua":
+                        inside[name] += 1
+                    elif marker in cmd["command"]:
+                        return
+                    else:
+                        sent[name] += 1
+
+            reader = asyncio.create_task(read())
+            try:
+                await body()
+                await p.redis.echo(marker)
+                await asyncio.wait_for(reader, 120)
+            finally:
+                reader.cancel()
+    finally:
+        await mon.aclose()
+    return sent, inside
+
+
+async def redis_cmds(b: Bench) -> list[Row]:
+    """Redis commands per job: producer (submit), worker (poll, claim, run, finish) and waiter
+    (wait), counted over a batch and divided by its jobs. A command a client sends counts once,
+    a script call (EVALSHA) too; what scripts call inside Redis is printed apart."""
+    rows: list[Row] = []
+    queue = "bench:cmds"
+    n = b.sizes.cmds_n
+    for latency, kind in b.sizes.cmds_cases:
+        await b.flush()
+        with SimRouterProc(latency) as sim, b.workers(1, sim, 50, queue):
+            async with b.producer(queue) as p:
+                await warm_up(p, 1, kinds=(kind,))
+                jobs = make_jobs(kind, n, prefix=f"cmd-{kind}-")
+                sent, inside = await count_commands(
+                    b, p, functools.partial(run_batch, p, jobs, timeout_for(n))
+                )
+        per_job = sum(sent.values()) / n
+        top = ", ".join(f"{k} {v / n:.2f}" for k, v in sent.most_common(10))
+        rows.append(
+            Row(
+                "redis-cmds",
+                f"{latency}ms {kind}",
+                f"{per_job:.1f} commands/job",
+                "<= 8",
+                per_job <= 8,
+                value=round(per_job, 2),
+                detail=(
+                    f"n={n}, 1 worker C=50, producer + worker + waiter, read with MONITOR; per "
+                    f"job: {top}; inside scripts another {sum(inside.values()) / n:.1f} calls/job"
+                ),
+                data={
+                    "sent_per_job": {k: round(v / n, 3) for k, v in sent.items()},
+                    "inside_scripts_per_job": {k: round(v / n, 3) for k, v in inside.items()},
+                },
+            )
+        )
+    return rows
+
+
+# -- long-run -------------------------------------------------------------------------------
+
+
+async def long_run(b: Bench) -> list[Row]:
+    """Long Router calls at high concurrency: 1 worker, C runs in flight at L seconds each.
+    Runs/s against the ideal C / L (reachable only while the worker's core keeps up), and the
+    worker's memory per run in flight: (true peak RSS - idle RSS) / C."""
+    await b.flush()
+    c, lat, waves = b.sizes.long_concurrency, b.sizes.long_latency_ms, b.sizes.long_waves
+    n = c * waves
+    queue = "bench:long"
+    rates: list[float] = []
+    cpu_ms: list[dict[str, float]] = []
+    cores: list[float] = []
+    peak_running = 0.0
+    with SimRouterProc(lat) as sim, b.workers(1, sim, c, queue) as [w]:
+        async with b.producer(queue) as p:
+            await warm_up(p, 1, kinds=("plain",))
+            mem = PeakMem({"worker": w.pid}).start("idle after warm-up")
+            for r in range(b.sizes.long_rounds):
+                batch_id = new_batch_id()
+
+                async def sample(batch_id: str = batch_id) -> None:
+                    nonlocal peak_running
+                    with contextlib.suppress(Exception):  # not submitted yet
+                        st = await p.status(batch_id)
+                        peak_running = max(peak_running, st.counts[Status.RUNNING])
+
+                stop = asyncio.Event()
+                sampler = asyncio.create_task(_sample(0.25, sample, stop))
+                try:
+                    jobs = make_jobs("plain", n, prefix=f"long{r}-")
+                    with CpuSplit(b.agentq_pids([w])) as m:
+                        t0 = time.perf_counter()
+                        await p.submit(jobs, batch_id=batch_id)
+                        st = await p.wait(batch_id, timeout=timeout_for(n, 20))
+                        seconds = time.perf_counter() - t0
+                finally:
+                    stop.set()
+                    await sampler
+                await check_done(p, st, n)
+                rates.append(n / seconds)
+                cpu_ms.append(m.ms_per(n))
+                cores.append(m.cores()["worker"])
+                b.say(
+                    f"C={c}, {lat} ms, round {r + 1}: {rates[-1]:.0f} runs/s, worker "
+                    f"{cores[-1]:.0%} of a core, {cpu_ms[-1][TOTAL]:.2f} CPU ms/job"
+                )
+            wm = mem.read()["worker"]
+    ideal = c / (lat / 1000)
+    frac = median(rates) / ideal
+    mid = median_round(cpu_ms)
+    per_run_kb = float(wm["growth_mb"]) * 1024 / c
+    return [
+        Row(
+            "long-run",
+            f"C={c}, {lat / 1000:g} s",
+            f"{frac:.0%} ({median(rates):.0f} of {ideal:.0f} runs/s)",
+            f">= 95% of C/{lat / 1000:g}s",
+            frac >= 0.95,
+            value=round(frac, 4),
+            detail=(
+                f"1 worker, n={n}/round ({waves} waves of C), rounds "
+                f"{fmt_rounds(rates, '.0f')} runs/s; the worker process kept "
+                f"{median(cores):.0%} of a core busy (it cannot go past 100%: below the "
+                f"target with a full core, the CPU does not allow it); CPU (median round by "
+                f"total): {fmt_split(mid, 'ms/job')}{b.redis_note}; peak 'running' counter "
+                f"{peak_running:.0f} (sampled every 250 ms)"
+            ),
+            data={"cpu_ms_per_job": mid, "worker_cores_busy": median(cores)},
+        ),
+        Row(
+            "long-run",
+            "memory per run in flight",
+            f"{per_run_kb:.0f} KB",
+            "<= 150 KB",
+            per_run_kb <= 150 and peak_running >= 0.95 * c,
+            value=round(per_run_kb, 1),
+            detail=(
+                f"(worker true peak RSS - its RSS idle after warm-up) / C={c}: "
+                f"{fmt_mem({'worker': wm})}, with {peak_running:.0f} runs in flight at the peak "
+                f"of the 'running' counter; the connection pool to the Router grows with C too"
+            ),
+            data={"memory_mb": {"worker": wm}, "peak_running": peak_running},
+        ),
+    ]
+
+
 # -- ratelimit ------------------------------------------------------------------------------
 
 ROUTER_RPS = 20
@@ -1198,6 +1387,8 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "visible": (visible, "p50 <= 20, p99 <= 100 ms"),
     "rss": (rss, "<= 300 MB"),
     "e2e-100k": (e2e, "completes, memory flat"),
+    "redis-cmds": (redis_cmds, "<= 8 commands/job"),
+    "long-run": (long_run, ">= 95% of C/L; <= 150 KB per run in flight"),
     "fair-share": (fair_share, "small batch <= 3 s; high first"),
     "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
     "idle": (idle, "<= 5 commands/s, <= 1% CPU, start p50 <= 20 ms, wait <= 0.25 ms/job"),
