@@ -86,3 +86,22 @@ async def test_slow_redis_is_given_up_and_a_full_buffer_drops(
     assert live.dropped == 3 and len(live.buffer) == 2
     await asyncio.wait_for(live.close(), 5)
     assert live.dropped == 5 and not live.buffer
+
+
+def test_the_follower_prints_each_event_once_across_live_gaps_and_runs() -> None:
+    """Live events 0 and 2 came (1 was dropped): the record adds 1 and 3 only; late live
+    events of a printed run are dropped; a retried job's new run starts again at index 0."""
+    from producer.follow_logs import Printed
+
+    p = Printed()
+    assert p.first_time("j", 1, 0) and p.first_time("j", 1, 2)
+    assert not p.first_time("j", 1, 2)
+    todo = p.in_record("j", 1)
+    assert [i for i in range(4) if todo(i)] == [1, 3]
+    p.record_printed("j", 1, 4)
+    assert not p.first_time("j", 1, 3)  # published before the record, heard after it
+    assert p.first_time("j", 2, 0)  # retried: the new run's events
+    assert not p.first_time("j", 1, 1)  # a straggler of the old run
+    todo = p.in_record("j", 2)
+    assert [i for i in range(2) if todo(i)] == [1]
+    assert [i for i in range(2) if p.in_record("other", 1)(i)] == [0, 1]
