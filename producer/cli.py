@@ -576,7 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="log events of a batch's jobs, one line each")
     logs.add_argument("batch")
     logs.add_argument("custom_id", nargs="?", metavar="CUSTOM_ID|JOB_ID", help="only this job")
-    logs.add_argument("--follow", action="store_true", help="print events as jobs finish")
+    logs.add_argument(
+        "--follow", action="store_true", help="print events as they happen, until the batch is done"
+    )
     logs.add_argument(
         "--event",
         action="append",

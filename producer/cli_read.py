@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -99,8 +100,7 @@ def _wanted(event: Mapping[str, Any], names: list[str] | None, level: str | None
 
 async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     """`agentq logs BATCH [CUSTOM_ID]`: the log events of the batch's jobs, one line each; with
-    --follow, each job's events as soon as its record lands, until the batch (or that job) is
-    done."""
+    --follow, each event as it happens, until the batch (or that job) is done."""
     colour = colour_enabled()
     async with _producer(settings) as p:
         one = await p.job(args.batch, args.custom_id) if args.custom_id else None
@@ -113,30 +113,76 @@ async def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_OK
         try:
             async with asyncio.timeout(args.timeout):
-                async with aclosing(p.results(args.batch, follow=True)) as records:
-                    async for r in records:
-                        if one is not None and r.job_id != one.job_id:
-                            continue
-                        _print_events(r, args, colour)
-                        if one is not None:  # that job is done
-                            return EXIT_OK if r.status.value == "succeeded" else EXIT_FAILED
+                return await _follow_logs(p, args, colour, one.job_id if one else None)
         except TimeoutError:
             st = await p.status(args.batch)
             _err(f"timed out after {args.timeout:g} s: {st.done}/{st.total} jobs done")
             return EXIT_TIMEOUT
-        return await _outcome(p, args.batch)
+
+
+async def _follow_logs(
+    p: Producer, args: argparse.Namespace, colour: bool, only: str | None
+) -> int:
+    """Live events as they come, and each finished job's events the live channel did not
+    bring (producer/follow_logs.py); subscribed before the records are read."""
+    from . import keys
+    from .follow_logs import Printed, read_live, run_of
+
+    printed = Printed()
+
+    def live(entry: dict[str, Any]) -> None:
+        job_id, event = str(entry.get("job_id")), entry["event"]
+        if only is not None and job_id != only:
+            return
+        if isinstance(entry.get("i"), int) and not printed.first_time(
+            job_id, run_of(event), entry["i"]
+        ):
+            return
+        _print_event(event, str(entry.get("custom_id")), job_id, args, colour)
+        sys.stdout.flush()
+
+    pubsub = p.redis.pubsub()
+    try:
+        await pubsub.subscribe(keys.batch_logs(args.batch))
+        reader = asyncio.create_task(read_live(pubsub, live))
+        try:
+            async with aclosing(p.results(args.batch, follow=True)) as records:
+                async for r in records:
+                    if only is not None and r.job_id != only:
+                        continue
+                    run = run_of(r.logs[0]) if r.logs else 0
+                    todo = printed.in_record(r.job_id, run)
+                    for i, event in enumerate(r.logs):
+                        if todo(i):
+                            _print_event(event, r.custom_id, r.job_id, args, colour)
+                    sys.stdout.flush()
+                    printed.record_printed(r.job_id, run, len(r.logs))
+                    if only is not None:  # that job is done
+                        return EXIT_OK if r.status.value == "succeeded" else EXIT_FAILED
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+    finally:
+        await pubsub.aclose()
+    return await _outcome(p, args.batch)
 
 
 def _print_events(r: ResultRecord, args: argparse.Namespace, colour: bool) -> None:
     for event in r.logs:
-        if not _wanted(event, args.event, args.level):
-            continue
-        if args.json:
-            line = json.dumps({"custom_id": r.custom_id, "job_id": r.job_id, **event})
-        else:
-            line = event_line(event, r.custom_id, colour)
-        print(line)
+        _print_event(event, r.custom_id, r.job_id, args, colour)
     sys.stdout.flush()
+
+
+def _print_event(
+    event: dict[str, Any], custom_id: str, job_id: str, args: argparse.Namespace, colour: bool
+) -> None:
+    if not _wanted(event, args.event, args.level):
+        return
+    if args.json:
+        print(json.dumps({"custom_id": custom_id, "job_id": job_id, **event}))
+    else:
+        print(event_line(event, custom_id, colour))
 
 
 async def cmd_batches(args: argparse.Namespace, settings: Settings) -> int:

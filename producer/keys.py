@@ -23,6 +23,12 @@ def batch_events(batch_id: str) -> str:
     return f"{PREFIX}:events:{batch_id}"
 
 
+def batch_logs(batch_id: str) -> str:
+    """Pub/sub channel: the batch's job log events as workers capture them, for `logs
+    --follow` (worker/livelogs.py: JSON lists of {"job_id", "custom_id", "i", "event"})."""
+    return f"{PREFIX}:logs:{batch_id}"
+
+
 def batch_settled(batch_id: str) -> str:
     """Pub/sub channel: a message when the batch may have finished (no job of it is queued or
     running any more, or it was just sealed). Waiters hear this, not one message per job."""

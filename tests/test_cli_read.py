@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from tests.procs import ROOT, agentq, base_env, start_sim, stop
+from tests.procs import ROOT, agentq, base_env, start_sim, start_worker, stop, until
 
 pytestmark = pytest.mark.e2e
 
@@ -398,3 +398,56 @@ def test_help_version_and_completion(env: dict[str, str], tmp_path: Path) -> Non
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     zsh = agentq("completion", "zsh", env=env)
     assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef agentq")
+
+
+def test_logs_follow_prints_events_while_jobs_run_and_each_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Live events: a job's first model call shows while the batch is not done (each of the
+    two calls takes 1.5 s); nothing is printed twice once the records land; exits when done."""
+    r = redis_sync.Redis.from_url(redis_url)
+    r.flushdb()
+    sim, url = start_sim("--latency-ms", "1500")
+    env = base_env(redis_url, url, AGENTQ_DATA_DIR=str(tmp_path / "d"))
+    calc = {"agent": {"tools": ["calculator"]}}
+    batch = submit([job("a", **calc), job("b", **calc)], env, tmp_path)
+    follower = popen("logs", batch, "--follow", "--json", env=env)
+    one = popen("logs", batch, "b", "--follow", "--json", env=env)
+    worker = None
+    try:
+        until(lambda: r.pubsub_numsub(f"agentq:logs:{batch}")[0][1] == 2, what="subscribed")
+        worker = start_worker(env, tmp_path / "worker.log")
+        assert follower.stdout is not None
+        early = []
+        while True:
+            line = follower.stdout.readline()
+            assert line, follower.stderr.read() if follower.stderr else ""
+            early.append(line)
+            if json.loads(line)["event"] == "model_call":
+                counts = {
+                    k.decode(): int(v)
+                    for k, v in r.hgetall(f"agentq:batch:{batch}").items()
+                    if v.isdigit()
+                }
+                break
+        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+        assert done < counts["total"] == 2, counts
+        follower.wait(60)  # little output: the pipe does not fill
+        rest, err = follower.stdout.read(), follower.stderr.read() if follower.stderr else ""
+        one_out, one_err = one.communicate(timeout=60)
+    finally:
+        stop(follower, one, *([worker] if worker else []), sim)
+    assert follower.returncode == 0, err  # the batch is done, every job succeeded
+    lines = [norm(x) for x in early + rest.splitlines()]
+    assert len(lines) == len(set(lines)), "an event was printed twice"
+    stored = [norm(x) for x in agentq("logs", batch, "--json", env=env).stdout.splitlines()]
+    assert sorted(lines) == sorted(stored)  # live or from the record: each event once
+    assert sum('"event": "model_call"' in x for x in stored) == 4
+    assert one.returncode == 0, one_err
+    assert sorted(norm(x) for x in one_out.splitlines()) == [
+        x for x in sorted(stored) if json.loads(x)["custom_id"] == "b"
+    ]
+
+
+def norm(line: str) -> str:
+    return json.dumps(json.loads(line), sort_keys=True)

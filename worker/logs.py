@@ -19,6 +19,9 @@ from structlog.types import EventDict, Processor
 from producer.private import open_private, private_dir
 
 _job_events: ContextVar[list[dict[str, Any]] | None] = ContextVar("agentq_job_events", default=None)
+_job_live: ContextVar[Callable[[int, dict[str, Any]], None] | None] = ContextVar(
+    "agentq_job_live", default=None
+)
 
 MAX_EVENTS_PER_JOB = 200
 """A runaway job must not grow its record without bound."""
@@ -65,10 +68,15 @@ def drop_content(_: Any, __: str, event: EventDict) -> EventDict:
 
 
 def keep_for_job(_: Any, __: str, event: EventDict) -> EventDict:
-    """Append a copy of the event to the running job's log, if a job is running."""
+    """Append a copy of the event to the running job's log, if a job is running, and hand it
+    (with its index in that log) to the live publisher, if any."""
     events = _job_events.get()
     if events is not None and len(events) < MAX_EVENTS_PER_JOB:
-        events.append({k: v for k, v in event.items() if k not in _JOB_CONTEXT})
+        kept = {k: v for k, v in event.items() if k not in _JOB_CONTEXT}
+        events.append(kept)
+        live = _job_live.get()
+        if live is not None:
+            live(len(events) - 1, kept)
     return event
 
 
@@ -140,14 +148,19 @@ def _shared(writer: structlog.WriteLogger) -> Callable[..., structlog.WriteLogge
 
 
 @contextmanager
-def job_context(**bound: Any) -> Iterator[list[dict[str, Any]]]:
-    """Bind job fields to every event and collect the job's events (yielded list)."""
+def job_context(
+    live: Callable[[int, dict[str, Any]], None] | None = None, **bound: Any
+) -> Iterator[list[dict[str, Any]]]:
+    """Bind job fields to every event and collect the job's events (yielded list); `live`
+    also gets each event as it is kept, with its index."""
     events: list[dict[str, Any]] = []
     token = _job_events.set(events)
+    live_token = _job_live.set(live)
     with structlog.contextvars.bound_contextvars(**bound):
         try:
             yield events
         finally:
+            _job_live.reset(live_token)
             _job_events.reset(token)
 
 

@@ -32,6 +32,10 @@ RATELIMIT_WAIT = Histogram(
     ["budget"],
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+LIVE_LOGS_DROPPED = Counter(
+    "agentq_live_log_events_dropped_total",
+    "Job log events not published live (Redis slow or down, or too many waiting)",
+)
 LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")
 
 

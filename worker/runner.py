@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from producer.store import Claim, Store, now_iso
 from . import metrics
 from .agents_build import Plan, plan
 from .errors import Failure, classify
+from .livelogs import LiveLogs
 from .logs import job_context, json_safe
 from .mcp import McpPool
 from .provider import CallMeter, RouterProvider, current_meter
@@ -55,6 +57,8 @@ class Runtime:
     registry: Registry
     worker_id: str
     mcp: McpPool = field(default_factory=McpPool)
+    live: LiveLogs | None = None
+    """Publishes job log events as they happen (`agentq logs --follow`)."""
     running: dict[str, Running] = field(default_factory=dict)
     _run_configs: LRUCache[tuple[str, str], tuple[RunConfig, int]] = field(
         default_factory=lambda: LRUCache(
@@ -155,7 +159,11 @@ async def run_agent_job(
     meter = CallMeter(job_id=job_id)
     meter_token = current_meter.set(meter)
     try:
+        live = (
+            functools.partial(rt.live.add, batch_id, job_id, claim.custom_id) if rt.live else None
+        )
         with job_context(
+            live=live,
             job_id=job_id,
             batch_id=batch_id,
             custom_id=claim.custom_id,

@@ -28,6 +28,7 @@ from producer.store import RUN_FUNCTION, Store
 from . import heap, logs, metrics
 from .arqworker import BatchStartWorker
 from .breaker import Breakers
+from .livelogs import LiveLogs
 from .mcp import McpPool, parse_mcp_config
 from .payload import load_job
 from .provider import RouterProvider
@@ -101,6 +102,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     mcp = McpPool()
     await mcp.start(parse_mcp_config(settings.mcp_servers))
     rt = Runtime(settings, store, provider, registry, worker_id(), mcp=mcp)
+    rt.live = LiveLogs(ctx["redis"])
     ctx["agentq"] = rt
     ctx["agentq_tasks"] = [
         asyncio.create_task(_maintain(rt)),
@@ -147,6 +149,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):  # Redis may be the reason we are stopping
             await rt.store.redis.hdel(keys.WORKERS, rt.worker_id)
+    if rt.live is not None:
+        await rt.live.close()  # bounded by its send timeout
     await rt.mcp.close()
     for processor in ctx.get("agentq_tracing", []):
         with contextlib.suppress(Exception):
