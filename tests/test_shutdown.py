@@ -131,3 +131,37 @@ def test_a_second_sigterm_exits_at_once(redis_url: str, tmp_path: Path) -> None:
         assert _exit_code_within(worker, 10) == 128 + signal.SIGTERM
     finally:
         stop(worker, sim)
+
+
+async def test_shutdown_stops_maintenance_when_redis_turns_the_cancel_into_an_error() -> None:
+    """A cancel that lands inside a Redis call can come out as an ordinary error (redis-py);
+    the maintenance loop survives errors, and once took it for one: it went back to sleep and
+    on_shutdown waited for it for ever (`agentq worker --burst` hung after an empty queue)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from worker.settings import _maintain, on_shutdown
+
+    class Store:
+        redis = None
+
+        async def reap(self) -> tuple[int, int]:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                raise ConnectionError("Connection closed by server.") from None
+            return 0, 0
+
+    rt = SimpleNamespace(settings=SimpleNamespace(lease_s=30.0), runs=lambda: [], store=Store())
+    task = asyncio.create_task(_maintain(rt))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # in the Redis call
+    await asyncio.wait_for(on_shutdown({"agentq_tasks": [task]}), 10)
+    assert task.done() and task.cancelled()
+
+
+def test_a_burst_worker_on_an_empty_queue_exits(redis_url: str, tmp_path: Path) -> None:
+    redis_sync.Redis.from_url(redis_url).flushdb()
+    env = base_env(redis_url, "http://127.0.0.1:9/v1")
+    for _ in range(3):  # it hung in most tries before the fix above
+        res = agentq("worker", "--burst", env=env, timeout=60)
+        assert res.returncode == 0, res.stderr[-2000:]

@@ -138,11 +138,19 @@ async def _set_timeouts(pool: Any) -> None:
     await pool.connection_pool.disconnect()
 
 
+def _being_cancelled() -> bool:
+    """Whether this task was told to stop. A Redis call cancelled mid-flight can come out as
+    an ordinary error (redis-py), which a loop that survives errors must not take for one."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    for task in ctx.get("agentq_tasks", []):
+    tasks = ctx.get("agentq_tasks", [])
+    for task in tasks:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if tasks:  # bounded: shutting down never waits on a background loop for ever
+        await asyncio.wait(tasks, timeout=3.0)
     rt: Runtime | None = ctx.get("agentq")
     if rt is None:
         return
@@ -187,6 +195,8 @@ async def _maintain(rt: Runtime) -> None:
                 await _prune(rt)
             rounds += 1
         except Exception as exc:  # Redis away: keep going, the client reconnects
+            if _being_cancelled():
+                raise asyncio.CancelledError from exc
             log.warning("worker.maintenance_failed", error=str(exc))
         await asyncio.sleep(every)
 
@@ -261,6 +271,8 @@ async def _listen(rt: Runtime) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if _being_cancelled():
+                raise asyncio.CancelledError from exc
             log.warning("worker.control_channel_lost", error=str(exc))
             await asyncio.sleep(1)
         finally:
