@@ -243,7 +243,11 @@ def test_logs_prints_events_filters_them_and_follows(env: dict[str, str], tmp_pa
     batch = submit([job("a"), job("b")], env, tmp_path)
     follower = popen("logs", batch, "--follow", env=env)
     one = popen("logs", batch, "b", "--follow", "--json", env=env)
+    r = redis_sync.Redis.from_url(env["REDIS_URL"])
     try:
+        # Both listen before any job runs: a follower that starts mid-job prints the events it
+        # missed when the job's record lands, after the later ones it heard live.
+        until(lambda: r.pubsub_numsub(f"agentq:logs:{batch}")[0][1] == 2, what="subscribed")
         burst_worker(env)
         out, err = follower.communicate(timeout=60)
         one_out, one_err = one.communicate(timeout=60)

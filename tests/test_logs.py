@@ -299,12 +299,16 @@ def test_secret_in_exception_is_redacted(capsys: pytest.CaptureFixture[str]) -> 
     assert SECRET not in json.dumps(events, default=str)
 
 
-def test_worker_redacts_every_key_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_redacts_every_key_it_holds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from producer.settings import Settings
     from worker.settings import _secrets
 
     monkeypatch.setenv("BACKUP_ROUTER_KEY", "sk-backup-1234")
+    monkeypatch.delenv("REDIS_URL", raising=False)
     settings = Settings(
+        data_dir=str(tmp_path / ".agentq"),  # not ./.agentq, whose server may have a password
         api_key="sk-main-9999",  # type: ignore[arg-type]
         routers={"b": {"url": "http://b/v1", "key_env": "BACKUP_ROUTER_KEY"}},  # type: ignore[dict-item]
         mcp_servers=json.dumps(

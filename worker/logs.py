@@ -147,6 +147,12 @@ def _shared(writer: structlog.WriteLogger) -> Callable[..., structlog.WriteLogge
     return factory
 
 
+def end_live() -> None:
+    """The job's record has been built: events from here on (job.stored, ...) are not in it,
+    so live followers must not get them either."""
+    _job_live.set(None)
+
+
 @contextmanager
 def job_context(
     live: Callable[[int, dict[str, Any]], None] | None = None, **bound: Any

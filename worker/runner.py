@@ -25,7 +25,7 @@ from . import metrics
 from .agents_build import Plan, plan
 from .errors import Failure, classify
 from .livelogs import LiveLogs
-from .logs import job_context, json_safe
+from .logs import end_live, job_context, json_safe
 from .mcp import McpPool
 from .provider import CallMeter, RouterProvider, current_meter
 from .tools import Registry
@@ -171,6 +171,7 @@ async def run_agent_job(
             fence=claim.token,
         ) as events:
             record = await _run_claimed(rt, job_id, batch_id, claim, meter, events)
+            end_live()  # live followers get exactly the events the record keeps
             if record is not None:
                 await _store_final(rt, record, claim.token)
     finally:
