@@ -28,9 +28,12 @@ from arq.utils import timestamp_ms
 from arq.worker import logger
 
 _TAKE = """
-local now, limit, taken = tonumber(ARGV[1]), tonumber(ARGV[3]), {}
+-- Returns {ids examined, then (id, score) for each job taken}: fewer examined than given means
+-- it stopped for want of slots, with jobs left behind.
+local now, limit, taken, examined = tonumber(ARGV[1]), tonumber(ARGV[3]), {}, 0
 for i = 5, #ARGV do
   if #taken >= 2 * limit then break end
+  examined = examined + 1
   local id = ARGV[i]
   if redis.call('EXISTS', ARGV[4] .. id) == 0 then
     local score = redis.call('ZSCORE', KEYS[1], id)
@@ -41,6 +44,7 @@ for i = 5, #ARGV do
     end
   end
 end
+table.insert(taken, 1, examined)
 return taken
 """
 
@@ -91,6 +95,8 @@ class BatchStartWorker(Worker):
         """Runs ended since the last iteration (their tasks are tidied up then)."""
         self._last_iteration = 0.0
         self._taken = 0
+        self._left_behind = False
+        """The last start stopped for want of free slots with jobs left behind."""
 
     def wake(self) -> None:
         """New jobs may be in the queue."""
@@ -162,10 +168,12 @@ class BatchStartWorker(Worker):
         later = [score for _, score in entries if score > now]
         self._next_due = later[0] if later else None
         self._taken = 0
+        self._left_behind = False
         await self.start_jobs(due[:count])
-        full = self.job_counter >= self.max_jobs
-        if (full and len(due) > self._taken) or len(due) > count:
-            self._more = True  # left behind: read again when a slot frees
+        # Jobs left for want of slots: read again when one frees. (Not "still full": runs
+        # that end while these start leave it not full, and the rest waited IDLE_CHECK_S.)
+        if self._left_behind or len(due) > count:
+            self._more = True
 
     async def _wait_for_work(self) -> None:
         """Until the next iteration has something to do: read the queue (a wake, a slot
@@ -237,7 +245,10 @@ class BatchStartWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
-        if free <= 0 or not job_ids:
+        if not job_ids:
+            return
+        if free <= 0:
+            self._left_behind = True
             return
         if self._take is None:
             self._take = self.pool.register_script(_TAKE)
@@ -251,6 +262,9 @@ class BatchStartWorker(Worker):
                 *job_ids,
             ],
         )
+        examined, taken = int(taken[0]), taken[1:]
+        if examined < len(job_ids):
+            self._left_behind = True
         for i in range(0, len(taken), 2):
             job_id = taken[i].decode() if isinstance(taken[i], bytes) else str(taken[i])
             await self.sem.acquire()  # free slots were counted: this does not wait
