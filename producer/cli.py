@@ -56,7 +56,11 @@ def _announce_batch(batch_id: str) -> None:
 async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     async with _producer(settings) as p:
         batch = await p.submit_file(
-            args.file, batch_id=args.batch_id, on_batch_id=_announce_batch, priority=args.priority
+            args.file,
+            batch_id=args.batch_id,
+            on_batch_id=_announce_batch,
+            priority=args.priority,
+            tenant=args.tenant,
         )
         print(f"submitted {batch.jobs} jobs ({batch.enqueued} new)", file=sys.stderr)
         print(batch.id)
@@ -540,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="normal",
         help="start this batch's jobs before (high) or after (low) other batches' "
         "(default: normal; active batches of one priority take turns)",
+    )
+    submit.add_argument(
+        "--tenant",
+        help="the tenant of every job that names none in its metadata (tenants share the "
+        "workers in turns, above batches)",
     )
 
     status = sub.add_parser("status", help="counts by status, tokens, cost")

@@ -23,6 +23,7 @@ from .jobfile import JobFileError, LineError, iter_jobs, validate_file
 from .models import (
     AgentJob,
     BatchStatus,
+    JobMetadata,
     Priority,
     ResultRecord,
     Status,
@@ -121,12 +122,15 @@ class Producer:
         *,
         batch_id: str | None = None,
         priority: Priority | str = Priority.NORMAL,
+        tenant: str | None = None,
     ) -> Batch:
         """Enqueue jobs as one batch. Duplicate custom_ids are rejected before anything is
         enqueued; submitting the same batch id and custom_id again enqueues it once. Active
         batches share the workers in turns; `priority` ("high", "normal", "low") moves this
-        batch ahead or behind (see PRIORITY_ROUNDS in producer/store.py)."""
+        batch ahead or behind (see PRIORITY_ROUNDS in producer/store.py); `tenant` is the
+        metadata.tenant of every job that names none (tenants share above batches)."""
         priority = _priority(priority)
+        tenant = _tenant(tenant)
         jobs = jobs if isinstance(jobs, Sequence) else list(jobs)
         check = await self.checker()
         seen: dict[str, int] = {}
@@ -142,7 +146,7 @@ class Producer:
             seen.setdefault(job.custom_id, n)
         if errors:
             raise JobFileError("jobs", errors[:50], len(errors))
-        return await self._enqueue(jobs, len(jobs), batch_id or new_batch_id(), priority)
+        return await self._enqueue(jobs, len(jobs), batch_id or new_batch_id(), priority, tenant)
 
     async def submit_file(
         self,
@@ -151,26 +155,36 @@ class Producer:
         batch_id: str | None = None,
         on_batch_id: Callable[[str], None] | None = None,
         priority: Priority | str = Priority.NORMAL,
+        tenant: str | None = None,
     ) -> Batch:
         """Validate a JSONL job file (all of it, streamed), then enqueue it (streamed again).
         `on_batch_id` hears the batch id before the first job is enqueued: if submit fails
-        halfway, submitting the same file with that batch id completes the batch (idempotent)."""
+        halfway, submitting the same file with that batch id completes the batch (idempotent).
+        `tenant` as in submit()."""
         priority = _priority(priority)
+        tenant = _tenant(tenant)
         batch_id = check_batch_id(batch_id or new_batch_id())  # before reading a large file
         limit = self.settings.max_line_bytes
         count = validate_file(path, await self.checker(), max_line_bytes=limit)
         if on_batch_id is not None:
             on_batch_id(batch_id)
-        return await self._enqueue(iter_jobs(path, limit), count, batch_id, priority)
+        return await self._enqueue(iter_jobs(path, limit), count, batch_id, priority, tenant)
 
     async def checker(self) -> Check:
         """Checks against the size limit and the live workers' tools and agent profiles."""
         return job_checker(self.settings.max_input_chars, await self.workers())
 
     async def _enqueue(
-        self, jobs: Iterable[AgentJob], count: int, batch_id: str, priority: Priority
+        self,
+        jobs: Iterable[AgentJob],
+        count: int,
+        batch_id: str,
+        priority: Priority,
+        tenant: str | None = None,
     ) -> Batch:
         check_batch_id(batch_id)
+        if tenant is not None:
+            jobs = (_with_tenant(job, tenant) for job in jobs)
         new = 0
         # One chunk in flight while the next is read and packed: Redis and the producer work
         # at the same time (at most two chunks held, so memory stays flat).
@@ -350,6 +364,24 @@ class Producer:
             if now - float(beat.get("seen_at", 0)) < 15:
                 out[k.decode() if isinstance(k, bytes) else k] = beat
         return out
+
+
+def _tenant(value: str | None) -> str | None:
+    """A tenant name, checked as metadata.tenant is (before anything is enqueued)."""
+    if value is None:
+        return None
+    try:
+        return JobMetadata(tenant=value).tenant
+    except ValueError as exc:
+        raise ValueError(
+            f"tenant {value!r} refused: a name of 1 to 200 characters; nothing was enqueued"
+        ) from exc
+
+
+def _with_tenant(job: AgentJob, tenant: str) -> AgentJob:
+    if job.metadata.tenant is not None:
+        return job
+    return job.model_copy(update={"metadata": job.metadata.model_copy(update={"tenant": tenant})})
 
 
 def _priority(value: Priority | str) -> Priority:

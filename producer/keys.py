@@ -102,6 +102,17 @@ VCLOCK = f"{PREFIX}:vclock"
 """The fleet's virtual time for fair share: the highest place (queue score, without its batch's
 priority offset) of any job started. New jobs are placed from here; see store.py."""
 
+TENANT_PREFIX = f"{PREFIX}:tenant:"
+"""Hash per tenant (metadata.tenant): where its next jobs are placed, per priority offset:
+`vnext:<offset>` (its next place in the fleet's virtual time) and `tv:<offset>` (its own
+virtual time, between its batches)."""
+
+TENANT_QUEUE_PREFIX = f"{PREFIX}:tq:"
+"""Sorted set per (priority offset, tenant), `<offset>:<tenant>`: the tenant's queued job ids
+by their place among the tenant's own batches. Whichever of its queue entries a worker takes,
+the job run is this set's first (store.py: a tenant's turn)."""
+
+
 BREAKERS = f"{PREFIX}:breakers"
 """Hash: circuit breaker -> JSON state ("router|<name>" or "model|<router>|<model>"). A field
 exists only while its dependency is failing; workers share it, `status` and `health` read it."""

@@ -114,6 +114,16 @@ class JobMetadata(BaseModel):
 
     user_id: str | None = None
     tags: list[str] = Field(default_factory=list, max_length=limits.MAX_NAMES)
+    tenant: str | None = Field(default=None, min_length=1, max_length=limits.MAX_NAME_CHARS)
+    """Who the job is for: tenants share the workers fairly, above batches (README: Fair
+    share)."""
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("tenant is blank: name the tenant, or leave it out")
+        return v
 
 
 JOB_MODEL_SETTINGS_REFUSED = frozenset(
@@ -175,6 +185,10 @@ class AgentJob(_Strict):
         if any(not f.strip() for f in self.fallbacks):
             raise ValueError("fallbacks contains a blank model name")
         return self
+
+    @property
+    def tenant(self) -> str | None:
+        return self.metadata.tenant
 
     def input_text(self) -> str:
         """The text used for routing by complexity: the input, or all message text."""

@@ -45,6 +45,7 @@ local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
 local WAKE, SETTLED, PROGRESS, THROTTLE_MS = {wake}, {settled}, {progress}, {throttle_ms}
 local ARQ_IP, ARQ_RETRY = {arq_in_progress}, {arq_retry}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
+local TENANT, TQ = {tenant}, {tq}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -62,6 +63,9 @@ local function misfit(b)
     bkey(b) .. ' is a ' .. bt .. ', ' .. okey(b) .. ' a ' .. ot .. '): nothing was written')
 end
 local function final(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
+local function tkey(t) return TENANT .. t end
+-- a tenant's queued jobs of one priority offset (see "A tenant's turn" below)
+local function tqkey(t, poff) return TQ .. (tonumber(poff) or 0) .. ':' .. t end
 local function arq_id(id, q) return id .. '.' .. (q or '0') end
 -- Every job change is announced on the batch's events channel; its counters' change on the
 -- progress channel, at most once per THROTTLE_MS (waiters re-read a window later).
@@ -93,6 +97,12 @@ local function enqueue(id, b, score, front)
   redis.call('SET', ARQ .. aid, payload, 'PX', PAYLOAD_MS)
   if front then score = tonumber(score) - 1e13 end
   redis.call('ZADD', QUEUE, score, aid)
+  local t = redis.call('HMGET', jkey(id), 'tenant', 'lscore', 'poff')
+  if t[1] then
+    local l = tonumber(t[2]) or 0
+    if front then l = l - 1e13 end
+    redis.call('ZADD', tqkey(t[1], t[3]), l, id)
+  end
   wake()
 end
 -- Fair share and priorities. A job's score in arq's queue is a place in virtual time, not a
@@ -103,6 +113,15 @@ end
 -- number of rounds ('poff'). Places stay far below any real time: a job deferred to a real
 -- time (arq's retry after a Redis error) comes after all of them, until the reconciler puts
 -- it back at its place.
+--
+-- Tenants (metadata.tenant) share above batches: a tenant takes turns with the other tenants
+-- and with each batch of jobs without a tenant, as one batch would. Its jobs are placed from
+-- the tenant's own last place ('vnext:<poff>' of its hash), so its places in arq's queue are
+-- its turns. Which of its jobs runs on a turn is decided when a worker takes it: the tenant's
+-- jobs of that priority wait in a sorted set (TQ) by their place among the tenant's own
+-- batches (the same rounds, on the tenant's own virtual time 'tv:<poff>'), and the claim runs
+-- the first of them, whichever entry of the tenant the worker took; the entry's own job takes
+-- the place of the one that runs (see turn_of).
 local REAL_TIME = 1e12
 local function first_place(b)
   local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1  -- the round after the latest
@@ -111,11 +130,33 @@ local function first_place(b)
   if (tonumber(h[2]) or 0) <= 0 then return v end
   return math.max(v, tonumber(h[1]) or 0)
 end
+-- A tenant's next place: the same rule, its jobs of that priority standing for a batch's.
+local function tenant_first(t, poff)
+  local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1
+  if redis.call('EXISTS', tqkey(t, poff)) == 0 then return v end
+  return math.max(v, tonumber(redis.call('HGET', tkey(t), 'vnext:' .. poff) or '0') or 0)
+end
+-- A batch's next place among its tenant's batches, on the tenant's virtual time.
+local function local_first(b, t, poff)
+  local v = tonumber(redis.call('HGET', tkey(t), 'tv:' .. poff) or '0') + 1
+  local h = redis.call('HMGET', bkey(b), 'lv:' .. t, 'queued')
+  if (tonumber(h[2]) or 0) <= 0 then return v end
+  return math.max(v, tonumber(h[1]) or 0)
+end
 local function place(b, id)
-  local v = first_place(b)
-  redis.call('HSET', bkey(b), 'vnext', v + 1)
   local poff = tonumber(redis.call('HGET', bkey(b), 'poff') or '0')
   redis.call('HSET', jkey(id), 'poff', poff)
+  local t = redis.call('HGET', jkey(id), 'tenant')
+  if t then
+    local v, l = tenant_first(t, poff), local_first(b, t, poff)
+    redis.call('HSET', tkey(t), 'vnext:' .. poff, v + 1)
+    redis.call('EXPIRE', tkey(t), TTL)
+    redis.call('HSET', bkey(b), 'lv:' .. t, l + 1)
+    redis.call('HSET', jkey(id), 'lscore', l)
+    return v + poff
+  end
+  local v = first_place(b)
+  redis.call('HSET', bkey(b), 'vnext', v + 1)
   return v + poff
 end
 -- A job started at place `score`, placed with offset `poff` (its own: a batch's priority may
@@ -137,6 +178,34 @@ local function dequeue(id, q)
   local aid = arq_id(id, q)
   redis.call('ZREM', QUEUE, aid)
   redis.call('DEL', ARQ .. aid, ARQ_IP .. aid, ARQ_RETRY .. aid)
+  local t = redis.call('HMGET', jkey(id), 'tenant', 'poff')
+  if t[1] then redis.call('ZREM', tqkey(t[1], t[2]), id) end
+end
+-- A tenant's turn: of its jobs of priority `poff` waiting in arq's queue, the one with the
+-- lowest place among its batches, if that is lower than `lx` (the place of the job whose
+-- entry a worker took, already out of the set) and it may start now: not deferred to a real
+-- time, nor taken by another worker meanwhile. Entries of jobs no longer waiting there go (the
+-- reconciler enqueues a job again, and with it its entry here).
+local function turn_of(t, poff, lx)
+  local tq = tqkey(t, poff)
+  for _ = 1, 8 do
+    local top = redis.call('ZRANGE', tq, 0, 0, 'WITHSCORES')
+    if #top == 0 or tonumber(top[2]) >= lx then return nil end
+    local y = top[1]
+    local g = redis.call('HMGET', jkey(y), 'status', 'q', 'batch_id', 'tenant', 'poff')
+    local aid = arq_id(y, g[2])
+    local qs = redis.call('ZSCORE', QUEUE, aid)
+    if g[1] ~= 'queued' or g[4] ~= t or tonumber(g[5]) ~= tonumber(poff) or not qs
+        or redis.call('EXISTS', ARQ .. aid) == 0 then
+      redis.call('ZREM', tq, y)
+    elseif tonumber(qs) >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
+        or misfit(g[3]) then
+      return nil
+    else
+      return y, tonumber(qs)
+    end
+  end
+  return nil
 end
 -- A batch with queued or running jobs: none of its keys expire meanwhile.
 local function activate(b, now)
@@ -184,25 +253,41 @@ end
 """
 
 _SUBMIT = """
--- ARGV: batch id, enqueued_at, priority offset (rounds), then (job id, custom_id, spec) triples.
+-- ARGV: batch id, enqueued_at, priority offset (rounds), then (job id, custom_id, spec,
+-- tenant or '') quadruples.
 local b, enq, poff, now, new = ARGV[1], ARGV[2], tonumber(ARGV[3]), now_ms(), 0
 local bad = misfit(b)
 if bad then return bad end
 local v = first_place(b)
+local tv, lv = {}, {}  -- each tenant's next place, and this batch's among the tenant's
 -- A batch that was done and gets more jobs: the caller keeps its older records (keep_records).
 local revived = redis.call('ZSCORE', ACTIVE, b) == false
   and tonumber(redis.call('HGET', bkey(b), 'total') or '0') > 0
-for i = 4, #ARGV, 3 do
-  local id = ARGV[i]
+for i = 4, #ARGV, 4 do
+  local id, t = ARGV[i], ARGV[i + 3]
   if redis.call('EXISTS', jkey(id)) == 0 then
+    local score
+    if t ~= '' then
+      if not tv[t] then tv[t], lv[t] = tenant_first(t, poff), local_first(b, t, poff) end
+      score = tv[t] + poff
+      redis.call('HSET', jkey(id), 'tenant', t, 'lscore', lv[t])
+      tv[t], lv[t] = tv[t] + 1, lv[t] + 1
+    else
+      score = v + poff
+      v = v + 1
+    end
     redis.call('HSET', jkey(id), 'status', 'queued', 'custom_id', ARGV[i + 1], 'batch_id', b,
-               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', v + poff, 'poff', poff, 'qt',
+               'spec', ARGV[i + 2], 'enqueued_at', enq, 'score', score, 'poff', poff, 'qt',
                now, 'runs', 0, 'token', 0, 'q', 0)
     redis.call('RPUSH', okey(b), id)
-    enqueue(id, b, v + poff, false)
-    v = v + 1
+    enqueue(id, b, score, false)
     new = new + 1
   end
+end
+for t, nxt in pairs(tv) do
+  redis.call('HSET', tkey(t), 'vnext:' .. poff, nxt)
+  redis.call('EXPIRE', tkey(t), TTL)
+  redis.call('HSET', bkey(b), 'lv:' .. t, lv[t])
 end
 redis.call('HSETNX', bkey(b), 'created_at', enq)
 redis.call('ZADD', INDEX, 'NX', now, b)
@@ -219,9 +304,19 @@ return {new, revived and 1 or 0}
 """
 
 _CLAIM = """
--- ARGV: job id, queue generation (from the arq payload), worker, started_at.
+-- ARGV: job id, queue generation (from the arq payload), worker, started_at, nonce. The job
+-- run may be another of the same tenant (its turn): the reply names it.
 local id = ARGV[1]
-local h = redis.call('HMGET', jkey(id), 'status', 'q', 'batch_id', 'qt', 'score', 'poff')
+local FIELDS = {'status', 'q', 'batch_id', 'qt', 'score', 'poff', 'tenant', 'swap'}
+local h = redis.call('HMGET', jkey(id), unpack(FIELDS))
+if h[8] and h[1] == 'queued' then
+  -- this claim sent again, whose first try ran another job of the tenant on this entry
+  local nonce, other = string.match(h[8], '^(%S+) (.+)$')
+  if nonce == ARGV[5] then
+    id = other
+    h = redis.call('HMGET', jkey(id), unpack(FIELDS))
+  end
+end
 local st, b = h[1], h[3]
 if not st then return {'missing'} end
 if final(st) then return {st} end
@@ -230,17 +325,39 @@ if st == 'running' and redis.call('HGET', jkey(id), 'nonce') == ARGV[5] then
   local f = redis.call('HMGET', jkey(id), 'spec', 'enqueued_at', 'runs', 'fence')
   local again = 'running'
   if tonumber(f[3]) > MAX_RUNS then again = 'exhausted' end
-  return {again, f[1], f[2], tonumber(f[3]), f[4]}
+  return {again, f[1], f[2], tonumber(f[3]), f[4], id, b}
 end
 if st ~= 'queued' then return {'busy'} end
 if (h[2] or '0') ~= ARGV[2] then return {'stale'} end
 local bad = misfit(b)
 if bad then return bad end
 local now = now_ms()
+-- this job's place among its tenant's (given back: at the front), before it leaves the set
+local lx = h[7] and tonumber(redis.call('ZSCORE', tqkey(h[7], h[6]), id)
+  or redis.call('HGET', jkey(id), 'lscore') or '')
 dequeue(id, h[2])
+local turn, poff = h[5], h[6]  -- the place this entry stands for
+if h[7] and lx then
+  local y, ys = turn_of(h[7], h[6], lx)
+  if y then
+    -- the tenant's turn goes to y; this entry's job takes y's place in the queue (at the
+    -- front if y's was: both were given back)
+    local g = redis.call('HMGET', jkey(y), unpack(FIELDS))
+    dequeue(y, g[2])
+    redis.call('HSET', jkey(id), 'score', g[5], 'swap', ARGV[5] .. ' ' .. y)
+    enqueue(id, b, g[5], ys < (tonumber(g[5]) or 0) - 1e12)
+    redis.call('HSET', jkey(y), 'score', turn)
+    id, h, b = y, g, g[3]
+  end
+  local l = tonumber(redis.call('HGET', jkey(id), 'lscore') or '')
+  local tv = 'tv:' .. (tonumber(h[6]) or 0)
+  if l and l < REAL_TIME and l > tonumber(redis.call('HGET', tkey(h[7]), tv) or '0') then
+    redis.call('HSET', tkey(h[7]), tv, l)
+  end
+end
 local c = redis.call('HMGET', bkey(b), 'cancelled_at', 'poff')
 local cancelled = c[1]
-advance(h[5], h[6] or c[2])
+advance(turn, poff or c[2])
 if cancelled and tonumber(h[4] or 0) <= tonumber(cancelled) then
   move(b, 'queued', 'cancelled')
   redis.call('HSET', jkey(id), 'status', 'cancelled', 'finished_at', ARGV[4])
@@ -260,7 +377,7 @@ publish(b, id .. ' running')
 local f = redis.call('HMGET', jkey(id), 'spec', 'enqueued_at')
 local state = 'running'
 if runs > MAX_RUNS then state = 'exhausted' end
-return {state, f[1], f[2], runs, token}
+return {state, f[1], f[2], runs, token, id, b}
 """
 
 _FINISH = """
@@ -418,9 +535,9 @@ for _, id in ipairs(ids) do
       -- queued by an agentq older than fair share (its place a clock time, after every place
       -- since; not one given back to the front): a place of its batch, as `agentq retry`
       -- gives; not a repair
+      dequeue(id, h[2])
       score = place(b, id)
       redis.call('HSET', jkey(id), 'score', score)
-      dequeue(id, h[2])
       enqueue(id, b, score, false)
     elseif qs >= REAL_TIME and qs <= now_ms() then
       -- deferred by arq to a clock time (a claim met a Redis error), after every place, and
@@ -489,6 +606,8 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         arq_in_progress=_lua_str(keys.ARQ_IN_PROGRESS_PREFIX),
         arq_retry=_lua_str(keys.ARQ_RETRY_PREFIX),
         func=_lua_str(RUN_FUNCTION),
+        tenant=_lua_str(keys.TENANT_PREFIX),
+        tq=_lua_str(keys.TENANT_QUEUE_PREFIX),
         ttl=ttl_s,
         lease_ms=lease_ms,
         payload_ms=ttl_s * 1000,
@@ -589,6 +708,9 @@ class Claim:
     spec_error: str | None = None
     """Why the stored job could not be read (a newer producer's field?), when it could not."""
     custom_id: str = ""
+    job_id: str = ""
+    """The job this run is: the one claimed, or another of its tenant whose turn it was."""
+    batch_id: str = ""
 
     @property
     def holds(self) -> bool:
@@ -669,6 +791,7 @@ class Store:
                 job_id_for(batch_id, job.custom_id),
                 job.custom_id,
                 job.model_dump_json(exclude_unset=True),
+                job.tenant or "",
             )
         ((new, revived),) = await self._pipelined([("submit", args)])
         if revived:
@@ -783,7 +906,8 @@ class Store:
 
     async def claim(self, job_id: str, batch_id: str, worker: str, q: str = "0") -> Claim:
         """Take the job for one run (it must be queued, and `q` its current generation): it
-        leaves arq's queue, gets a lease and a fencing token."""
+        leaves arq's queue, gets a lease and a fencing token. For a job with a tenant, the run
+        may be of another job of that tenant (the claim's job_id and batch_id say which)."""
         nonce = uuid.uuid4().hex  # makes a resent claim (lost reply) return the same run
         reply = _reply_list(await self._run("claim", [job_id, q, worker, now_iso(), nonce]))
         state = reply[0] or "missing"
@@ -796,6 +920,7 @@ class Store:
             error = None
         except ValueError as exc:
             job, error = None, str(exc).replace("\n", " ")[:1000]
+        job_id, batch_id = reply[5] or job_id, reply[6] or batch_id
         custom_id = job.custom_id if job else (await self.job_owner(job_id))[1] or ""
         return Claim(
             state,
@@ -805,6 +930,8 @@ class Store:
             token=token,
             spec_error=error,
             custom_id=custom_id,
+            job_id=job_id,
+            batch_id=batch_id,
         )
 
     async def job_owner(self, job_id: str) -> tuple[str | None, str | None]:

@@ -27,8 +27,9 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def jobs(prefix: str, n: int) -> list[AgentJob]:
-    return [AgentJob(custom_id=f"{prefix}{i}", input="q") for i in range(n)]
+def jobs(prefix: str, n: int, tenant: str | None = None) -> list[AgentJob]:
+    meta = {"tenant": tenant} if tenant else {}
+    return [AgentJob(custom_id=f"{prefix}{i}", input="q", metadata=meta) for i in range(n)]
 
 
 async def start_next(store: Store) -> tuple[str, Claim] | None:
@@ -39,6 +40,8 @@ async def start_next(store: Store) -> tuple[str, Claim] | None:
         return None
     jid, _, q = _s(head[0]).partition(".")
     claim = await store.claim(jid, "", "w", q)
+    if claim.holds:  # the job run: with a tenant, whichever of its jobs had the turn
+        return claim.batch_id, claim
     batch_id, _ = await store.job_owner(jid)
     return batch_id or "", claim
 
@@ -213,6 +216,110 @@ async def test_a_job_arq_deferred_gets_its_place_back_once_due(store: Store) -> 
         await store.reconcile(interval_s=0.001)
         await asyncio.sleep(0.005)
     assert (await start_order(store, 4))[0] == "a"  # before: after every job of "b"
+
+
+# -- tenants -----------------------------------------------------------------------------------
+
+
+def _flow(batch: str) -> str:
+    """The tenant the tests below give a batch: its name up to the digit ("a1" -> "a"); a
+    batch "u…" has none."""
+    return batch.rstrip("0123456789")
+
+
+async def test_tenants_take_turns_above_batches(store: Store) -> None:
+    """Tenant a's three batches get a's turns between them, one turn each a round with tenant
+    b and with each batch without a tenant (before: five batches, five equal turns, so a
+    tenant got as many turns as it submitted batches)."""
+    for batch in ("a1", "a2", "a3"):
+        await store.submit_chunk(batch, jobs(batch, 60, tenant="a"))
+    await store.submit_chunk("b1", jobs("b1", 60, tenant="b"))
+    await store.submit_chunk("u1", jobs("u1", 60))
+    order = await start_order(store, 90)
+    flows = [_flow(b) for b in order]
+    for i in range(1, 91):  # tenants a, b and batch u1 take turns
+        counts = [flows[:i].count(f) for f in ("a", "b", "u")]
+        assert max(counts) - min(counts) <= 1, (i, flows)
+    mine = [b for b in order if _flow(b) == "a"]
+    for i in range(1, len(mine) + 1):  # and a's batches take turns within a's
+        counts = [mine[:i].count(b) for b in ("a1", "a2", "a3")]
+        assert max(counts) - min(counts) <= 1, (i, mine)
+
+
+async def test_a_tenants_small_batch_behind_its_big_one_takes_turns(store: Store) -> None:
+    await store.submit_chunk("a1", jobs("a1", 200, tenant="a"))
+    await store.submit_chunk("b1", jobs("b1", 200, tenant="b"))
+    assert set(await start_order(store, 10)) == {"a1", "b1"}
+    await store.submit_chunk("a2", jobs("a2", 10, tenant="a"))
+    order = await start_order(store, 40)
+    mine = [b for b in order if _flow(b) == "a"]
+    assert mine.count("a2") == 10 and order.count("b1") == 20, order
+    for i in range(1, 21):
+        assert abs(mine[:i].count("a1") - mine[:i].count("a2")) <= 1, mine
+
+
+async def test_a_tenants_jobs_of_one_batch_start_in_input_order(store: Store) -> None:
+    await store.submit_chunk("a1", jobs("j", 20, tenant="a"))
+    await store.submit_chunk("a1", jobs("k", 5, tenant="a"))
+    cids = []
+    for _ in range(25):
+        started = await start_next(store)
+        assert started is not None
+        cids.append(started[1].custom_id)
+    assert cids == [f"j{i}" for i in range(20)] + [f"k{i}" for i in range(5)]
+
+
+async def test_a_claim_sent_again_gets_the_run_the_tenants_turn_gave(store: Store) -> None:
+    """The claim of a tenant's queue entry may run another of its jobs; the same claim sent
+    again (its reply lost) must get that run, not 'stale' (which would leave the run to its
+    lease, a run counted for nothing)."""
+    await store.submit_chunk("a1", jobs("x", 2, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 1, tenant="a"))
+    # the tenant's places, in order: x0, x1, y0; among its batches y0 comes before x1
+    entries = [_s(e) for e in await store.redis.zrange(QUEUE, 0, -1)]
+    assert len(entries) == 3
+    first = await start_next(store)
+    assert first is not None and first[1].custom_id == "x0"
+    # a worker takes the next entry (x1's): the turn is y0's
+    jid, _, q = entries[1].partition(".")
+    assert jid == job_id_for("a1", "x1")
+    args = [jid, q, "w", now_iso(), "nonce-1"]
+    one = await store._run("claim", args)
+    again = await store._run("claim", args)
+    assert _s(one[5]) == _s(again[5]) == job_id_for("a2", "y0")
+    assert _s(one[4]) == _s(again[4])  # the same run: the same fencing token
+    st = await store.batch_status("a1")
+    assert st is not None and st.counts[Status.QUEUED] == 1  # x1 waits at y0's old place
+    started = await start_next(store)
+    assert started is not None and started[1].custom_id == "x1"
+
+
+async def test_a_tenants_job_given_back_starts_first_again(store: Store) -> None:
+    await store.submit_chunk("a1", jobs("x", 3, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 3, tenant="a"))
+    first = await start_next(store)
+    assert first is not None
+    claim = first[1]
+    assert await store.release(claim.job_id, claim.token)
+    again = await start_next(store)
+    assert again is not None and again[1].job_id == claim.job_id
+
+
+async def test_a_cancelled_tenant_batch_leaves_its_tenants_turns(store: Store) -> None:
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    ids = [job_id_for("a1", f"x{i}") for i in range(30)]
+    await store.flag_cancelled("a1")
+    await store.cancel("a1", ids)
+    members = {_s(m) for m in await store.redis.zrange(keys.TENANT_QUEUE_PREFIX + "0:a", 0, -1)}
+    assert members == {job_id_for("a2", f"y{i}") for i in range(5)}
+    assert await start_order(store, 5) == ["a2"] * 5
+
+
+def test_a_blank_or_non_string_tenant_is_refused() -> None:
+    for bad in ("  ", 7, ""):
+        with pytest.raises(ValueError, match="tenant"):
+            AgentJob.model_validate({"custom_id": "a", "input": "q", "metadata": {"tenant": bad}})
 
 
 async def test_an_unknown_priority_is_refused_before_anything_is_enqueued(producer: Any) -> None:
@@ -391,6 +498,219 @@ def test_fair_share_state_machine(redis_url: str) -> None:
     FairShareMachine.url = redis_url
     run_state_machine_as_test(
         FairShareMachine,
+        settings=settings(
+            max_examples=100,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+# -- the state machine, with tenants ------------------------------------------------------------
+
+TENANT_BATCHES = {
+    "a1": ("a", Priority.NORMAL),
+    "a2": ("a", Priority.NORMAL),
+    "ah": ("a", Priority.HIGH),
+    "b1": ("b", Priority.NORMAL),
+    "u1": (None, Priority.NORMAL),
+}
+"""Tenant a has two normal batches and a high one, tenant b one; u1 has no tenant."""
+
+
+def _top(batch: str) -> str:
+    """What takes turns with what at the top: a tenant (per priority), or a batch without."""
+    tenant, prio = TENANT_BATCHES[batch]
+    return f"{tenant}:{prio.value}" if tenant else batch
+
+
+class TenantShareMachine(RuleBasedStateMachine):
+    """Submits, starts, finishes, give-backs, retries and cancels over tenants' batches and
+    batches without a tenant. After each step: tenants and batches without a tenant take turns,
+    a tenant's batches take turns within its turns, a higher priority goes first, every waiting
+    job has exactly one entry in arq's queue and one in its tenant's set, none runs twice."""
+
+    url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.redis: Any = Redis.from_url(self.url)
+        self.store = Store(self.redis, queue=QUEUE, result_ttl_s=3600, lease_s=30, max_runs=100)
+        self.next_id = dict.fromkeys(TENANT_BATCHES, 0)
+        self.running: dict[str, str] = {}
+        self.finals: dict[str, int] = {}
+        self.queued: dict[str, set[str]] = {b: set() for b in TENANT_BATCHES}
+        self.batch_of: dict[str, str] = {}
+        self.front: set[str] = set()
+        self.starts: dict[str, int] = {}
+        """Starts (not of runs given back) per top flow and per batch."""
+        self.since: dict[tuple[str, str], tuple[int, int, float]] = {}
+        self.run(self.redis.flushdb())
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        try:
+            while (started := self.run(start_next(self.store))) is not None:
+                _, claim = started
+                if claim.holds:
+                    self.running[claim.job_id] = claim.token
+            for jid, token in list(self.running.items()):
+                self.run(self._finish_id(jid, token))
+            assert all(n == 1 for n in self.finals.values()), self.finals
+            assert not self.run(self.redis.keys(keys.TENANT_QUEUE_PREFIX + "*"))
+        finally:
+            self.run(self.redis.aclose())
+            self.loop.close()
+
+    async def _finish_id(self, jid: str, token: str) -> None:
+        batch_id, cid = await self.store.job_owner(jid)
+        record = ResultRecord(
+            custom_id=cid or "",
+            job_id=jid,
+            batch_id=batch_id or "",
+            status=Status.SUCCEEDED,
+            finished_at=now_iso(),
+        )
+        assert await self.store.finish(record, token) == 1
+        self.running.pop(jid, None)
+        self.finals[jid] = self.finals.get(jid, 0) + 1
+
+    def field(self, jid: str, name: str) -> float:
+        return float(_s(self.run(self.redis.hget(keys.job(jid), name))))
+
+    def waiting_jobs(self, batches: list[str]) -> set[str]:
+        return set().union(*(self.queued[b] for b in batches)) - self.front
+
+    def heads(self) -> dict[str, float]:
+        """Each flow that waits (not counting runs given back): its lowest place, among all
+        flows' ('score') for a top flow, among its tenant's batches ('lscore') for a batch of
+        a tenant."""
+        out: dict[str, float] = {}
+        tops: dict[str, list[str]] = {}
+        for b in TENANT_BATCHES:
+            tops.setdefault(_top(b), []).append(b)
+        for top, batches in tops.items():
+            jids = self.waiting_jobs(batches)
+            if jids:
+                out[top] = min(self.field(j, "score") for j in jids)
+        for b, (tenant, _) in TENANT_BATCHES.items():
+            jids = self.waiting_jobs([b])
+            if tenant and jids:
+                out[b] = min(self.field(j, "lscore") for j in jids)
+        return out
+
+    def peers(self) -> list[tuple[str, str]]:
+        """Pairs that take turns: top flows of one priority; batches of one tenant and
+        priority."""
+        tops = sorted({_top(b) for b in TENANT_BATCHES})
+        prio = {_top(b): p for b, (_, p) in TENANT_BATCHES.items()}
+        pairs = [(x, y) for x in tops for y in tops if x < y and prio[x] == prio[y]]
+        tenanted = sorted(b for b, (t, _) in TENANT_BATCHES.items() if t)
+        pairs += [(x, y) for x in tenanted for y in tenanted if x < y and _top(x) == _top(y)]
+        return pairs
+
+    def mark_pairs(self) -> None:
+        heads = self.heads()
+        for x, y in self.peers():
+            if x in heads and y in heads:
+                if (x, y) not in self.since:
+                    gap = abs(heads[x] - heads[y])
+                    self.since[(x, y)] = (self.starts.get(x, 0), self.starts.get(y, 0), gap)
+            else:
+                self.since.pop((x, y), None)
+
+    @rule(batch=st.sampled_from(sorted(TENANT_BATCHES)), n=st.integers(1, 6))
+    def submit(self, batch: str, n: int) -> None:
+        tenant, prio = TENANT_BATCHES[batch]
+        k = self.next_id[batch]
+        self.next_id[batch] += n
+        new = jobs(f"{batch}-", k + n, tenant)[k:]
+        assert self.run(self.store.submit_chunk(batch, new, prio)) == n
+        ids = {job_id_for(batch, j.custom_id) for j in new}
+        self.queued[batch] |= ids
+        self.batch_of |= dict.fromkeys(ids, batch)
+        self.mark_pairs()
+
+    @rule()
+    def start(self) -> None:
+        waiting = {b for b, q in self.queued.items() if q}
+        started = self.run(start_next(self.store))
+        if started is None:
+            assert not waiting, "jobs wait with nothing in arq's queue"
+            return
+        batch, claim = started
+        assert claim.holds, claim.state
+        jid = claim.job_id
+        assert jid in self.queued[batch] and jid not in self.running, "started twice"
+        self.queued[batch].discard(jid)
+        self.running[jid] = claim.token
+        if jid in self.front:
+            self.front.discard(jid)
+        else:
+            rank = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+            mine = rank[TENANT_BATCHES[batch][1]]
+            assert all(rank[TENANT_BATCHES[b][1]] >= mine for b in waiting), (batch, waiting)
+            for flow in {_top(batch), batch}:
+                self.starts[flow] = self.starts.get(flow, 0) + 1
+        self.mark_pairs()
+
+    @rule(i=st.integers(0, 50))
+    def finish(self, i: int) -> None:
+        if self.running:
+            jid = sorted(self.running)[i % len(self.running)]
+            self.run(self._finish_id(jid, self.running[jid]))
+
+    @rule(i=st.integers(0, 50))
+    def give_back(self, i: int) -> None:
+        if not self.running:
+            return
+        jid = sorted(self.running)[i % len(self.running)]
+        assert self.run(self.store.release(jid, self.running.pop(jid)))
+        self.queued[self.batch_of[jid]].add(jid)
+        self.front.add(jid)
+        self.mark_pairs()
+
+    @rule(batch=st.sampled_from(sorted(TENANT_BATCHES)))
+    def retry(self, batch: str) -> None:
+        for jid in [j for j, n in self.finals.items() if n and self.batch_of[j] == batch]:
+            if self.run(self.store.retry(batch, [jid], [Status.SUCCEEDED])):
+                self.finals[jid] = 0
+                self.queued[batch].add(jid)
+        self.mark_pairs()
+
+    @invariant()
+    def peers_take_turns(self) -> None:
+        for (x, y), (sx, sy, gap) in self.since.items():
+            dx, dy = self.starts.get(x, 0) - sx, self.starts.get(y, 0) - sy
+            assert abs(dx - dy) <= 1 + gap, (x, dx, y, dy, gap)
+
+    @invariant()
+    def every_waiting_job_has_one_entry_in_the_queue_and_its_tenants_set(self) -> None:
+        entries = [_s(e).partition(".")[0] for e in self.run(self.redis.zrange(QUEUE, 0, -1))]
+        waiting = set().union(*self.queued.values())
+        assert sorted(entries) == sorted(waiting)
+        sets: dict[str, set[str]] = {}
+        for jid in waiting:
+            tenant, prio = TENANT_BATCHES[self.batch_of[jid]]
+            if tenant:
+                offset = store_module._PRIORITY_OFFSET[prio]
+                sets.setdefault(f"{keys.TENANT_QUEUE_PREFIX}{offset}:{tenant}", set()).add(jid)
+        stored = {
+            _s(k): {_s(m) for m in self.run(self.redis.zrange(k, 0, -1))}
+            for k in self.run(self.redis.keys(keys.TENANT_QUEUE_PREFIX + "*"))
+        }
+        assert stored == sets
+        assert all(n <= 1 for n in self.finals.values()), self.finals
+
+
+def test_tenant_share_state_machine(redis_url: str) -> None:
+    TenantShareMachine.url = redis_url
+    run_state_machine_as_test(
+        TenantShareMachine,
         settings=settings(
             max_examples=100,
             stateful_step_count=40,

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis as redis_sync
 
 from producer import AgentJob, Producer, Settings, keys
+from producer.models import job_id_for
 from tests.procs import KEY, agentq, base_env, start_sim, start_worker, stop, until
 
 pytestmark = pytest.mark.e2e
@@ -89,3 +91,57 @@ async def submit_back_to_back(redis_url: str, router_url: str) -> tuple[str, str
         normal = await p.submit(jobs, batch_id="normal-one")
         high = await p.submit(jobs, batch_id="high-one", priority="high")
     return normal.id, high.id
+
+
+def test_a_tenant_with_many_batches_gets_one_turn_a_round(redis_url: str, tmp_path: Path) -> None:
+    """Tenant a has five batches queued, tenant b submits one (`agentq submit --tenant b`):
+    they take turns, so while b's 30 jobs run about 30 of a's do (by batch, b would get one
+    turn in six: about 150 of a's)."""
+    redis_sync.Redis.from_url(redis_url).flushdb()
+    sim, url = start_sim("--latency-ms", "200")
+    env = base_env(redis_url, url, AGENTQ_CONCURRENCY="10")
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        a_ids = asyncio.run(submit_tenant_batches(redis_url, url, "a", 5, 100))
+        until(lambda: counts(env, a_ids[0])["succeeded"] >= 5, 120, "tenant a under way")
+        a_started = lambda: sum(100 - counts(env, b)["queued"] for b in a_ids)  # noqa: E731
+        path = write_jobs(tmp_path / "b.jsonl", "b", 30)
+        with ThreadPoolExecutor(1) as pool:  # counted from when b's jobs are queued, not
+            # from the CLI's start-up (tenant a's jobs keep starting meanwhile)
+            cli = pool.submit(submit, env, path, "--tenant", "b", "--batch-id", "tenant-b")
+            rd = redis_sync.Redis.from_url(redis_url)
+            until(lambda: rd.hexists(keys.batch("tenant-b"), "total"), 120, "b's jobs queued")
+            before = a_started()
+            b_id = cli.result()
+        until(lambda: done(env, b_id), 120, "tenant b's batch to finish")
+        during = a_started() - before
+        job = redis_sync.Redis.from_url(redis_url).hget(keys.job(job_id_for(b_id, "b0")), "tenant")
+        assert job == b"b", "agentq submit --tenant b gave b's jobs that tenant"
+        # turns: ~30 of a's, plus the 10 in flight at the submit and some slack
+        assert during <= 60, (during, [counts(env, b) for b in a_ids])
+        assert counts(env, b_id)["succeeded"] == 30
+        per_batch = [100 - counts(env, b)["queued"] for b in a_ids]
+        # a's batches share a's turns (the first may have filled the 10 slots alone)
+        assert max(per_batch) - min(per_batch) <= 12, per_batch
+        # the runs a's turns gave to other jobs of a than the one taken: each job ran once
+        for b in a_ids:
+            until(lambda b=b: done(env, b), 300, f"{b} to finish")
+        rd = redis_sync.Redis.from_url(redis_url)
+        for b in a_ids:
+            assert counts(env, b)["succeeded"] == 100
+            runs = [rd.hget(keys.job(job_id_for(b, f"j{i}")), "runs") for i in range(100)]
+            assert runs == [b"1"] * 100, (b, runs)
+    finally:
+        stop(worker, sim)
+
+
+async def submit_tenant_batches(
+    redis_url: str, router_url: str, tenant: str, batches: int, n: int
+) -> list[str]:
+    settings = Settings(redis_url=redis_url, router_url=router_url, api_key=KEY)  # type: ignore[arg-type]
+    ids = []
+    async with Producer.from_env(settings) as p:
+        for k in range(batches):
+            jobs = [AgentJob(custom_id=f"j{i}", input=f"j {i}") for i in range(n)]
+            ids.append((await p.submit(jobs, batch_id=f"{tenant}-{k}", tenant=tenant)).id)
+    return ids

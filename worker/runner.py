@@ -156,6 +156,8 @@ async def run_agent_job(
     if not claim.holds:
         log.info("job.skipped", job_id=job_id, batch_id=batch_id, state=claim.state)
         return
+    # a job with a tenant: the run is of whichever of the tenant's jobs had the turn
+    job_id, batch_id = claim.job_id or job_id, claim.batch_id or batch_id
     meter = CallMeter(job_id=job_id)
     meter_token = current_meter.set(meter)
     try:

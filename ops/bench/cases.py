@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from ops import procs
 from ops.procs import SimRouterProc, WorkerProc, workers_running
 from producer import Producer, keys
-from producer.models import AgentJob, AgentSpec, BatchStatus, Status, new_batch_id
+from producer.models import AgentJob, AgentSpec, BatchStatus, JobMetadata, Status, new_batch_id
 from producer.settings import load_settings
 
 from .measure import BENCH, TOTAL, CpuSplit, PeakMem, fmt_mem, fmt_split, median_round
@@ -1352,6 +1352,7 @@ async def fair_share(b: Bench) -> list[Row]:
             high = await p.submit(make_jobs("plain", pair_n, "high-"), priority="high")
             normal_s, high_s = await asyncio.gather(timed(normal.id), timed(high.id))
             b.say(f"{pair_n} normal jobs done after {normal_s:.2f} s, high after {high_s:.2f} s")
+            tenant_s, share = await _tenant_share(b, p, pair_n, big.id)
             await p.cancel(big.id)
     return [
         Row(
@@ -1376,7 +1377,59 @@ async def fair_share(b: Bench) -> list[Row]:
             value=round(high_s / normal_s, 3),
             detail=f"both submitted behind the rest of the {big_n:,}-job batch",
         ),
+        Row(
+            "fair-share",
+            f"tenant b's {pair_n} jobs vs tenant a's {TENANT_A_BATCHES} batches",
+            f"b got {share:.0%} of the starts while it waited (done in {tenant_s:.1f} s)",
+            f">= 25% (a turn each for a, b and the big batch: 33%; by batch: "
+            f"{1 / (TENANT_A_BATCHES + 2):.0%})",
+            share >= 0.25,
+            value=round(share, 3),
+            detail=(
+                f"tenant a submits {TENANT_A_BATCHES} batches of {pair_n} jobs, then tenant b "
+                f"one of {pair_n}, behind the rest of the {big_n:,}-job batch (no tenant); "
+                "share = b's jobs / every job started from b's submit to its end"
+            ),
+        ),
     ]
+
+
+TENANT_A_BATCHES = 10
+
+
+async def _tenant_share(b: Bench, p: Producer, n: int, big_id: str) -> tuple[float, float]:
+    """Tenant a with TENANT_A_BATCHES batches of n jobs, then tenant b with one: seconds until
+    b's batch is done, and b's share of the jobs started meanwhile."""
+
+    def tenant_jobs(tenant: str, prefix: str) -> list[AgentJob]:
+        return [
+            AgentJob(
+                custom_id=f"{prefix}{i}", input=question(i), metadata=JobMetadata(tenant=tenant)
+            )
+            for i in range(n)
+        ]
+
+    a_ids = [(await p.submit(tenant_jobs("a", f"a{k}-"))).id for k in range(TENANT_A_BATCHES)]
+
+    async def started() -> int:
+        """Jobs of tenant a's batches and of the big batch that have started (or ended)."""
+        total = 0
+        for batch_id in [*a_ids, big_id]:
+            st = await p.status(batch_id)
+            total += st.total - st.counts[Status.QUEUED]
+        return total
+
+    before = await started()
+    t0 = time.perf_counter()
+    tb = await p.submit(tenant_jobs("b", "b-"))
+    st = await p.wait(tb.id, timeout=timeout_for(n * (TENANT_A_BATCHES + 2)))
+    seconds = time.perf_counter() - t0
+    await check_done(p, st, n)
+    others = await started() - before
+    b.say(f"tenant b: {n} jobs done in {seconds:.2f} s; {others} jobs of a and the big one started")
+    for batch_id in a_ids:
+        await p.cancel(batch_id)
+    return seconds, n / (n + others)
 
 
 CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
