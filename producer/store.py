@@ -353,6 +353,7 @@ if h[7] and lx then
   local tv = 'tv:' .. (tonumber(h[6]) or 0)
   if l and l < REAL_TIME and l > tonumber(redis.call('HGET', tkey(h[7]), tv) or '0') then
     redis.call('HSET', tkey(h[7]), tv, l)
+    redis.call('EXPIRE', tkey(h[7]), TTL)  -- kept while the tenant's jobs run
   end
 end
 local c = redis.call('HMGET', bkey(b), 'cancelled_at', 'poff')
