@@ -348,6 +348,44 @@ async def test_tokens_are_reserved_then_settled_by_usage(redis: Redis, sim: SimR
     assert ratelimit.estimate_tokens("Be brief.", "What is 1 + 1?", [], 500) == 500 + 23 // 4 + 1
 
 
+PHOTO = "data:image/jpeg;base64," + "/9j/4AAQSkZJRgABAQ" * 20_000  # 360,000 characters
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_image", "image_url": PHOTO, "detail": "high"},
+        {"type": "image_url", "image_url": {"url": PHOTO}},
+        {"type": "input_image", "image_url": "https://example.com/cat.jpg"},
+        {"type": "input_file", "file_data": PHOTO.replace("image/jpeg", "application/pdf")},
+    ],
+)
+def test_an_image_is_estimated_at_a_fixed_figure(part: dict[str, Any]) -> None:
+    """An image counts IMAGE_TOKENS whatever its size: its base64 text counted as text
+    reserved about 90,000 tokens for this photo (and one more second of a 5M tpm budget for
+    each 83,000 tokens of it)."""
+    question = [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"}]}]
+    with_image = [{"role": "user", "content": [question[0]["content"][0], part]}]  # type: ignore[index]
+    text = ratelimit.estimate_tokens("Describe images.", question, [], 300)
+    estimate = ratelimit.estimate_tokens("Describe images.", with_image, [], 300)
+    assert text + ratelimit.IMAGE_TOKENS <= estimate <= text + ratelimit.IMAGE_TOKENS + 30
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"role": "user", "content": "Describe the image on the left. " * 50}],
+        [{"role": "user", "content": [{"type": "input_text", "text": "a data: URL " * 40}]}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"name": "image_search"}]}],
+    ],
+)
+def test_text_that_mentions_images_is_counted_as_text(items: list[dict[str, Any]]) -> None:
+    """Items that only talk about images are counted as before: as their JSON text."""
+    chars = len(json.dumps(items))
+    estimate = ratelimit.estimate_tokens(None, items, [], None)
+    assert abs(estimate - chars // ratelimit.CHARS_PER_TOKEN) <= chars * 0.02 + 2
+
+
 async def test_429s_under_a_budget_spend_no_tries(redis: Redis) -> None:
     """A model that always answers 429: under a budget, each 429 slows the fleet down and the
     call takes a new turn, MAX_FREE_429S times, before its tries are spent as usual."""

@@ -288,16 +288,62 @@ class RateLimiter:
 
 
 CHARS_PER_TOKEN = 4
+IMAGE_TOKENS = 1_000
+"""An image's tokens in an estimate, whatever its size: about a large one (gpt-4o counts a
+1024x1024 image at high detail as 765, gpt-4.1 as 1,024). Its base64 text, at 4 characters a
+token, reserved a hundred thousand tokens for a photo; the response's usage corrects either."""
+IMAGE_PARTS = frozenset({"input_image", "image_url", "image"})
+"""Content parts that carry an image (Responses and Chat Completions formats)."""
 
 
 def estimate_tokens(
     instructions: str | None, items: Any, tools: Sequence[Any], max_tokens: int | None
 ) -> int:
-    """A call's tokens, before it is sent: its text at about 4 characters a token, plus the
-    max_tokens it allows itself (0 when unset: the response's usage corrects it)."""
+    """A call's tokens, before it is sent: its text at about 4 characters a token, each image
+    (or other base64 data: URL) at IMAGE_TOKENS, plus the max_tokens it allows itself (0 when
+    unset: the response's usage corrects it)."""
     chars = len(instructions or "")
-    chars += len(items) if isinstance(items, str) else len(json.dumps(items, default=str))
+    images = 0
+    if isinstance(items, str):
+        chars += len(items)
+    else:
+        text = json.dumps(items, default=str)
+        if "data:" in text or "image" in text:
+            part_chars, images = _count(items)
+            chars += part_chars
+        else:
+            chars += len(text)
     for tool in tools:
         chars += len(getattr(tool, "name", "")) + len(getattr(tool, "description", "") or "")
         chars += len(json.dumps(getattr(tool, "params_json_schema", None) or {}))
-    return chars // CHARS_PER_TOKEN + 1 + (max_tokens or 0)
+    return chars // CHARS_PER_TOKEN + 1 + images * IMAGE_TOKENS + (max_tokens or 0)
+
+
+def _count(items: Any) -> tuple[int, int]:
+    """(characters of text, images) in input items, without recursion (items may nest deep)."""
+    chars = images = 0
+    stack = [items]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if node.startswith("data:") and ";base64," in node[:200]:
+                images += 1
+            else:
+                chars += len(node) + 2
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind in IMAGE_PARTS:
+                images += 1
+                continue
+            chars += 2
+            for key, value in node.items():
+                chars += len(str(key)) + 6  # as JSON: "key": value,
+                stack.append(value)
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+            chars += 2 * len(node) + 2
+        elif hasattr(node, "model_dump"):
+            stack.append(node.model_dump(exclude_none=True))
+        else:
+            chars += len(json.dumps(node, default=str))
+    return chars, images
