@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -241,6 +242,42 @@ async def test_a_turn_waits_off_the_job_timeout_and_shows(limiter: RateLimiter) 
     assert waits and waits[-1]["budget"] == ["gpt-4", "*"]
     after = REGISTRY.get_sample_value("agentq_ratelimit_wait_seconds_count", {"budget": "gpt-4"})
     assert after == (count or 0) + 2
+
+
+async def test_overlapping_waits_hold_the_job_timeout_off_once() -> None:
+    """Two calls of one run wait at once (parallel tool calls, each waiting for its turn or an
+    outage): the job's timeout is pushed back by the union of the two waits, once. It was
+    pushed back by the first wait only: the second began while the timeout was already off,
+    so none of its time was given back, and its wait past the first one's end counted."""
+    meter = CallMeter(job_id="j")
+    async with asyncio.timeout(3600) as deadline:
+        meter.deadline = deadline
+        when = deadline.when()
+        assert when is not None
+        first, second = meter.off_the_clock(), meter.off_the_clock()
+        before = time.monotonic()
+        first.__enter__()
+        start = time.monotonic()
+        await asyncio.sleep(0.01)
+        second.__enter__()
+        await asyncio.sleep(0.01)
+        first.__exit__(None, None, None)
+        assert deadline.when() is None, "the second call still waits"
+        await asyncio.sleep(0.02)
+        end = time.monotonic()
+        second.__exit__(None, None, None)
+        after = time.monotonic()
+        pushed = (deadline.when() or 0) - when
+        assert end - start <= pushed <= after - before
+        # a later wait, on its own, pushes it back by its own span
+        when = deadline.when() or 0
+        before = time.monotonic()
+        with meter.off_the_clock():
+            start = time.monotonic()
+            await asyncio.sleep(0.01)
+            end = time.monotonic()
+        after = time.monotonic()
+        assert end - start <= (deadline.when() or 0) - when <= after - before
 
 
 async def eventually(cond: Callable[[], bool], timeout_s: float = 30) -> None:
