@@ -96,7 +96,8 @@ RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"
 """Set for one reconcile interval by whichever worker ran the last sweep step."""
 
 CONTROL = f"{PREFIX}:control"
-"""Pub/sub channel to workers: "cancel <batch_id>" stops that batch's running jobs."""
+"""Pub/sub channel to workers: "cancel <batch_id>" stops that batch's running jobs; "budgets
+{name: shift}" says a 429 moved those budgets' turns (worker/ratelimit.py)."""
 
 VCLOCK = f"{PREFIX}:vclock"
 """The fleet's virtual time for fair share: the highest place (queue score, without its batch's

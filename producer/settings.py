@@ -81,8 +81,15 @@ RATE_LIMITS_EXAMPLE = '{"gpt-4o": {"rpm": 500, "tpm": 200000}, "*": {"rpm": 1000
 
 
 class Settings(BaseSettings):
+    # An empty variable counts as unset: compose's `X: ${X:-}` passes every setting through,
+    # and AGENTQ_RATE_LIMITS="" (like any JSON setting) then means none instead of bad JSON.
     model_config = SettingsConfigDict(
-        env_prefix="AGENTQ_", env_file=".env", extra="ignore", frozen=True, validate_by_name=True
+        env_prefix="AGENTQ_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        validate_by_name=True,
     )
 
     router_url: str = Field(

@@ -124,6 +124,40 @@ def test_compose_worker_scales_and_drains(services: dict[str, dict[str, Any]]) -
     assert worker["depends_on"]["router"]["condition"] == "service_healthy"
 
 
+FLEET_SETTINGS = (
+    "AGENTQ_ROUTERS",
+    "AGENTQ_RATE_LIMITS",
+    "AGENTQ_PRICES",
+    "AGENTQ_MCP_SERVERS",
+    "AGENTQ_PLUGINS",
+)
+"""Settings every worker must share (README, "Deploying"), passed through from the shell."""
+
+
+def test_compose_passes_the_fleet_settings_to_workers(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """AGENTQ_RATE_LIMITS and its siblings reach the workers from the shell or .env. Unset,
+    compose passes them as empty strings, and a worker takes that as none: it refused an empty
+    AGENTQ_RATE_LIMITS (or AGENTQ_ROUTERS, AGENTQ_PRICES) as bad JSON and would not start."""
+    from producer.settings import load_settings
+
+    raw = services["worker"]["environment"]
+    for name in FLEET_SETTINGS:
+        assert raw.get(name) == f"${{{name}:-}}", name
+    for name in list(os.environ):
+        if name.upper().startswith(("AGENTQ_", "HANZO_")) or name.upper() == "REDIS_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in env_of(services["worker"]).items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.rate_limits == settings.routers == settings.prices == {}
+    assert settings.mcp_servers == "" and settings.plugins == []
+    monkeypatch.setenv("AGENTQ_RATE_LIMITS", '{"*": {"rpm": 1140}}')
+    assert load_settings().rate_limits["*"].rpm == 1140
+
+
 @pytest.mark.parametrize("name", ["worker", "producer"])
 def test_compose_agentq_env_points_at_services(
     services: dict[str, dict[str, Any]], name: str

@@ -5,12 +5,15 @@ worker processes is tests/test_ratelimit_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -31,6 +34,7 @@ from producer.settings import ConfigError, RateLimit, Settings, load_settings
 from producer.store import RUN_FUNCTION
 from tests.conftest import ROUTER_KEY
 from worker import ratelimit
+from worker import settings as worker_settings
 from worker.provider import MAX_FREE_429S, CallMeter, RouterProvider, current_meter
 from worker.ratelimit import Budget, RateLimiter, Turn
 from worker.retry import RetryPolicy
@@ -66,7 +70,8 @@ class Scripts:
 
     def slow(self, budgets: list[Budget], ms: int, refused: bool) -> list[int]:
         names = [b.name for b in budgets]
-        return [int(x) for x in self.slow_(keys=[keys.BUDGETS], args=[ms, int(refused), *names])]
+        reply = self.slow_(keys=[keys.BUDGETS, keys.CONTROL], args=[ms, int(refused), *names])
+        return [int(x) for x in reply]
 
     def settle(self, budgets: list[Budget], delta: int) -> None:
         self.settle_(keys=[keys.BUDGETS], args=[delta, *[b.name for b in budgets]])
@@ -134,6 +139,30 @@ def test_a_429_moves_the_turns_already_given_out(sync_redis: redis_sync.Redis) -
     assert seen == shift
     assert after >= first[-1] + 100 + shift - 1
     assert s.slow([b], 200, refused=True) == [shift]  # inside the first slow-down: no more
+
+
+def test_a_429_that_moves_turns_tells_the_workers(sync_redis: redis_sync.Redis) -> None:
+    """The shift that grew is published on the workers' control channel; a slow-down that
+    moves nothing publishes nothing."""
+    s = Scripts(sync_redis)
+    b, idle, held = fresh(rpm=600), fresh(rpm=600), fresh(rpm=600)
+    for budget in (b, b, held, held):
+        s.take([budget])
+    [(_, listeners)] = sync_redis.pubsub_numsub(keys.CONTROL)
+    with sync_redis.pubsub(ignore_subscribe_messages=True) as sub:
+        sub.subscribe(keys.CONTROL)
+        for _ in range(3000):
+            sub.get_message(timeout=0.01)  # the confirmation
+            if sync_redis.pubsub_numsub(keys.CONTROL)[0][1] > listeners:
+                break
+        s.slow([idle], 1000, refused=True)
+        s.slow([held], 1000, refused=False)  # an x-ratelimit reset moves no turn
+        [shift, _] = s.slow([b, idle], 1000, refused=True)
+        msg = sub.get_message(timeout=10)
+        assert msg is not None
+        verb, _, body = msg["data"].decode().partition(" ")
+        assert (verb, json.loads(body)) == ("budgets", {b.name: shift})
+        assert sub.get_message(timeout=0.2) is None
 
 
 def test_a_spent_router_budget_holds_back_new_turns_only(sync_redis: redis_sync.Redis) -> None:
@@ -243,6 +272,42 @@ async def test_a_turn_waits_off_the_job_timeout_and_shows(limiter: RateLimiter) 
     assert after == (count or 0) + 2
 
 
+async def test_overlapping_waits_hold_the_job_timeout_off_once() -> None:
+    """Two calls of one run wait at once (parallel tool calls, each waiting for its turn or an
+    outage): the job's timeout is pushed back by the union of the two waits, once. It was
+    pushed back by the first wait only: the second began while the timeout was already off,
+    so none of its time was given back, and its wait past the first one's end counted."""
+    meter = CallMeter(job_id="j")
+    async with asyncio.timeout(3600) as deadline:
+        meter.deadline = deadline
+        when = deadline.when()
+        assert when is not None
+        first, second = meter.off_the_clock(), meter.off_the_clock()
+        before = time.monotonic()
+        first.__enter__()
+        start = time.monotonic()
+        await asyncio.sleep(0.01)
+        second.__enter__()
+        await asyncio.sleep(0.01)
+        first.__exit__(None, None, None)
+        assert deadline.when() is None, "the second call still waits"
+        await asyncio.sleep(0.02)
+        end = time.monotonic()
+        second.__exit__(None, None, None)
+        after = time.monotonic()
+        pushed = (deadline.when() or 0) - when
+        assert end - start <= pushed <= after - before
+        # a later wait, on its own, pushes it back by its own span
+        when = deadline.when() or 0
+        before = time.monotonic()
+        with meter.off_the_clock():
+            start = time.monotonic()
+            await asyncio.sleep(0.01)
+            end = time.monotonic()
+        after = time.monotonic()
+        assert end - start <= (deadline.when() or 0) - when <= after - before
+
+
 async def eventually(cond: Callable[[], bool], timeout_s: float = 30) -> None:
     for _ in range(int(timeout_s / 0.01)):
         if cond():
@@ -290,6 +355,63 @@ async def test_a_429_moves_every_worker_s_sleeping_calls(redis: Redis) -> None:
     # it slept the shift too: its turn's record of the shifts it has slept caught up with it
     # (a condition, not a clock reading: with the shift ignored this stays at 0)
     assert turn.shifts == [b.shifts["*"]], (turn.shifts, b.shifts)
+
+
+async def test_a_sleeping_call_hears_of_another_worker_s_429(redis: Redis) -> None:
+    """Every call of worker b sleeps until its turn when worker a hears a 429: b hears of it on
+    the control channel (no command of its own) and its call sleeps the shift too before it is
+    sent. It heard only in a reply of its own, and a worker whose calls all slept sent them on
+    the turns the 429 had moved."""
+    limits = {"*": RateLimit(rpm=20)}  # a turn every 3 s
+    a, b = RateLimiter(redis, limits), RateLimiter(redis, limits)
+    budgets = a.budgets_for("gpt-4o", "default")
+    rt: Any = SimpleNamespace(
+        store=SimpleNamespace(redis=redis), provider=SimpleNamespace(limiter=b)
+    )
+    [(_, listeners)] = await redis.pubsub_numsub(keys.CONTROL)
+    listener = asyncio.create_task(worker_settings._listen(rt))
+    try:
+        await eventually_async(
+            lambda: redis.pubsub_numsub(keys.CONTROL), lambda n: n[0][1] > listeners
+        )
+        await a.take(budgets, 0, None)
+        sleeper = asyncio.create_task(b.take(budgets, 0, None))  # its turn: 3 s from now
+        await eventually(lambda: "*" in b.shifts)
+        await a.slow_down(Turn(budgets, 0, [0]), 1.0, refused=True)
+        shift = a.shifts["*"]
+        assert shift >= 900
+        turn = await sleeper
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    assert b.shifts["*"] == shift
+    # it slept the shift: its record of the shifts it has slept caught up (a condition, not a
+    # clock reading: unheard, it stays at 0)
+    assert turn.shifts == [shift], (turn.shifts, shift)
+
+
+def test_a_budgets_message_only_ever_raises_a_known_shift() -> None:
+    """Anyone who can publish on the control channel can send one: what is not a shift of a
+    budget this worker has changes nothing (an inf shift would have failed every call)."""
+    lim = RateLimiter(redis_sync.Redis(), {"*": RateLimit(rpm=60)})
+    for message in ("not json", "5", "[1]", '{"*": "1"}', '{"*": NaN}', '{"*": Infinity}'):
+        lim.hear(message)
+    lim.hear('{"*": true, "other": 5}')
+    assert lim.shifts == {}
+    lim.hear('{"*": 1500}')
+    lim.hear('{"*": 900}')  # published before the other, heard after it
+    assert lim.shifts == {"*": 1500}
+
+
+async def eventually_async(
+    read: Callable[[], Awaitable[Any]], cond: Callable[[Any], bool], timeout_s: float = 30
+) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if cond(await read()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out waiting for a condition")
 
 
 async def test_a_model_without_a_budget_costs_no_redis_command(sim: SimRouter) -> None:
@@ -346,6 +468,44 @@ async def test_tokens_are_reserved_then_settled_by_usage(redis: Redis, sim: SimR
     assert raw is not None
     assert json.loads(raw)["t"] == call["total_tokens"]
     assert ratelimit.estimate_tokens("Be brief.", "What is 1 + 1?", [], 500) == 500 + 23 // 4 + 1
+
+
+PHOTO = "data:image/jpeg;base64," + "/9j/4AAQSkZJRgABAQ" * 20_000  # 360,000 characters
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_image", "image_url": PHOTO, "detail": "high"},
+        {"type": "image_url", "image_url": {"url": PHOTO}},
+        {"type": "input_image", "image_url": "https://example.com/cat.jpg"},
+        {"type": "input_file", "file_data": PHOTO.replace("image/jpeg", "application/pdf")},
+    ],
+)
+def test_an_image_is_estimated_at_a_fixed_figure(part: dict[str, Any]) -> None:
+    """An image counts IMAGE_TOKENS whatever its size: its base64 text counted as text
+    reserved about 90,000 tokens for this photo (and one more second of a 5M tpm budget for
+    each 83,000 tokens of it)."""
+    question = [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"}]}]
+    with_image = [{"role": "user", "content": [question[0]["content"][0], part]}]  # type: ignore[index]
+    text = ratelimit.estimate_tokens("Describe images.", question, [], 300)
+    estimate = ratelimit.estimate_tokens("Describe images.", with_image, [], 300)
+    assert text + ratelimit.IMAGE_TOKENS <= estimate <= text + ratelimit.IMAGE_TOKENS + 30
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"role": "user", "content": "Describe the image on the left. " * 50}],
+        [{"role": "user", "content": [{"type": "input_text", "text": "a data: URL " * 40}]}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"name": "image_search"}]}],
+    ],
+)
+def test_text_that_mentions_images_is_counted_as_text(items: list[dict[str, Any]]) -> None:
+    """Items that only talk about images are counted as before: as their JSON text."""
+    chars = len(json.dumps(items))
+    estimate = ratelimit.estimate_tokens(None, items, [], None)
+    assert abs(estimate - chars // ratelimit.CHARS_PER_TOKEN) <= chars * 0.02 + 2
 
 
 async def test_429s_under_a_budget_spend_no_tries(redis: Redis) -> None:

@@ -160,3 +160,28 @@ def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(ValueError, match="frozen"):
         s.concurrency = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "default"),
+    [
+        ("AGENTQ_RATE_LIMITS", "rate_limits", {}),
+        ("AGENTQ_ROUTERS", "routers", {}),
+        ("AGENTQ_PRICES", "prices", {}),
+        ("AGENTQ_MCP_SERVERS", "mcp_servers", ""),
+        ("AGENTQ_PLUGINS", "plugins", []),
+        ("REDIS_URL", "redis_url", None),
+        ("AGENTQ_CONCURRENCY", "concurrency", 50),
+        ("AGENTQ_LOG_LEVEL", "log_level", "info"),
+    ],
+)
+def test_an_empty_variable_counts_as_unset(
+    monkeypatch: pytest.MonkeyPatch, name: str, field: str, default: object
+) -> None:
+    """Compose passes `X: ${X:-}` as an empty string when the shell has no X: that is the
+    default, not a bad value (an empty JSON setting was refused as invalid JSON)."""
+    monkeypatch.setenv(name, "")
+    assert getattr(load_settings(), field) == default
+    Path(".env").write_text(f"{name}=\n")  # likewise in a .env file
+    monkeypatch.delenv(name)
+    assert getattr(load_settings(), field) == default

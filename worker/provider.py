@@ -55,22 +55,36 @@ class CallMeter:
     router_reset_s: float | None = None
     """Set by the last response: the Router's budget is spent for this long (x-ratelimit-*)."""
 
+    _off: int = field(default=0, repr=False)
+    """Waits in progress that hold the job's timeout off (parallel calls may wait at once)."""
+    _off_since: float = field(default=0.0, repr=False)
+    _off_when: float = field(default=0.0, repr=False)
+
     @contextlib.contextmanager
     def off_the_clock(self) -> Iterator[None]:
         """Time spent in here (an outage, a budget's turn) does not count against the job's
-        timeout: it is off meanwhile, and pushed back by the wait afterwards."""
+        timeout: it is off meanwhile, and pushed back by the wait afterwards. Waits that
+        overlap (parallel calls of one run) push it back once, by the union of their spans:
+        the first to start stops the timeout, the last to end restarts it."""
         deadline = self.deadline
-        when = deadline.when() if deadline is not None else None
-        if deadline is None or when is None:
+        if deadline is None:
             yield
             return
-        deadline.reschedule(None)
-        started = time.monotonic()
+        if self._off == 0:
+            when = deadline.when()
+            if when is None:  # no timeout running (or it is ending): nothing to hold off
+                yield
+                return
+            deadline.reschedule(None)
+            self._off_since, self._off_when = time.monotonic(), when
+        self._off += 1
         try:
             yield
         finally:
-            with contextlib.suppress(RuntimeError):  # the job's timeout already ended
-                deadline.reschedule(when + time.monotonic() - started)
+            self._off -= 1
+            if self._off == 0:
+                with contextlib.suppress(RuntimeError):  # the job's timeout already ended
+                    deadline.reschedule(self._off_when + time.monotonic() - self._off_since)
 
 
 current_meter: ContextVar[CallMeter | None] = ContextVar("agentq_call_meter", default=None)

@@ -9,13 +9,15 @@ the response's usage. A call waits for its turn, off the job's timeout; it never
 of one.
 
 The Router's own word wins over the budget: a 429 (its retry-after) moves every turn already
-given out later by that much, in every worker, and a spent x-ratelimit budget holds back new
-turns until its reset."""
+given out later by that much, in every worker (each hears of it on the control channel, so a
+call asleep until its turn sleeps the difference before it is sent), and a spent x-ratelimit
+budget holds back new turns until its reset."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,14 +106,15 @@ _SLOW = """
 -- The Router said to wait ARGV[1] ms: no new turn under these budgets starts before then.
 -- With ARGV[2] = 1 (a 429) the turns already given out (calls sleeping until theirs) move
 -- later too, by as much as this wait reaches past the last one: the budget's shift grows by
--- that, and every worker adds the growth to its sleeping calls' waits.
--- KEYS[1]: the budgets hash; ARGV[1]: ms from now; ARGV[2]: 1 to move given turns;
--- ARGV[3...]: budget names
+-- that, and every worker adds the growth to its sleeping calls' waits. The workers hear of it
+-- at once on their control channel: "budgets {name: shift, ...}".
+-- KEYS[1]: the budgets hash; KEYS[2]: the workers' control channel (pub/sub)
+-- ARGV[1]: ms from now; ARGV[2]: 1 to move given turns; ARGV[3...]: budget names
 -- Returns each budget's shift (ms)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local till = now + tonumber(ARGV[1])
-local out = {}
+local out, grown, moved = {}, {}, false
 for i = 3, #ARGV do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   local shift = 0
@@ -124,6 +127,7 @@ for i = 3, #ARGV do
         s.shift = (s.shift or 0) + extra
         if (s.tr or 0) > now then s.tr = s.tr + extra end
         if (s.tt or 0) > now then s.tt = s.tt + extra end
+        grown[ARGV[i]], moved = s.shift, true
       end
       s.slow = till
       redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(s))
@@ -132,6 +136,7 @@ for i = 3, #ARGV do
   end
   out[#out + 1] = shift
 end
+if moved then redis.call('PUBLISH', KEYS[2], 'budgets ' .. cjson.encode(grown)) end
 return out
 """
 
@@ -258,12 +263,29 @@ class RateLimiter:
             return
         names = [b.name for b in turn.budgets]
         try:
-            shifts = await self._slow(keys=[keys.BUDGETS], args=[ms, int(refused), *names])
+            shifts = await self._slow(
+                keys=[keys.BUDGETS, keys.CONTROL], args=[ms, int(refused), *names]
+            )
         except Exception as exc:
             log.warning("ratelimit.redis_failed", error=str(exc))
             return
         self._heard(turn.budgets, [int(x) for x in shifts])
         log.info("ratelimit.router_slow_down", budget=names, seconds=ms / 1000, refused=refused)
+
+    def hear(self, message: str) -> None:
+        """Another worker's 429 moved the turns of these budgets ("{name: shift}" from the
+        control channel): calls asleep until their turns here sleep the growth too, before
+        they are sent. Costs no Redis command; a message lost (a reconnect) is made up for by
+        the next reply. Only ever raises a shift: a reply read before the 429 may come later."""
+        try:
+            grown = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(grown, dict):
+            return
+        for name, shift in grown.items():
+            if name in self.limits and type(shift) in (int, float) and math.isfinite(shift):
+                self.shifts[name] = max(self.shifts.get(name, 0), int(shift))
 
     def _heard(self, budgets: Sequence[Budget], shifts: Sequence[int]) -> None:
         for b, shift in zip(budgets, shifts, strict=False):
@@ -276,7 +298,7 @@ class RateLimiter:
         for i, b in enumerate(turn.budgets):
             now = self.shifts.get(b.name, turn.shifts[i])
             moved = max(moved, now - turn.shifts[i])
-            turn.shifts[i] = now
+            turn.shifts[i] = max(turn.shifts[i], now)
         return moved / 1000
 
     async def _sleep(self, seconds: float, meter: CallMeter | None) -> None:
@@ -288,16 +310,62 @@ class RateLimiter:
 
 
 CHARS_PER_TOKEN = 4
+IMAGE_TOKENS = 1_000
+"""An image's tokens in an estimate, whatever its size: about a large one (gpt-4o counts a
+1024x1024 image at high detail as 765, gpt-4.1 as 1,024). Its base64 text, at 4 characters a
+token, reserved a hundred thousand tokens for a photo; the response's usage corrects either."""
+IMAGE_PARTS = frozenset({"input_image", "image_url", "image"})
+"""Content parts that carry an image (Responses and Chat Completions formats)."""
 
 
 def estimate_tokens(
     instructions: str | None, items: Any, tools: Sequence[Any], max_tokens: int | None
 ) -> int:
-    """A call's tokens, before it is sent: its text at about 4 characters a token, plus the
-    max_tokens it allows itself (0 when unset: the response's usage corrects it)."""
+    """A call's tokens, before it is sent: its text at about 4 characters a token, each image
+    (or other base64 data: URL) at IMAGE_TOKENS, plus the max_tokens it allows itself (0 when
+    unset: the response's usage corrects it)."""
     chars = len(instructions or "")
-    chars += len(items) if isinstance(items, str) else len(json.dumps(items, default=str))
+    images = 0
+    if isinstance(items, str):
+        chars += len(items)
+    else:
+        text = json.dumps(items, default=str)
+        if "data:" in text or "image" in text:
+            part_chars, images = _count(items)
+            chars += part_chars
+        else:
+            chars += len(text)
     for tool in tools:
         chars += len(getattr(tool, "name", "")) + len(getattr(tool, "description", "") or "")
         chars += len(json.dumps(getattr(tool, "params_json_schema", None) or {}))
-    return chars // CHARS_PER_TOKEN + 1 + (max_tokens or 0)
+    return chars // CHARS_PER_TOKEN + 1 + images * IMAGE_TOKENS + (max_tokens or 0)
+
+
+def _count(items: Any) -> tuple[int, int]:
+    """(characters of text, images) in input items, without recursion (items may nest deep)."""
+    chars = images = 0
+    stack = [items]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if node.startswith("data:") and ";base64," in node[:200]:
+                images += 1
+            else:
+                chars += len(node) + 2
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind in IMAGE_PARTS:
+                images += 1
+                continue
+            chars += 2
+            for key, value in node.items():
+                chars += len(str(key)) + 6  # as JSON: "key": value,
+                stack.append(value)
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+            chars += 2 * len(node) + 2
+        elif hasattr(node, "model_dump"):
+            stack.append(node.model_dump(exclude_none=True))
+        else:
+            chars += len(json.dumps(node, default=str))
+    return chars, images

@@ -254,7 +254,9 @@ def _beat(rt: Runtime) -> dict[str, Any]:
 
 async def _listen(rt: Runtime) -> None:
     """Hear `agentq cancel` and stop that batch's running jobs here at once. (A message lost
-    in a reconnect is caught at the next lease renewal: the cancel flag is durable.)"""
+    in a reconnect is caught at the next lease renewal: the cancel flag is durable.) Hear
+    another worker's 429 too, which moved the turns of calls asleep here (worker/ratelimit.py;
+    a lost one is heard in the next reply)."""
     while True:
         pubsub = rt.store.redis.pubsub()
         try:
@@ -263,8 +265,11 @@ async def _listen(rt: Runtime) -> None:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg is None or msg.get("type") != "message":
                     continue
-                verb, _, batch_id = msg["data"].decode().partition(" ")
-                if verb == "cancel":
+                verb, _, rest = msg["data"].decode().partition(" ")
+                if verb == "budgets" and rt.provider.limiter is not None:
+                    rt.provider.limiter.hear(rest)
+                elif verb == "cancel":
+                    batch_id = rest
                     n = rt.cancel_batch(batch_id)
                     if n:
                         log.info("batch.cancel_heard", batch_id=batch_id, stopped=n)
