@@ -3,6 +3,8 @@ how to talk to it: every command retries with backoff through restarts and dropp
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -32,11 +34,17 @@ def redis_url(settings: Settings) -> str:
     )
 
 
+def tcp_options(url: str) -> dict[str, Any]:
+    """Keepalive for a TCP link; redis-py refuses the option for a unix socket (TypeError)."""
+    return {} if url.startswith("unix:") else {"socket_keepalive": True}
+
+
 def connect(settings: Settings) -> Redis:
+    url = redis_url(settings)
     return Redis.from_url(
-        redis_url(settings),
+        url,
+        **tcp_options(url),
         health_check_interval=30,
-        socket_keepalive=True,
         socket_connect_timeout=5,
         socket_timeout=30,  # a half-open link fails and is retried instead of hanging
         retry=retry_policy(PRODUCER_RETRIES),
