@@ -124,21 +124,21 @@ async def _follow_logs(
     p: Producer, args: argparse.Namespace, colour: bool, only: str | None
 ) -> int:
     """Live events as they come, and each finished job's events the live channel did not
-    bring (producer/follow_logs.py); subscribed before the records are read."""
+    bring, a job's events in index order (producer/follow_logs.py); subscribed before the
+    records are read."""
     from . import keys
     from .follow_logs import Printed, read_live, run_of
 
     printed = Printed()
 
     def live(entry: dict[str, Any]) -> None:
-        job_id, event = str(entry.get("job_id")), entry["event"]
+        job_id, event, i = str(entry.get("job_id")), entry["event"], entry.get("i")
         if only is not None and job_id != only:
             return
-        if isinstance(entry.get("i"), int) and not printed.first_time(
-            job_id, run_of(event), entry["i"]
-        ):
-            return
-        _print_event(event, str(entry.get("custom_id")), job_id, args, colour)
+        # an entry without its index (a worker older than indexes) cannot be placed: as it is
+        events = printed.live(job_id, run_of(event), i, event) if isinstance(i, int) else [event]
+        for e in events:
+            _print_event(e, str(entry.get("custom_id")), job_id, args, colour)
         sys.stdout.flush()
 
     pubsub = p.redis.pubsub()
@@ -151,12 +151,9 @@ async def _follow_logs(
                     if only is not None and r.job_id != only:
                         continue
                     run = run_of(r.logs[0]) if r.logs else 0
-                    todo = printed.in_record(r.job_id, run)
-                    for i, event in enumerate(r.logs):
-                        if todo(i):
-                            _print_event(event, r.custom_id, r.job_id, args, colour)
+                    for event in printed.record(r.job_id, run, r.logs):
+                        _print_event(event, r.custom_id, r.job_id, args, colour)
                     sys.stdout.flush()
-                    printed.record_printed(r.job_id, run, len(r.logs))
                     if only is not None:  # that job is done
                         return EXIT_OK if r.status.value == "succeeded" else EXIT_FAILED
         finally:

@@ -3,16 +3,39 @@ how to talk to it: every command retries with backoff through restarts and dropp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    NoScriptError,
+    ReadOnlyError,
+    TimeoutError,
+)
 
 from .embedded import ensure_embedded_redis
 from .settings import Settings
 
-RETRY_ON: list[type[Exception]] = [ConnectionError, TimeoutError, BusyLoadingError, OSError]
-"""OSError covers a refused connect while Redis restarts, which redis-py does not retry."""
+RETRY_ON: list[type[Exception]] = [
+    ConnectionError,
+    TimeoutError,
+    BusyLoadingError,
+    ReadOnlyError,
+    OSError,
+]
+"""OSError covers a refused connect while Redis restarts, which redis-py does not retry.
+
+ReadOnlyError (READONLY) is a failover seen from a connection that still reaches the old
+primary, now a replica. redis-py closes the connection before it retries, so the retry
+connects again, to wherever the endpoint points by then. A READONLY reply means that command
+wrote nothing: a replica refuses every write, and in a script the first one ends it (agentq's
+scripts catch no Redis errors). A retried pipeline re-sends commands that may have run before the
+server turned replica; agentq's scripts are idempotent or refused when repeated (a claim's
+nonce, a finish's fence), as they already are for a reply lost with its connection."""
 
 
 def retry_policy(retries: int = 40) -> Retry:
@@ -32,13 +55,43 @@ def redis_url(settings: Settings) -> str:
     )
 
 
+def tcp_options(url: str) -> dict[str, Any]:
+    """Keepalive for a TCP link; redis-py refuses the option for a unix socket (TypeError)."""
+    return {} if url.startswith("unix:") else {"socket_keepalive": True}
+
+
 def connect(settings: Settings) -> Redis:
+    url = redis_url(settings)
     return Redis.from_url(
-        redis_url(settings),
+        url,
+        **tcp_options(url),
         health_check_interval=30,
-        socket_keepalive=True,
         socket_connect_timeout=5,
         socket_timeout=30,  # a half-open link fails and is retried instead of hanging
         retry=retry_policy(PRODUCER_RETRIES),
         retry_on_error=RETRY_ON,
     )
+
+
+class Script:
+    """A Lua script, run by its SHA as redis-py's Script runs it, that also survives a
+    failover. redis-py answers NoScriptError by loading the script and running it again, but
+    each of those through any pooled connection: while some still reach the old primary (a
+    replica now, which takes SCRIPT LOAD) and some the new one, the load can land on one
+    server and the run on the other. Then this loads and runs it on a single connection."""
+
+    def __init__(self, redis: Any, source: str) -> None:
+        self.redis = redis
+        self.script: Any = redis.register_script(source)
+
+    async def __call__(
+        self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None
+    ) -> Any:
+        on = {} if client is None else {"client": client}
+        try:
+            return await self.script(keys=list(keys), args=list(args), **on)
+        except NoScriptError:
+            if client is not None:  # a pipeline: its caller sends it again (Store._pipelined)
+                raise
+            async with self.redis.client() as one:
+                return await self.script(keys=list(keys), args=list(args), client=one)

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from . import keys
+from .connect import Script
 from .limits import check_depth
 from .models import (
     AgentJob,
@@ -749,7 +750,7 @@ class Store:
     def _load(self) -> None:
         """(Re)build the scripts from the current settings (tests change lease_ms)."""
         self._sources = _scripts(self.queue, self.ttl, self.lease_ms, self.max_runs)
-        self._script = {n: self.redis.register_script(src) for n, src in self._sources.items()}
+        self._script = {n: Script(self.redis, src) for n, src in self._sources.items()}
 
     def configure(self, *, lease_ms: int | None = None, max_runs: int | None = None) -> None:
         if lease_ms is not None:

@@ -245,8 +245,8 @@ def test_logs_prints_events_filters_them_and_follows(env: dict[str, str], tmp_pa
     one = popen("logs", batch, "b", "--follow", "--json", env=env)
     r = redis_sync.Redis.from_url(env["REDIS_URL"])
     try:
-        # Both listen before any job runs: a follower that starts mid-job prints the events it
-        # missed when the job's record lands, after the later ones it heard live.
+        # Both listen before any job runs, so the live channel is what prints the events (a
+        # follower that starts mid-job holds them until the job's record lands).
         until(lambda: r.pubsub_numsub(f"agentq:logs:{batch}")[0][1] == 2, what="subscribed")
         burst_worker(env)
         out, err = follower.communicate(timeout=60)
@@ -455,3 +455,76 @@ def test_logs_follow_prints_events_while_jobs_run_and_each_once(
 
 def norm(line: str) -> str:
     return json.dumps(json.loads(line), sort_keys=True)
+
+
+def test_logs_follow_started_mid_job_prints_its_events_in_order(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A follower that starts while job a runs missed a's events 0 and 1: it hears 2 and 3
+    live, and prints a's events 0-4 in index order once the record brings the rest. The worker
+    is played by the test (claims, live entries, finishes), so the follower provably heard 2
+    and 3 before the record landed: b's event 0, published after them, printed first."""
+    from producer.models import ResultRecord, Status, job_id_for
+    from producer.store import Store
+
+    r = redis_sync.Redis.from_url(redis_url)
+    r.flushdb()
+    env = base_env(redis_url, "http://127.0.0.1:9/v1", AGENTQ_DATA_DIR=str(tmp_path / "d"))
+    batch = submit([job("a"), job("b")], env, tmp_path)
+    ids = {cid: job_id_for(batch, cid) for cid in ("a", "b")}
+    events = {
+        cid: [{"event": f"{cid}{i}", "level": "info", "run": 1} for i in range(n)]
+        for cid, n in (("a", 5), ("b", 2))
+    }
+
+    async def play(step: str, tokens: dict[str, str]) -> None:
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(redis_url)
+        store = Store(client, queue="agentq:queue", result_ttl_s=3600)
+        try:
+            for cid, jid in ids.items():
+                if step == "claim":
+                    claim = await store.claim(jid, batch, "w:1", "1")
+                    assert claim.state == "running", claim
+                    tokens[cid] = claim.token
+                else:
+                    rec = ResultRecord(
+                        custom_id=cid,
+                        job_id=jid,
+                        batch_id=batch,
+                        status=Status.SUCCEEDED,
+                        finished_at="2026-01-01T00:00:00Z",
+                        logs=events[cid],
+                    )
+                    assert await store.finish(rec, tokens[cid]) == 1
+        finally:
+            await client.aclose()
+
+    def publish(cid: str, *indexes: int) -> None:
+        entries = [
+            {"job_id": ids[cid], "custom_id": cid, "i": i, "event": events[cid][i]} for i in indexes
+        ]
+        r.publish(f"agentq:logs:{batch}", json.dumps(entries))
+
+    tokens: dict[str, str] = {}
+    asyncio.run(play("claim", tokens))  # a logged 0 and 1 now: nobody listens yet
+    follower = popen("logs", batch, "--follow", "--json", env=env)
+    try:
+        until(lambda: r.pubsub_numsub(f"agentq:logs:{batch}")[0][1] == 1, what="subscribed")
+        until(lambda: r.pubsub_numsub(f"agentq:events:{batch}")[0][1] == 1, what="following")
+        publish("a", 2)
+        publish("a", 3)
+        publish("b", 0)
+        assert follower.stdout is not None
+        first = json.loads(follower.stdout.readline())
+        assert first["event"] == "b0", first  # a's 2 and 3 wait for 0 and 1
+        asyncio.run(play("finish", tokens))
+        out, err = follower.communicate(timeout=60)
+    finally:
+        stop(follower)
+    assert follower.returncode == 0, err
+    lines = [first, *map(json.loads, out.splitlines())]
+    for cid in ("a", "b"):
+        got = [x["event"] for x in lines if x["custom_id"] == cid]
+        assert got == [e["event"] for e in events[cid]], (cid, got)

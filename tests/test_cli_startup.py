@@ -133,3 +133,32 @@ def test_a_deferred_module_loads_when_used() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert res.stdout.strip() == "ok", res.stderr
+
+
+def test_the_worker_supervisor_imports_no_sdk_client_or_worker_runtime(tmp_path: Path) -> None:
+    """`agentq worker --processes N` runs a supervisor that starts and watches N worker
+    processes: it never runs a job, so it must not carry the Agents SDK, the openai client or
+    arq (each worker has its own). The real command line runs up to the supervisor's loop,
+    which here reports the modules loaded instead of starting workers (a module producer/lazy.py
+    defers sits in sys.modules as a placeholder until used: not counted)."""
+    code = (
+        "import sys\n"
+        "from producer.lazy import _Deferred\n"
+        "from worker import supervisor\n"
+        "def run(self):\n"
+        "    real = [n for n, m in list(sys.modules.items()) if not isinstance(m, _Deferred)]\n"
+        "    print(' '.join(sorted({n.split('.')[0] for n in real})))\n"
+        "    return 0\n"
+        "supervisor.Supervisor.run = run\n"
+        "from producer.cli import main\n"
+        "main(['worker', '--processes', '2'])\n"
+    )
+    env = base_env("redis://127.0.0.1:9/0", "http://127.0.0.1:9/v1", AGENTQ_DATA_DIR=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "starting 2 worker processes" in res.stderr
+    loaded = set(res.stdout.split())
+    assert "worker" in loaded
+    assert not loaded & (set(HEAVY) - {"worker"}), sorted(loaded & set(HEAVY))

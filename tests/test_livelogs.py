@@ -88,20 +88,25 @@ async def test_slow_redis_is_given_up_and_a_full_buffer_drops(
     assert live.dropped == 5 and not live.buffer
 
 
-def test_the_follower_prints_each_event_once_across_live_gaps_and_runs() -> None:
-    """Live events 0 and 2 came (1 was dropped): the record adds 1 and 3 only; late live
-    events of a printed run are dropped; a retried job's new run starts again at index 0."""
+def test_the_follower_prints_a_jobs_events_once_and_in_index_order() -> None:
+    """Started mid-job, a follower hears events 2 and 3 live: they wait for the record, which
+    brings 0 and 1, and 0-4 print in order. A gap (an event the worker dropped) holds what comes
+    after it until it is filled. Late live events of a printed run, stragglers of an older run
+    and an older run's record print nothing; a retried job's new run starts again at 0."""
     from producer.follow_logs import Printed
 
+    ev = [{"event": f"e{i}"} for i in range(5)]
     p = Printed()
-    assert p.first_time("j", 1, 0) and p.first_time("j", 1, 2)
-    assert not p.first_time("j", 1, 2)
-    todo = p.in_record("j", 1)
-    assert [i for i in range(4) if todo(i)] == [1, 3]
-    p.record_printed("j", 1, 4)
-    assert not p.first_time("j", 1, 3)  # published before the record, heard after it
-    assert p.first_time("j", 2, 0)  # retried: the new run's events
-    assert not p.first_time("j", 1, 1)  # a straggler of the old run
-    todo = p.in_record("j", 2)
-    assert [i for i in range(2) if todo(i)] == [1]
-    assert [i for i in range(2) if p.in_record("other", 1)(i)] == [0, 1]
+    assert p.live("j", 1, 2, ev[2]) == [] and p.live("j", 1, 3, ev[3]) == []
+    assert p.record("j", 1, ev) == ev
+    assert p.live("j", 1, 4, ev[4]) == []  # published before the record, heard after it
+    assert p.live("k", 1, 0, ev[0]) == [ev[0]] and p.live("k", 1, 1, ev[1]) == [ev[1]]
+    assert p.live("k", 1, 1, ev[1]) == []  # heard twice
+    assert p.live("k", 1, 3, ev[3]) == []  # 2 was dropped
+    assert p.record("k", 1, ev) == [ev[2], ev[3], ev[4]]
+    assert p.live("m", 1, 1, ev[1]) == [] and p.live("m", 1, 0, ev[0]) == [ev[0], ev[1]]
+    assert p.live("j", 2, 0, ev[0]) == [ev[0]]  # retried: the new run's events
+    assert p.live("j", 1, 1, ev[1]) == []  # a straggler of the old run
+    assert p.record("j", 1, ev) == []
+    assert p.record("j", 2, ev[:2]) == [ev[1]]
+    assert p.record("other", 1, ev[:2]) == ev[:2]

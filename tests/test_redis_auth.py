@@ -1,10 +1,12 @@
-"""Redis with a password, and over TLS (rediss://), for producer and worker alike."""
+"""Redis with a password, over TLS (rediss://) and over a unix socket (unix://), for producer
+and worker alike."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
+from ops.procs import start_valkey
 from ops.simrouter import SimRouter
 from producer import AgentJob, Producer, Settings, Status
 from tests.conftest import ROUTER_KEY
@@ -120,3 +123,26 @@ def test_wrong_password_is_a_clear_error(tls_redis: str) -> None:
     assert res.returncode == 1
     assert "check REDIS_URL" in res.stderr and "rediss://***@127.0.0.1" in res.stderr
     assert "wrong-pw-123" not in res.stderr
+
+
+async def test_batch_over_a_unix_socket(sim: SimRouter, tmp_path: Path) -> None:
+    """REDIS_URL=unix://PATH: the producer and the worker connect without the TCP-only
+    socket_keepalive (redis-py refused it for a unix socket: TypeError at the first command)."""
+    socks = Path(tempfile.mkdtemp(prefix="aqux", dir="/tmp"))  # a socket path has 107 bytes
+    server = start_valkey(tmp_path, unix_socket_path=socks / "r.sock")
+    try:
+        settings = Settings(
+            redis_url=f"unix://{socks / 'r.sock'}?db=0",
+            router_url=sim.url,
+            api_key=ROUTER_KEY,  # type: ignore[arg-type]
+            poll_delay_s=0.01,
+            data_dir=str(tmp_path / ".agentq"),
+        )
+        async with Producer.from_env(settings) as p:
+            batch = await p.submit([AgentJob(custom_id="a", input="What is 20 + 22?")])
+            await run_batch(p, settings, batch.id)
+            out = await records(p, batch.id)
+    finally:
+        server.stop()
+        shutil.rmtree(socks, ignore_errors=True)
+    assert out["a"].status == Status.SUCCEEDED and out["a"].output == "42"

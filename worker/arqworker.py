@@ -27,6 +27,8 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import logger
 
+from producer.connect import Script
+
 _TAKE = """
 -- Returns {ids examined, then (id, score) for each job taken}: fewer examined than given means
 -- it stopped for want of slots, with jobs left behind.
@@ -251,7 +253,7 @@ class BatchStartWorker(Worker):
             self._left_behind = True
             return
         if self._take is None:
-            self._take = self.pool.register_script(_TAKE)
+            self._take = Script(self.pool, _TAKE)
         taken = await self._take(
             keys=[self.queue_name],
             args=[

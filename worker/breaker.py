@@ -29,6 +29,7 @@ from producer.breakers import (
     read_breakers,
     router_field,
 )
+from producer.connect import Script
 from producer.redact import safe_url
 
 from . import metrics
@@ -159,9 +160,9 @@ class Breakers:
         self.clock: Callable[[], float] = time.monotonic
         """The streaks' clock (tests drive it)."""
         self._probers: dict[str, asyncio.Task[None]] = {}
-        self._open = redis.register_script(_OPEN)
-        self._ok = redis.register_script(_OK)
-        self._probe = redis.register_script(_PROBE)
+        self._open = Script(redis, _OPEN)
+        self._ok = Script(redis, _OK)
+        self._probe = Script(redis, _PROBE)
         self._refreshing: asyncio.Task[None] | None = None
 
     def fields(self, route: str, model: str) -> tuple[str, str]:

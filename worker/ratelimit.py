@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from producer import keys
-from producer.connect import RETRY_ON
+from producer.connect import RETRY_ON, Script
 from producer.settings import RateLimit
 
 from . import metrics
@@ -199,9 +199,9 @@ class RateLimiter:
     """The last shift this worker heard of, per budget (from any reply)."""
 
     def __post_init__(self) -> None:
-        self._take = self.redis.register_script(_TAKE)
-        self._slow = self.redis.register_script(_SLOW)
-        self._settle = self.redis.register_script(_SETTLE)
+        self._take = Script(self.redis, _TAKE)
+        self._slow = Script(self.redis, _SLOW)
+        self._settle = Script(self.redis, _SETTLE)
 
     def budgets_for(self, label: str, router: str) -> tuple[Budget, ...]:
         """The budgets a model's calls take turns under: the model's own (by the name jobs

@@ -16,6 +16,7 @@ import structlog
 from agents import TracingProcessor, set_trace_processors, set_tracing_disabled
 from arq.connections import RedisSettings
 from arq.worker import func
+from redis.asyncio.connection import UnixDomainSocketConnection
 
 from producer import keys
 from producer.connect import RETRY_ON, redis_url, retry_policy
@@ -132,9 +133,10 @@ REDIS_SOCKET_TIMEOUT_S = 15.0
 async def _set_timeouts(pool: Any) -> None:
     """arq's pool has a connect timeout only: add a read timeout and health checks, so a
     half-open connection fails (and is retried) instead of hanging renewals and finishes."""
-    pool.connection_pool.connection_kwargs.update(
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30, socket_keepalive=True
-    )
+    kwargs = pool.connection_pool.connection_kwargs
+    kwargs.update(socket_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30)
+    if not issubclass(pool.connection_pool.connection_class, UnixDomainSocketConnection):
+        kwargs.update(socket_keepalive=True)  # TCP only: refused for a unix socket
     await pool.connection_pool.disconnect()
 
 

@@ -392,42 +392,65 @@ async def _sdk_pair(
     )
 
 
-# -- scale-2v1 ------------------------------------------------------------------------------
+# -- 2 worker processes vs 1 (scale-2v1, processes) -------------------------------------------
+
+
+@dataclass
+class TwoVsOne:
+    """Runs/s of each side per round; where measured, the cores busy per round."""
+
+    rate: dict[int, list[float]] = field(default_factory=lambda: {1: [], 2: []})
+    cores: dict[int, list[dict[str, float]]] = field(default_factory=lambda: {1: [], 2: []})
+    sim_cores: dict[int, list[float]] = field(default_factory=lambda: {1: [], 2: []})
+
+    @property
+    def ratio(self) -> float:
+        return median(self.rate[2]) / median(self.rate[1])
+
+
+async def _two_vs_one(
+    b: Bench,
+    name: str,
+    sim: SimRouterProc,
+    labels: tuple[str, str],
+    cpu_of: dict[int, dict[str, list[int]]] | None = None,
+) -> TwoVsOne:
+    """Side 2 against side 1, whose workers serve queues bench:NAME-2 and -1: tool jobs, after
+    a warm-up of each, b.sizes.rounds rounds of scale_n jobs a side, the sides alternating
+    (1 2, 2 1, ...). With cpu_of (side -> process groups), each round's CPU split too."""
+    n = b.sizes.scale_n
+    out = TwoVsOne()
+    async with b.producer(f"bench:{name}-1") as p1, b.producer(f"bench:{name}-2") as p2:
+        producers = {1: p1, 2: p2}
+        await warm_up(p1, 1)
+        await warm_up(p2, 2)
+        for r in range(b.sizes.rounds):
+            for k in (1, 2) if r % 2 == 0 else (2, 1):
+                jobs = make_jobs("tool", n, prefix=f"{name[0]}{k}-{r}-")
+                split = CpuSplit(cpu_of[k], apart={"sim Router": [sim.pid]}) if cpu_of else None
+                with split or contextlib.nullcontext():
+                    seconds = await run_batch(producers[k], jobs, timeout_for(n))
+                out.rate[k].append(n / seconds)
+                if split is not None:
+                    out.cores[k].append(split.cores())
+                    out.sim_cores[k].append(split.apart_cores()["sim Router"])
+            b.say(
+                f"round {r + 1}: {labels[0]} {out.rate[1][-1]:.0f} runs/s, "
+                f"{labels[1]} {out.rate[2][-1]:.0f} runs/s"
+            )
+    return out
 
 
 async def scale_2v1(b: Bench) -> list[Row]:
     """2 worker processes vs 1 on this machine: tool jobs, Router latency 0 (CPU-bound)."""
     await b.flush()
-    n = b.sizes.scale_n
-    q1, q2 = "bench:scale-1", "bench:scale-2"
-    rate: dict[int, list[float]] = {1: [], 2: []}
-    cores: dict[int, list[dict[str, float]]] = {1: [], 2: []}
-    sim_cores: dict[int, list[float]] = {1: [], 2: []}
     with ExitStack() as stack:
         sim = stack.enter_context(SimRouterProc(0))
-        groups = {
-            1: stack.enter_context(b.workers(1, sim, 50, q1)),
-            2: stack.enter_context(b.workers(2, sim, 50, q2)),
-        }
-        async with b.producer(q1) as p1, b.producer(q2) as p2:
-            producers = {1: p1, 2: p2}
-            await warm_up(p1, 1)
-            await warm_up(p2, 2)
-            for r in range(b.sizes.rounds):
-                for k in (1, 2) if r % 2 == 0 else (2, 1):
-                    jobs = make_jobs("tool", n, prefix=f"s{k}-{r}-")
-                    agentq = b.agentq_pids(groups[k])
-                    with CpuSplit(agentq, apart={"sim Router": [sim.pid]}) as m:
-                        seconds = await run_batch(producers[k], jobs, timeout_for(n))
-                    rate[k].append(n / seconds)
-                    cores[k].append(m.cores())
-                    sim_cores[k].append(m.apart_cores()["sim Router"])
-                b.say(
-                    f"round {r + 1}: 1 worker {rate[1][-1]:.0f} runs/s, "
-                    f"2 workers {rate[2][-1]:.0f} runs/s"
-                )
-    ratio = median(rate[2]) / median(rate[1])
-    mid = {k: median_round(cores[k]) for k in (1, 2)}
+        groups = {k: stack.enter_context(b.workers(k, sim, 50, f"bench:scale-{k}")) for k in (1, 2)}
+        cpu_of = {k: b.agentq_pids(groups[k]) for k in (1, 2)}
+        t = await _two_vs_one(b, "scale", sim, ("1 worker", "2 workers"), cpu_of)
+    n, rate, ratio, sim_cores = b.sizes.scale_n, t.rate, t.ratio, t.sim_cores
+    mid = {k: median_round(t.cores[k]) for k in (1, 2)}
     return [
         Row(
             "scale-2v1",
@@ -1245,8 +1268,6 @@ async def _wait_cpu(b: Bench, p: Producer, w: WorkerProc) -> list[Row]:
 async def processes(b: Bench) -> list[Row]:
     """`agentq worker --processes 2` vs `agentq worker`: tool jobs, Router latency 0."""
     await b.flush()
-    n = b.sizes.scale_n
-    rate: dict[int, list[float]] = {1: [], 2: []}
     with ExitStack() as stack:
         sim = stack.enter_context(SimRouterProc(0))
         groups: dict[int, WorkerProc] = {}
@@ -1263,19 +1284,8 @@ async def processes(b: Bench) -> list[Row]:
             groups[k] = w
         await _until_registered(b.redis_url, groups[1], 1)
         await _until_registered(b.redis_url, groups[2], 2)
-        async with b.producer("bench:procs-1") as p1, b.producer("bench:procs-2") as p2:
-            producers = {1: p1, 2: p2}
-            await warm_up(p1, 1)
-            await warm_up(p2, 2)
-            for r in range(b.sizes.rounds):
-                for k in (1, 2) if r % 2 == 0 else (2, 1):
-                    jobs = make_jobs("tool", n, prefix=f"p{k}-{r}-")
-                    rate[k].append(n / await run_batch(producers[k], jobs, timeout_for(n)))
-                b.say(
-                    f"round {r + 1}: --processes 1 {rate[1][-1]:.0f} runs/s, "
-                    f"--processes 2 {rate[2][-1]:.0f} runs/s"
-                )
-    ratio = median(rate[2]) / median(rate[1])
+        t = await _two_vs_one(b, "procs", sim, ("--processes 1", "--processes 2"))
+    n, rate, ratio = b.sizes.scale_n, t.rate, t.ratio
     return [
         Row(
             "processes",
