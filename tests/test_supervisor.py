@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,44 @@ def test_auto_counts_the_cpus_this_process_may_use(
     assert supervisor.cpu_count(cpu_max) == 3
     cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5
     assert supervisor.cpu_count(cpu_max) == 2
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (the supervisor's loop runs in this thread)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_worker_that_dies_in_a_slow_start_up_died_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a death was early only within HEALTHY_S of the process's start. On a loaded
+    machine a worker took 14–20 s to fail its start-up (HEALTHY_S is 10 s), so the supervisor
+    restarted it for ever instead of giving up. Now a death before the worker said it was ready
+    is early, however long the start-up took (here 0.3 s against a HEALTHY_S of 0.05 s)."""
+    monkeypatch.setattr(supervisor, "HEALTHY_S", 0.05)
+    monkeypatch.setattr(supervisor, "RESTART_MIN_S", 0.01)
+    monkeypatch.setattr(supervisor, "RESTART_MAX_S", 0.01)
+    slow_death = [sys.executable, "-c", "import time; time.sleep(0.3); raise SystemExit(3)"]
+    with _deadline(60):
+        assert supervisor.Supervisor(slow_death, 1).run() == 1
+
+
+def test_a_worker_says_when_it_is_ready() -> None:
+    ready_then_done = [
+        sys.executable,
+        "-c",
+        "import os, time; os.write(int(os.environ['AGENTQ_READY_FD']), b'1'); time.sleep(0.5)",
+    ]
+    sup = supervisor.Supervisor(ready_then_done, 1)
+    with _deadline(60):
+        assert sup.run() == 0
+    assert sup.slots[0].ready_at is not None and sup.slots[0].ready_fd is None

@@ -110,6 +110,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(_listen(rt)),
     ]
     frozen = heap.freeze()
+    _tell_ready()
     log.info(
         "worker.started",
         worker=rt.worker_id,
@@ -372,3 +373,14 @@ def redis_settings(settings: Settings) -> RedisSettings:
     rs.retry_on_error = RETRY_ON
     rs.retry = retry_policy()
     return rs
+
+
+def _tell_ready() -> None:
+    """Tell `agentq worker --processes`'s supervisor (if it started us) that start-up is done:
+    a death after this is not a failing start-up (worker/supervisor.py)."""
+    fd = os.environ.pop("AGENTQ_READY_FD", None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        os.write(int(fd), b"1")
+        os.close(int(fd))

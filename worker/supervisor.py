@@ -37,8 +37,13 @@ RESTART_MIN_S, RESTART_MAX_S = 0.5, 10.0
 """Backoff before restarting a worker that died, doubling while it keeps dying early."""
 
 HEALTHY_S = 10.0
-"""A worker that ran this long before it died was not failing at start-up: its backoff
-starts over."""
+"""A worker that ran this long after it was ready (its start-up done) before it died was not
+failing at start-up: its backoff starts over. A worker that died before it was ready died
+early, however long its start-up took (a loaded machine may take many seconds)."""
+
+READY_FD_ENV = "AGENTQ_READY_FD"
+"""The worker writes a byte to this file descriptor (a pipe from the supervisor) once its
+start-up is done (worker/settings.py on_startup)."""
 
 GIVE_UP_AFTER = 5
 """Early deaths in a row of one worker slot after which the supervisor gives up."""
@@ -84,6 +89,9 @@ class Slot:
     started: float = 0.0
     restart_at: float | None = None
     early_deaths: int = 0
+    ready_fd: int | None = None
+    """Read end of the worker's ready pipe, until it said it was ready or ended."""
+    ready_at: float | None = None
     code: int | None = None
     """Exit code of its last worker, once it ended for good (stopped, finished, given up)."""
 
@@ -111,6 +119,7 @@ class Supervisor:
                 if self.stopping is not None and not self.forwarded:
                     self._forward(self.stopping)
                     self.forwarded = True
+                self._note_ready()
                 given_up = self._reap()
                 if given_up is not None:
                     return given_up
@@ -141,11 +150,45 @@ class Supervisor:
         env = dict(self.env)
         if self.metrics_port:
             env["AGENTQ_METRICS_PORT"] = str(self.metrics_port + slot.index)
-        slot.proc = subprocess.Popen(
-            list(self.command), env=env, process_group=0, preexec_fn=_die_with_parent
-        )
+        self._close_ready(slot)
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        env[READY_FD_ENV] = str(w)
+        try:
+            slot.proc = subprocess.Popen(
+                list(self.command),
+                env=env,
+                process_group=0,
+                preexec_fn=_die_with_parent,
+                pass_fds=(w,),
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        slot.ready_fd, slot.ready_at = r, None
         slot.started, slot.restart_at = time.monotonic(), None
         _say(f"worker {slot.index} started (pid {slot.proc.pid})")
+
+    def _note_ready(self) -> None:
+        for slot in self.slots:
+            if slot.ready_fd is None:
+                continue
+            try:
+                said = os.read(slot.ready_fd, 1)
+            except BlockingIOError:
+                continue
+            if said:
+                slot.ready_at = time.monotonic()
+            self._close_ready(slot)  # said it, or ended without saying it
+
+    @staticmethod
+    def _close_ready(slot: Slot) -> None:
+        if slot.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(slot.ready_fd)
+            slot.ready_fd = None
 
     def _reap(self) -> int | None:
         """Note the workers that ended; schedule restarts. Returns an exit code when giving
@@ -154,20 +197,23 @@ class Supervisor:
             if slot.proc is None or slot.proc.poll() is None:
                 continue
             code, pid = _code(slot.proc.returncode), slot.proc.pid
-            ran = time.monotonic() - slot.started
+            now = time.monotonic()
+            ran = now - slot.started
             slot.proc = None
+            self._close_ready(slot)
             if self.stopping is not None or code == 0:
                 # stopped (by us or by someone else), or finished (--burst): not restarted
                 slot.code = code
                 if self.stopping is None:
                     _say(f"worker {slot.index} (pid {pid}) exited with code {code}")
                 continue
-            slot.early_deaths = slot.early_deaths + 1 if ran < HEALTHY_S else 1
+            early = slot.ready_at is None or now - slot.ready_at < HEALTHY_S
+            slot.early_deaths = slot.early_deaths + 1 if early else 1
             if slot.early_deaths >= GIVE_UP_AFTER:
                 _say(
                     f"worker {slot.index} (pid {pid}) died {slot.early_deaths} times in a row "
-                    f"within {HEALTHY_S:g} s of starting (last exit code {code}); giving up — "
-                    "see its output above, fix the cause and start again"
+                    f"during its start-up or within {HEALTHY_S:g} s of it (last exit code "
+                    f"{code}); giving up — see its output above, fix the cause and start again"
                 )
                 return 1
             delay = min(RESTART_MAX_S, RESTART_MIN_S * 2 ** (slot.early_deaths - 1))
