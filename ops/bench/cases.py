@@ -284,7 +284,9 @@ async def warm_up(p: Producer, workers: int, kinds: Sequence[str] = ("plain", "t
     await run_batch(p, jobs, timeout_s=120)
 
 
-def timeout_for(n: int, min_rate: float = 10.0) -> float:
+def timeout_for(n: int, min_rate: float = 2.0) -> float:
+    """A guard against a hang, not a target: generous enough for a loaded machine (the quick
+    bench in the test suite timed out once at 10 jobs/s, with load 7 on 2 cores)."""
     return n / min_rate + 60.0
 
 
