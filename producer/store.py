@@ -309,8 +309,9 @@ _CLAIM = """
 local id = ARGV[1]
 local FIELDS = {'status', 'q', 'batch_id', 'qt', 'score', 'poff', 'tenant', 'swap'}
 local h = redis.call('HMGET', jkey(id), unpack(FIELDS))
-if h[8] and h[1] == 'queued' then
-  -- this claim sent again, whose first try ran another job of the tenant on this entry
+if h[8] then
+  -- this claim sent again, whose first try ran another job of the tenant on this entry (this
+  -- job, moved to that one's place, may have been taken by another claim since)
   local nonce, other = string.match(h[8], '^(%S+) (.+)$')
   if nonce == ARGV[5] then
     id = other

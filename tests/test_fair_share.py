@@ -316,6 +316,28 @@ async def test_a_cancelled_tenant_batch_leaves_its_tenants_turns(store: Store) -
     assert await start_order(store, 5) == ["a2"] * 5
 
 
+async def test_a_claim_sent_again_gets_its_run_after_the_moved_job_was_taken(
+    store: Store,
+) -> None:
+    """The turn ran y0 on x1's entry and moved x1 to y0's place, where another worker may
+    take it before the first claim is sent again: the resent claim must still get y0's run
+    (before: 'busy', and y0 waited out its lease with nobody running it, a run counted)."""
+    await store.submit_chunk("a1", jobs("x", 2, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 1, tenant="a"))
+    entries = [_s(e) for e in await store.redis.zrange(QUEUE, 0, -1)]
+    first = await start_next(store)
+    assert first is not None and first[1].custom_id == "x0"
+    jid, _, q = entries[1].partition(".")
+    args = [jid, q, "w", now_iso(), "nonce-1"]
+    one = await store._run("claim", args)
+    assert _s(one[5]) == job_id_for("a2", "y0")
+    other = await start_next(store)  # another worker takes x1 at y0's old place
+    assert other is not None and other[1].holds and other[1].custom_id == "x1"
+    again = await store._run("claim", args)
+    assert _s(again[0]) == "running" and _s(again[5]) == job_id_for("a2", "y0")
+    assert _s(again[4]) == _s(one[4])  # the same run: the same fencing token
+
+
 def test_a_blank_or_non_string_tenant_is_refused() -> None:
     for bad in ("  ", 7, ""):
         with pytest.raises(ValueError, match="tenant"):
