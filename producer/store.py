@@ -136,10 +136,12 @@ local function tenant_first(t, poff)
   if redis.call('EXISTS', tqkey(t, poff)) == 0 then return v end
   return math.max(v, tonumber(redis.call('HGET', tkey(t), 'vnext:' .. poff) or '0') or 0)
 end
--- A batch's next place among its tenant's batches, on the tenant's virtual time.
+-- A batch's next place among its tenant's batches, on the tenant's virtual time (both kept
+-- per priority offset: a batch may get jobs at another priority).
+local function lvf(t, poff) return 'lv:' .. (tonumber(poff) or 0) .. ':' .. t end
 local function local_first(b, t, poff)
   local v = tonumber(redis.call('HGET', tkey(t), 'tv:' .. poff) or '0') + 1
-  local h = redis.call('HMGET', bkey(b), 'lv:' .. t, 'queued')
+  local h = redis.call('HMGET', bkey(b), lvf(t, poff), 'queued')
   if (tonumber(h[2]) or 0) <= 0 then return v end
   return math.max(v, tonumber(h[1]) or 0)
 end
@@ -151,7 +153,7 @@ local function place(b, id)
     local v, l = tenant_first(t, poff), local_first(b, t, poff)
     redis.call('HSET', tkey(t), 'vnext:' .. poff, v + 1)
     redis.call('EXPIRE', tkey(t), TTL)
-    redis.call('HSET', bkey(b), 'lv:' .. t, l + 1)
+    redis.call('HSET', bkey(b), lvf(t, poff), l + 1)
     redis.call('HSET', jkey(id), 'lscore', l)
     return v + poff
   end
@@ -287,7 +289,7 @@ end
 for t, nxt in pairs(tv) do
   redis.call('HSET', tkey(t), 'vnext:' .. poff, nxt)
   redis.call('EXPIRE', tkey(t), TTL)
-  redis.call('HSET', bkey(b), 'lv:' .. t, lv[t])
+  redis.call('HSET', bkey(b), lvf(t, poff), lv[t])
 end
 redis.call('HSETNX', bkey(b), 'created_at', enq)
 redis.call('ZADD', INDEX, 'NX', now, b)

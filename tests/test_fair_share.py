@@ -338,6 +338,19 @@ async def test_a_claim_sent_again_gets_its_run_after_the_moved_job_was_taken(
     assert _s(again[4]) == _s(one[4])  # the same run: the same fencing token
 
 
+async def test_a_tenants_batch_given_jobs_at_another_priority_takes_turns_there(
+    store: Store,
+) -> None:
+    """A batch's place among its tenant's batches is counted per priority, as the tenant's
+    own virtual time is: a1's normal jobs queued must not push its high ones behind a2's
+    (before: a1's high jobs came after all of a2's, placed from a1's normal count)."""
+    await store.submit_chunk("a1", jobs("n", 20, tenant="a"))
+    await store.submit_chunk("a1", jobs("h", 3, tenant="a"), Priority.HIGH)
+    await store.submit_chunk("a2", jobs("k", 10, tenant="a"), Priority.HIGH)
+    order = await start_order(store, 6)
+    assert order.count("a1") == 3, order
+
+
 def test_a_blank_or_non_string_tenant_is_refused() -> None:
     for bad in ("  ", 7, ""):
         with pytest.raises(ValueError, match="tenant"):
