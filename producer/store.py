@@ -45,7 +45,7 @@ local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
 local WAKE, SETTLED, PROGRESS, THROTTLE_MS = {wake}, {settled}, {progress}, {throttle_ms}
 local ARQ_IP, ARQ_RETRY = {arq_in_progress}, {arq_retry}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
-local TENANT, TQ = {tenant}, {tq}
+local TENANT, TQ, TP = {tenant}, {tq}, {tp}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -66,6 +66,8 @@ local function final(st) return st == 'succeeded' or st == 'failed' or st == 'ca
 local function tkey(t) return TENANT .. t end
 -- a tenant's queued jobs of one priority offset (see "A tenant's turn" below)
 local function tqkey(t, poff) return TQ .. (tonumber(poff) or 0) .. ':' .. t end
+-- the same jobs by their place in arq's queue (see fill)
+local function tpkey(t, poff) return TP .. (tonumber(poff) or 0) .. ':' .. t end
 local function arq_id(id, q) return id .. '.' .. (q or '0') end
 -- Every job change is announced on the batch's events channel; its counters' change on the
 -- progress channel, at most once per THROTTLE_MS (waiters re-read a window later).
@@ -102,6 +104,7 @@ local function enqueue(id, b, score, front)
     local l = tonumber(t[2]) or 0
     if front then l = l - 1e13 end
     redis.call('ZADD', tqkey(t[1], t[3]), l, id)
+    redis.call('ZADD', tpkey(t[1], t[3]), score, id)
   end
   wake()
 end
@@ -181,7 +184,42 @@ local function dequeue(id, q)
   redis.call('ZREM', QUEUE, aid)
   redis.call('DEL', ARQ .. aid, ARQ_IP .. aid, ARQ_RETRY .. aid)
   local t = redis.call('HMGET', jkey(id), 'tenant', 'poff')
-  if t[1] then redis.call('ZREM', tqkey(t[1], t[2]), id) end
+  if t[1] then
+    redis.call('ZREM', tqkey(t[1], t[2]), id)
+    redis.call('ZREM', tpkey(t[1], t[2]), id)
+  end
+end
+-- A queued job leaves other than by a claim (cancelled). A batch's places go with it, but a
+-- tenant's are shared by its batches: its other jobs would wait behind the gap, the other
+-- tenants taking that many turns first. So the tenant's job placed last takes the place (not
+-- one given back's, whose turn was had; not one a worker is taking).
+local function leave(id, q)
+  local h = redis.call('HMGET', jkey(id), 'tenant', 'poff')
+  local ps = h[1] and tonumber(redis.call('ZSCORE', tpkey(h[1], h[2]), id) or '')
+  dequeue(id, q)
+  if not ps or ps <= -REAL_TIME or ps >= REAL_TIME then return end
+  local tp = tpkey(h[1], h[2])
+  local top = redis.call('ZRANGE', tp, -1, -1, 'WITHSCORES')
+  if #top == 0 or tonumber(top[2]) <= ps or tonumber(top[2]) >= REAL_TIME then return end
+  local z = top[1]
+  local g = redis.call('HMGET', jkey(z), 'status', 'q', 'batch_id')
+  local aid = arq_id(z, g[2])
+  local qs = tonumber(redis.call('ZSCORE', QUEUE, aid) or '')
+  if g[1] ~= 'queued' or not qs or qs >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
+      or misfit(g[3]) then
+    return
+  end
+  dequeue(z, g[2])
+  redis.call('HSET', jkey(z), 'score', ps)
+  enqueue(z, g[3], ps, false)
+  -- the tenant's next jobs come after its last place now
+  local last = redis.call('ZRANGE', tp, -1, -1, 'WITHSCORES')
+  local poff = tonumber(h[2]) or 0
+  local vn = 'vnext:' .. poff
+  local nxt = tonumber(last[2]) - poff + 1
+  if nxt < (tonumber(redis.call('HGET', tkey(h[1]), vn) or '') or 0) then
+    redis.call('HSET', tkey(h[1]), vn, nxt)
+  end
 end
 -- A tenant's turn: of its jobs of priority `poff` waiting in arq's queue, the one with the
 -- lowest place among its batches, if that is lower than `lx` (the place of the job whose
@@ -408,7 +446,7 @@ end
 redis.call('HSET', jkey(id), 'status', to, 'finished_at', ARGV[10])
 if ARGV[4] ~= '' then redis.call('HSET', jkey(id), 'result', ARGV[4]) end
 redis.call('ZREM', LEASES, id)
-if st == 'queued' then dequeue(id, h[4]) end
+if st == 'queued' then leave(id, h[4]) end
 publish(b, id .. ' ' .. to)
 settle(b)
 return 1
@@ -612,6 +650,7 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         func=_lua_str(RUN_FUNCTION),
         tenant=_lua_str(keys.TENANT_PREFIX),
         tq=_lua_str(keys.TENANT_QUEUE_PREFIX),
+        tp=_lua_str(keys.TENANT_PLACES_PREFIX),
         ttl=ttl_s,
         lease_ms=lease_ms,
         payload_ms=ttl_s * 1000,

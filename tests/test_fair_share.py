@@ -351,6 +351,19 @@ async def test_a_tenants_batch_given_jobs_at_another_priority_takes_turns_there(
     assert order.count("a1") == 3, order
 
 
+async def test_a_tenants_cancelled_batch_leaves_no_gap_in_its_turns(store: Store) -> None:
+    """Cancelling a tenant's big batch gives its places to the tenant's other jobs: a2 takes
+    a's turns with b at once (before: a2 sat at the places after all of a1's, and b ran 30
+    times first)."""
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    await store.submit_chunk("b1", jobs("z", 30, tenant="b"))
+    await store.flag_cancelled("a1")
+    await store.cancel("a1", [job_id_for("a1", f"x{i}") for i in range(30)])
+    flows = [_flow(b) for b in await start_order(store, 10)]
+    assert flows.count("a") == 5, flows
+
+
 def test_a_blank_or_non_string_tenant_is_refused() -> None:
     for bad in ("  ", 7, ""):
         with pytest.raises(ValueError, match="tenant"):
@@ -597,6 +610,7 @@ class TenantShareMachine(RuleBasedStateMachine):
                 self.run(self._finish_id(jid, token))
             assert all(n == 1 for n in self.finals.values()), self.finals
             assert not self.run(self.redis.keys(keys.TENANT_QUEUE_PREFIX + "*"))
+            assert not self.run(self.redis.keys(keys.TENANT_PLACES_PREFIX + "*"))
         finally:
             self.run(self.redis.aclose())
             self.loop.close()
@@ -717,6 +731,20 @@ class TenantShareMachine(RuleBasedStateMachine):
                 self.queued[batch].add(jid)
         self.mark_pairs()
 
+    @rule(batch=st.sampled_from(sorted(TENANT_BATCHES)))
+    def cancel(self, batch: str) -> None:
+        """`agentq cancel`'s cancel script over the batch's jobs (not the flag: jobs
+        submitted in the same millisecond would count as before it)."""
+        ids = sorted(j for j, b in self.batch_of.items() if b == batch)
+        self.run(self.store.cancel(batch, ids))
+        for jid in ids:
+            if jid in self.queued[batch] or jid in self.running:
+                self.queued[batch].discard(jid)
+                self.running.pop(jid, None)
+                self.front.discard(jid)
+                self.finals[jid] = self.finals.get(jid, 0) + 1
+        self.mark_pairs()
+
     @invariant()
     def peers_take_turns(self) -> None:
         for (x, y), (sx, sy, gap) in self.since.items():
@@ -734,11 +762,14 @@ class TenantShareMachine(RuleBasedStateMachine):
             if tenant:
                 offset = store_module._PRIORITY_OFFSET[prio]
                 sets.setdefault(f"{keys.TENANT_QUEUE_PREFIX}{offset}:{tenant}", set()).add(jid)
-        stored = {
-            _s(k): {_s(m) for m in self.run(self.redis.zrange(k, 0, -1))}
-            for k in self.run(self.redis.keys(keys.TENANT_QUEUE_PREFIX + "*"))
-        }
-        assert stored == sets
+        for prefix in (keys.TENANT_QUEUE_PREFIX, keys.TENANT_PLACES_PREFIX):
+            stored = {
+                keys.TENANT_QUEUE_PREFIX + _s(k)[len(prefix) :]: {
+                    _s(m) for m in self.run(self.redis.zrange(k, 0, -1))
+                }
+                for k in self.run(self.redis.keys(prefix + "*"))
+            }
+            assert stored == sets, prefix
         assert all(n <= 1 for n in self.finals.values()), self.finals
 
 
