@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError
 from . import keys
 from .limits import check_depth
 from .models import (
+    STORED,
     AgentJob,
     BatchStatus,
     JobError,
@@ -205,7 +206,8 @@ local function leave(id, q)
   local g = redis.call('HMGET', jkey(z), 'status', 'q', 'batch_id')
   local aid = arq_id(z, g[2])
   local qs = tonumber(redis.call('ZSCORE', QUEUE, aid) or '')
-  if g[1] ~= 'queued' or not qs or qs >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
+  if g[1] ~= 'queued' or not qs or qs <= ps or qs >= REAL_TIME
+      or redis.call('EXISTS', ARQ_IP .. aid) == 1
       or misfit(g[3]) then
     return
   end
@@ -761,6 +763,10 @@ class Claim:
         return self.state in ("running", "exhausted")
 
 
+_STORED = {STORED: True}
+"""A job read back: what an older agentq queued is read as it was meant (models.STORED)."""
+
+
 def _reply_list(reply: Any) -> list[str]:
     return [_s(x) or "" for x in reply]
 
@@ -959,7 +965,7 @@ class Store:
         spec, enqueued_at, runs, token = reply[1], reply[2] or None, int(reply[3]), reply[4]
         try:
             check_depth(spec, "the stored job")
-            job: AgentJob | None = AgentJob.model_validate_json(spec)
+            job: AgentJob | None = AgentJob.model_validate_json(spec, context=_STORED)
             error = None
         except ValueError as exc:
             job, error = None, str(exc).replace("\n", " ")[:1000]
