@@ -234,14 +234,14 @@ local function turn_of(t, poff, lx)
     local top = redis.call('ZRANGE', tq, 0, 0, 'WITHSCORES')
     if #top == 0 or tonumber(top[2]) >= lx then return nil end
     local y = top[1]
-    local g = redis.call('HMGET', jkey(y), 'status', 'q', 'batch_id', 'tenant', 'poff')
+    local g = redis.call('HMGET', jkey(y), 'status', 'q', 'batch_id', 'tenant', 'poff', 'score')
     local aid = arq_id(y, g[2])
     local qs = redis.call('ZSCORE', QUEUE, aid)
     if g[1] ~= 'queued' or g[4] ~= t or tonumber(g[5]) ~= tonumber(poff) or not qs
         or redis.call('EXISTS', ARQ .. aid) == 0 then
       redis.call('ZREM', tq, y)
     elseif tonumber(qs) >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
-        or misfit(g[3]) then
+        or misfit(g[3]) or not tonumber(g[6]) then
       return nil
     else
       return y, tonumber(qs)
@@ -381,7 +381,9 @@ local lx = h[7] and tonumber(redis.call('ZSCORE', tqkey(h[7], h[6]), id)
 dequeue(id, h[2])
 local turn, poff = h[5], h[6]  -- the place this entry stands for
 if h[7] and lx then
-  local y, ys = turn_of(h[7], h[6], lx)
+  -- (places are swapped: none if this job has none, odd data)
+  local y, ys
+  if tonumber(turn) then y, ys = turn_of(h[7], h[6], lx) end
   if y then
     -- the tenant's turn goes to y; this entry's job takes y's place in the queue (at the
     -- front if y's was: both were given back)

@@ -364,6 +364,26 @@ async def test_a_tenants_cancelled_batch_leaves_no_gap_in_its_turns(store: Store
     assert flows.count("a") == 5, flows
 
 
+@pytest.mark.parametrize("missing", ["x1", "y0"])
+async def test_a_tenants_turn_with_a_job_missing_its_place_runs_without_error(
+    store: Store, missing: str
+) -> None:
+    """A job hash without its 'score' (odd data) must not make the claim of a tenant's entry
+    fail halfway (before: a Lua error after both jobs had left arq's queue, and each retry of
+    the claim the same)."""
+    await store.submit_chunk("a1", jobs("x", 2, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 1, tenant="a"))
+    first = await start_next(store)
+    assert first is not None and first[1].custom_id == "x0"
+    batch = "a1" if missing.startswith("x") else "a2"
+    await store.redis.hdel(keys.job(job_id_for(batch, missing)), "score")
+    started = await start_next(store)
+    assert started is not None and started[1].holds
+    rest = await start_next(store)
+    assert rest is not None and rest[1].holds
+    assert {started[1].custom_id, rest[1].custom_id} == {"x1", "y0"}
+
+
 def test_a_blank_or_non_string_tenant_is_refused() -> None:
     for bad in ("  ", 7, ""):
         with pytest.raises(ValueError, match="tenant"):
