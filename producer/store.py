@@ -200,14 +200,21 @@ local function leave(id, q)
   dequeue(id, q)
   if not ps or ps <= -REAL_TIME or ps >= REAL_TIME then return end
   local tp = tpkey(h[1], h[2])
-  local top = redis.call('ZRANGE', tp, -1, -1, 'WITHSCORES')
-  if #top == 0 or tonumber(top[2]) <= ps or tonumber(top[2]) >= REAL_TIME then return end
-  local z = top[1]
-  local g = redis.call('HMGET', jkey(z), 'status', 'q', 'batch_id')
+  local z, g
+  for _ = 1, 8 do
+    local top = redis.call('ZRANGE', tp, -1, -1, 'WITHSCORES')
+    if #top == 0 or tonumber(top[2]) <= ps or tonumber(top[2]) >= REAL_TIME then return end
+    z = top[1]
+    g = redis.call('HMGET', jkey(z), 'status', 'q', 'batch_id', 'tenant')
+    if g[1] == 'queued' and g[4] == h[1] then break end
+    -- no longer queued (left by an agentq that kept no places by tenant): not the tenant's
+    redis.call('ZREM', tp, z)
+    z = nil
+  end
+  if not z then return end
   local aid = arq_id(z, g[2])
   local qs = tonumber(redis.call('ZSCORE', QUEUE, aid) or '')
-  if g[1] ~= 'queued' or not qs or qs <= ps or qs >= REAL_TIME
-      or redis.call('EXISTS', ARQ_IP .. aid) == 1
+  if not qs or qs <= ps or qs >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
       or misfit(g[3]) then
     return
   end

@@ -364,6 +364,21 @@ async def test_a_tenants_cancelled_batch_leaves_no_gap_in_its_turns(store: Store
     assert flows.count("a") == 5, flows
 
 
+async def test_a_tenants_place_left_by_an_older_cancel_does_not_keep_the_gap(
+    store: Store,
+) -> None:
+    """A job an agentq without places by tenant took out of the queue stays in the tenant's
+    places set: it is passed over, and the gap a cancel leaves still closes."""
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    await store.submit_chunk("b1", jobs("z", 30, tenant="b"))
+    await store.redis.zadd(keys.TENANT_PLACES_PREFIX + "0:a", {"gone": 1e6})
+    await store.cancel("a1", [job_id_for("a1", f"x{i}") for i in range(30)])
+    flows = [_flow(b) for b in await start_order(store, 10)]
+    assert flows.count("a") == 5, flows
+    assert not await store.redis.zscore(keys.TENANT_PLACES_PREFIX + "0:a", "gone")
+
+
 @pytest.mark.parametrize("missing", ["x1", "y0"])
 async def test_a_tenants_turn_with_a_job_missing_its_place_runs_without_error(
     store: Store, missing: str
