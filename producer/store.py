@@ -194,11 +194,11 @@ end
 -- tenant's are shared by its batches: its other jobs would wait behind the gap, the other
 -- tenants taking that many turns first. So the tenant's job placed last takes the place (not
 -- one given back's, whose turn was had; not one a worker is taking).
-local function leave(id, q)
-  local h = redis.call('HMGET', jkey(id), 'tenant', 'poff')
-  local ps = h[1] and tonumber(redis.call('ZSCORE', tpkey(h[1], h[2]), id) or '')
-  dequeue(id, q)
+-- A claim that cancels the tenant's job instead of running it leaves the place it took the
+-- same way (fill).
+local function fill(t, poff, ps)
   if not ps or ps <= -REAL_TIME or ps >= REAL_TIME then return end
+  local h = {{t, poff}}
   local tp = tpkey(h[1], h[2])
   local z, g
   for _ = 1, 8 do
@@ -229,6 +229,12 @@ local function leave(id, q)
   if nxt < (tonumber(redis.call('HGET', tkey(h[1]), vn) or '') or 0) then
     redis.call('HSET', tkey(h[1]), vn, nxt)
   end
+end
+local function leave(id, q)
+  local h = redis.call('HMGET', jkey(id), 'tenant', 'poff')
+  local ps = h[1] and tonumber(redis.call('ZSCORE', tpkey(h[1], h[2]), id) or '')
+  dequeue(id, q)
+  if ps then fill(h[1], h[2], ps) end
 end
 -- A tenant's turn: of its jobs of priority `poff` waiting in arq's queue, the one with the
 -- lowest place among its batches, if that is lower than `lx` (the place of the job whose
@@ -416,6 +422,8 @@ if cancelled and tonumber(h[4] or 0) <= tonumber(cancelled) then
   redis.call('HSET', jkey(id), 'status', 'cancelled', 'finished_at', ARGV[4])
   publish(b, id .. ' cancelled')
   settle(b)
+  -- a tenant's turn (not a run given back's, at the front) goes to its other jobs
+  if h[7] and lx and lx > -REAL_TIME then fill(h[7], poff, tonumber(turn)) end
   return {'cancelled'}
 end
 local runs = redis.call('HINCRBY', jkey(id), 'runs', 1)

@@ -379,6 +379,23 @@ async def test_a_tenants_place_left_by_an_older_cancel_does_not_keep_the_gap(
     assert not await store.redis.zscore(keys.TENANT_PLACES_PREFIX + "0:a", "gone")
 
 
+async def test_a_tenants_jobs_cancelled_at_claim_leave_its_turns(store: Store) -> None:
+    """A cancel interrupted after its flag: the rest of a1 is cancelled as workers take it.
+    Each of those claims took a turn of tenant a, so a2 got every other one of a's turns
+    while b got all of its own (a batch without a tenant loses no other batch's turns)."""
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    await store.submit_chunk("b1", jobs("z", 30, tenant="b"))
+    await store.flag_cancelled("a1")
+    runs: list[str] = []
+    while len(runs) < 10:
+        started = await start_next(store)
+        assert started is not None
+        if started[1].holds:
+            runs.append(started[0])
+    assert runs.count("a2") == 5, runs
+
+
 @pytest.mark.parametrize("missing", ["x1", "y0"])
 async def test_a_tenants_turn_with_a_job_missing_its_place_runs_without_error(
     store: Store, missing: str
