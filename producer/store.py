@@ -88,8 +88,10 @@ local function wake()
   if not woken then redis.call('PUBLISH', WAKE, '1') woken = true end
 end
 -- A new arq queue entry and payload for the job (its next generation), at `score`; `front`
--- puts it before every job never started, in its original order among those put back.
-local function enqueue(id, b, score, front)
+-- puts it before every job never started, in its original order among those put back (and
+-- a tenant's job the same among its tenant's, unless `lfront` is false).
+local function enqueue(id, b, score, front, lfront)
+  if lfront == nil then lfront = front end
   local q = redis.call('HINCRBY', jkey(id), 'q', 1)
   local aid = arq_id(id, q)
   -- every value JSON-encoded (an empty Lua table would encode as [] on some servers: "k" is
@@ -103,7 +105,7 @@ local function enqueue(id, b, score, front)
   local t = redis.call('HMGET', jkey(id), 'tenant', 'lscore', 'poff')
   if t[1] then
     local l = tonumber(t[2]) or 0
-    if front then l = l - 1e13 end
+    if lfront then l = l - 1e13 end
     redis.call('ZADD', tqkey(t[1], t[3]), l, id)
     redis.call('ZADD', tpkey(t[1], t[3]), score, id)
   end
@@ -399,11 +401,11 @@ if h[7] and lx then
   if tonumber(turn) then y, ys = turn_of(h[7], h[6], lx) end
   if y then
     -- the tenant's turn goes to y; this entry's job takes y's place in the queue (at the
-    -- front if y's was: both were given back)
+    -- front if y's was: y was given back), keeping its own turn among the tenant's
     local g = redis.call('HMGET', jkey(y), unpack(FIELDS))
     dequeue(y, g[2])
     redis.call('HSET', jkey(id), 'score', g[5], 'swap', ARGV[5] .. ' ' .. y)
-    enqueue(id, b, g[5], ys < (tonumber(g[5]) or 0) - 1e12)
+    enqueue(id, b, g[5], ys < (tonumber(g[5]) or 0) - 1e12, lx < -REAL_TIME)
     redis.call('HSET', jkey(y), 'score', turn)
     id, h, b = y, g, g[3]
   end

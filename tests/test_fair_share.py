@@ -396,6 +396,32 @@ async def test_a_tenants_jobs_cancelled_at_claim_leave_its_turns(store: Store) -
     assert runs.count("a2") == 5, runs
 
 
+async def test_a_job_moved_to_a_given_back_place_keeps_its_own_turn_in_its_tenant(
+    store: Store,
+) -> None:
+    """A claim of a tenant's entry taken before a run of the tenant was given back runs that
+    one, its job moving to the given-back place at the front. That job's turn among its
+    tenant's batches stays its own (before: it became a given-back run there too, and ran on
+    the tenant's next turn ahead of a job of an earlier turn)."""
+    await store.submit_chunk("a1", jobs("x", 3, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 2, tenant="a"))
+    entries = {
+        _s(e).partition(".")[0]: _s(e).partition(".")[2]
+        for e in await store.redis.zrange(QUEUE, 0, -1)
+    }
+    first = await start_next(store)
+    assert first is not None and first[1].holds
+    gave = first[1]
+    assert await store.release(gave.job_id, gave.token)  # back at the front
+    y1 = job_id_for("a2", "y1")  # its entry, taken before the give-back, claimed now
+    taken = await store.claim(y1, "a2", "w", entries[y1])
+    assert taken.holds and taken.job_id == gave.job_id
+    nxt = await start_next(store)  # the front place, y1's now: the tenant's next turn
+    assert nxt is not None and nxt[1].holds
+    lscore = await store.redis.hget(keys.job(nxt[1].job_id), "lscore")
+    assert _s(lscore) == "1", nxt[1].custom_id  # x0 or y0, whichever had not run
+
+
 @pytest.mark.parametrize("missing", ["x1", "y0"])
 async def test_a_tenants_turn_with_a_job_missing_its_place_runs_without_error(
     store: Store, missing: str
