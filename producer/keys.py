@@ -113,6 +113,10 @@ TENANT_QUEUE_PREFIX = f"{PREFIX}:tq:"
 by their place among the tenant's own batches. Whichever of its queue entries a worker takes,
 the job run is this set's first (store.py: a tenant's turn)."""
 
+TENANT_PLACES_PREFIX = f"{PREFIX}:tp:"
+"""Sorted set per (priority offset, tenant), as TENANT_QUEUE_PREFIX: the same job ids by their
+place in arq's queue, so a cancelled job's place can go to the tenant's job placed last."""
+
 
 BREAKERS = f"{PREFIX}:breakers"
 """Hash: circuit breaker -> JSON state ("router|<name>" or "model|<router>|<model>"). A field

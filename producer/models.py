@@ -12,6 +12,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -107,6 +109,11 @@ class AgentSpec(_Strict):
         return v
 
 
+STORED = "stored"
+"""Validation context key for a job read back from Redis (Store.claim): some checks of a
+newer agentq give way to what an older one accepted and queued."""
+
+
 class JobMetadata(BaseModel):
     """Free-form metadata; user_id and tags have a meaning for the Router."""
 
@@ -118,12 +125,21 @@ class JobMetadata(BaseModel):
     """Who the job is for: tenants share the workers fairly, above batches (README: Fair
     share)."""
 
-    @field_validator("tenant")
+    @field_validator("tenant", mode="wrap")
     @classmethod
-    def _tenant_not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("tenant is blank: name the tenant, or leave it out")
-        return v
+    def _tenant_a_name(
+        cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> str | None:
+        try:
+            tenant: str | None = handler(v)
+            if tenant is not None and not tenant.strip():
+                raise ValueError("tenant is blank: name the tenant, or leave it out")
+            return tenant
+        except ValueError:
+            if info.context and info.context.get(STORED):
+                # queued by an agentq whose metadata was free-form: a job without a tenant
+                return None
+            raise
 
 
 JOB_MODEL_SETTINGS_REFUSED = frozenset(

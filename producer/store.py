@@ -19,6 +19,7 @@ from . import keys
 from .connect import Script
 from .limits import check_depth
 from .models import (
+    STORED,
     AgentJob,
     BatchStatus,
     JobError,
@@ -46,7 +47,7 @@ local JOB, BATCH, EVENTS, ARQ, FUNC = {job}, {batch}, {events}, {arq}, {func}
 local WAKE, SETTLED, PROGRESS, THROTTLE_MS = {wake}, {settled}, {progress}, {throttle_ms}
 local ARQ_IP, ARQ_RETRY = {arq_in_progress}, {arq_retry}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
-local TENANT, TQ = {tenant}, {tq}
+local TENANT, TQ, TP = {tenant}, {tq}, {tp}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -67,6 +68,8 @@ local function final(st) return st == 'succeeded' or st == 'failed' or st == 'ca
 local function tkey(t) return TENANT .. t end
 -- a tenant's queued jobs of one priority offset (see "A tenant's turn" below)
 local function tqkey(t, poff) return TQ .. (tonumber(poff) or 0) .. ':' .. t end
+-- the same jobs by their place in arq's queue (see fill)
+local function tpkey(t, poff) return TP .. (tonumber(poff) or 0) .. ':' .. t end
 local function arq_id(id, q) return id .. '.' .. (q or '0') end
 -- Every job change is announced on the batch's events channel; its counters' change on the
 -- progress channel, at most once per THROTTLE_MS (waiters re-read a window later).
@@ -86,8 +89,10 @@ local function wake()
   if not woken then redis.call('PUBLISH', WAKE, '1') woken = true end
 end
 -- A new arq queue entry and payload for the job (its next generation), at `score`; `front`
--- puts it before every job never started, in its original order among those put back.
-local function enqueue(id, b, score, front)
+-- puts it before every job never started, in its original order among those put back (and
+-- a tenant's job the same among its tenant's, unless `lfront` is false).
+local function enqueue(id, b, score, front, lfront)
+  if lfront == nil then lfront = front end
   local q = redis.call('HINCRBY', jkey(id), 'q', 1)
   local aid = arq_id(id, q)
   -- every value JSON-encoded (an empty Lua table would encode as [] on some servers: "k" is
@@ -101,8 +106,9 @@ local function enqueue(id, b, score, front)
   local t = redis.call('HMGET', jkey(id), 'tenant', 'lscore', 'poff')
   if t[1] then
     local l = tonumber(t[2]) or 0
-    if front then l = l - 1e13 end
+    if lfront then l = l - 1e13 end
     redis.call('ZADD', tqkey(t[1], t[3]), l, id)
+    redis.call('ZADD', tpkey(t[1], t[3]), score, id)
   end
   wake()
 end
@@ -137,10 +143,12 @@ local function tenant_first(t, poff)
   if redis.call('EXISTS', tqkey(t, poff)) == 0 then return v end
   return math.max(v, tonumber(redis.call('HGET', tkey(t), 'vnext:' .. poff) or '0') or 0)
 end
--- A batch's next place among its tenant's batches, on the tenant's virtual time.
+-- A batch's next place among its tenant's batches, on the tenant's virtual time (both kept
+-- per priority offset: a batch may get jobs at another priority).
+local function lvf(t, poff) return 'lv:' .. (tonumber(poff) or 0) .. ':' .. t end
 local function local_first(b, t, poff)
   local v = tonumber(redis.call('HGET', tkey(t), 'tv:' .. poff) or '0') + 1
-  local h = redis.call('HMGET', bkey(b), 'lv:' .. t, 'queued')
+  local h = redis.call('HMGET', bkey(b), lvf(t, poff), 'queued')
   if (tonumber(h[2]) or 0) <= 0 then return v end
   return math.max(v, tonumber(h[1]) or 0)
 end
@@ -152,7 +160,7 @@ local function place(b, id)
     local v, l = tenant_first(t, poff), local_first(b, t, poff)
     redis.call('HSET', tkey(t), 'vnext:' .. poff, v + 1)
     redis.call('EXPIRE', tkey(t), TTL)
-    redis.call('HSET', bkey(b), 'lv:' .. t, l + 1)
+    redis.call('HSET', bkey(b), lvf(t, poff), l + 1)
     redis.call('HSET', jkey(id), 'lscore', l)
     return v + poff
   end
@@ -180,7 +188,56 @@ local function dequeue(id, q)
   redis.call('ZREM', QUEUE, aid)
   redis.call('DEL', ARQ .. aid, ARQ_IP .. aid, ARQ_RETRY .. aid)
   local t = redis.call('HMGET', jkey(id), 'tenant', 'poff')
-  if t[1] then redis.call('ZREM', tqkey(t[1], t[2]), id) end
+  if t[1] then
+    redis.call('ZREM', tqkey(t[1], t[2]), id)
+    redis.call('ZREM', tpkey(t[1], t[2]), id)
+  end
+end
+-- A queued job leaves other than by a claim (cancelled). A batch's places go with it, but a
+-- tenant's are shared by its batches: its other jobs would wait behind the gap, the other
+-- tenants taking that many turns first. So the tenant's job placed last takes the place (not
+-- one given back's, whose turn was had; not one a worker is taking).
+-- A claim that cancels the tenant's job instead of running it leaves the place it took the
+-- same way (fill).
+local function fill(t, poff, ps)
+  if not ps or ps <= -REAL_TIME or ps >= REAL_TIME then return end
+  local h = {{t, poff}}
+  local tp = tpkey(h[1], h[2])
+  local z, g
+  for _ = 1, 8 do
+    local top = redis.call('ZRANGE', tp, -1, -1, 'WITHSCORES')
+    if #top == 0 or tonumber(top[2]) <= ps or tonumber(top[2]) >= REAL_TIME then return end
+    z = top[1]
+    g = redis.call('HMGET', jkey(z), 'status', 'q', 'batch_id', 'tenant')
+    if g[1] == 'queued' and g[4] == h[1] then break end
+    -- no longer queued (left by an agentq that kept no places by tenant): not the tenant's
+    redis.call('ZREM', tp, z)
+    z = nil
+  end
+  if not z then return end
+  local aid = arq_id(z, g[2])
+  local qs = tonumber(redis.call('ZSCORE', QUEUE, aid) or '')
+  if not qs or qs <= ps or qs >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
+      or misfit(g[3]) then
+    return
+  end
+  dequeue(z, g[2])
+  redis.call('HSET', jkey(z), 'score', ps)
+  enqueue(z, g[3], ps, false)
+  -- the tenant's next jobs come after its last place now
+  local last = redis.call('ZRANGE', tp, -1, -1, 'WITHSCORES')
+  local poff = tonumber(h[2]) or 0
+  local vn = 'vnext:' .. poff
+  local nxt = tonumber(last[2]) - poff + 1
+  if nxt < (tonumber(redis.call('HGET', tkey(h[1]), vn) or '') or 0) then
+    redis.call('HSET', tkey(h[1]), vn, nxt)
+  end
+end
+local function leave(id, q)
+  local h = redis.call('HMGET', jkey(id), 'tenant', 'poff')
+  local ps = h[1] and tonumber(redis.call('ZSCORE', tpkey(h[1], h[2]), id) or '')
+  dequeue(id, q)
+  if ps then fill(h[1], h[2], ps) end
 end
 -- A tenant's turn: of its jobs of priority `poff` waiting in arq's queue, the one with the
 -- lowest place among its batches, if that is lower than `lx` (the place of the job whose
@@ -193,14 +250,14 @@ local function turn_of(t, poff, lx)
     local top = redis.call('ZRANGE', tq, 0, 0, 'WITHSCORES')
     if #top == 0 or tonumber(top[2]) >= lx then return nil end
     local y = top[1]
-    local g = redis.call('HMGET', jkey(y), 'status', 'q', 'batch_id', 'tenant', 'poff')
+    local g = redis.call('HMGET', jkey(y), 'status', 'q', 'batch_id', 'tenant', 'poff', 'score')
     local aid = arq_id(y, g[2])
     local qs = redis.call('ZSCORE', QUEUE, aid)
     if g[1] ~= 'queued' or g[4] ~= t or tonumber(g[5]) ~= tonumber(poff) or not qs
         or redis.call('EXISTS', ARQ .. aid) == 0 then
       redis.call('ZREM', tq, y)
     elseif tonumber(qs) >= REAL_TIME or redis.call('EXISTS', ARQ_IP .. aid) == 1
-        or misfit(g[3]) then
+        or misfit(g[3]) or not tonumber(g[6]) then
       return nil
     else
       return y, tonumber(qs)
@@ -288,7 +345,7 @@ end
 for t, nxt in pairs(tv) do
   redis.call('HSET', tkey(t), 'vnext:' .. poff, nxt)
   redis.call('EXPIRE', tkey(t), TTL)
-  redis.call('HSET', bkey(b), 'lv:' .. t, lv[t])
+  redis.call('HSET', bkey(b), lvf(t, poff), lv[t])
 end
 redis.call('HSETNX', bkey(b), 'created_at', enq)
 redis.call('ZADD', INDEX, 'NX', now, b)
@@ -310,8 +367,9 @@ _CLAIM = """
 local id = ARGV[1]
 local FIELDS = {'status', 'q', 'batch_id', 'qt', 'score', 'poff', 'tenant', 'swap'}
 local h = redis.call('HMGET', jkey(id), unpack(FIELDS))
-if h[8] and h[1] == 'queued' then
-  -- this claim sent again, whose first try ran another job of the tenant on this entry
+if h[8] then
+  -- this claim sent again, whose first try ran another job of the tenant on this entry (this
+  -- job, moved to that one's place, may have been taken by another claim since)
   local nonce, other = string.match(h[8], '^(%S+) (.+)$')
   if nonce == ARGV[5] then
     id = other
@@ -339,14 +397,16 @@ local lx = h[7] and tonumber(redis.call('ZSCORE', tqkey(h[7], h[6]), id)
 dequeue(id, h[2])
 local turn, poff = h[5], h[6]  -- the place this entry stands for
 if h[7] and lx then
-  local y, ys = turn_of(h[7], h[6], lx)
+  -- (places are swapped: none if this job has none, odd data)
+  local y, ys
+  if tonumber(turn) then y, ys = turn_of(h[7], h[6], lx) end
   if y then
     -- the tenant's turn goes to y; this entry's job takes y's place in the queue (at the
-    -- front if y's was: both were given back)
+    -- front if y's was: y was given back), keeping its own turn among the tenant's
     local g = redis.call('HMGET', jkey(y), unpack(FIELDS))
     dequeue(y, g[2])
     redis.call('HSET', jkey(id), 'score', g[5], 'swap', ARGV[5] .. ' ' .. y)
-    enqueue(id, b, g[5], ys < (tonumber(g[5]) or 0) - 1e12)
+    enqueue(id, b, g[5], ys < (tonumber(g[5]) or 0) - 1e12, lx < -REAL_TIME)
     redis.call('HSET', jkey(y), 'score', turn)
     id, h, b = y, g, g[3]
   end
@@ -365,6 +425,8 @@ if cancelled and tonumber(h[4] or 0) <= tonumber(cancelled) then
   redis.call('HSET', jkey(id), 'status', 'cancelled', 'finished_at', ARGV[4])
   publish(b, id .. ' cancelled')
   settle(b)
+  -- a tenant's turn (not a run given back's, at the front) goes to its other jobs
+  if h[7] and lx and lx > -REAL_TIME then fill(h[7], poff, tonumber(turn)) end
   return {'cancelled'}
 end
 local runs = redis.call('HINCRBY', jkey(id), 'runs', 1)
@@ -406,7 +468,7 @@ end
 redis.call('HSET', jkey(id), 'status', to, 'finished_at', ARGV[10])
 if ARGV[4] ~= '' then redis.call('HSET', jkey(id), 'result', ARGV[4]) end
 redis.call('ZREM', LEASES, id)
-if st == 'queued' then dequeue(id, h[4]) end
+if st == 'queued' then leave(id, h[4]) end
 publish(b, id .. ' ' .. to)
 settle(b)
 return 1
@@ -610,6 +672,7 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         func=_lua_str(RUN_FUNCTION),
         tenant=_lua_str(keys.TENANT_PREFIX),
         tq=_lua_str(keys.TENANT_QUEUE_PREFIX),
+        tp=_lua_str(keys.TENANT_PLACES_PREFIX),
         ttl=ttl_s,
         lease_ms=lease_ms,
         payload_ms=ttl_s * 1000,
@@ -718,6 +781,10 @@ class Claim:
     def holds(self) -> bool:
         """Whether this claim made the job this run's (it must end in finish or release)."""
         return self.state in ("running", "exhausted")
+
+
+_STORED = {STORED: True}
+"""A job read back: what an older agentq queued is read as it was meant (models.STORED)."""
 
 
 def _reply_list(reply: Any) -> list[str]:
@@ -918,7 +985,7 @@ class Store:
         spec, enqueued_at, runs, token = reply[1], reply[2] or None, int(reply[3]), reply[4]
         try:
             check_depth(spec, "the stored job")
-            job: AgentJob | None = AgentJob.model_validate_json(spec)
+            job: AgentJob | None = AgentJob.model_validate_json(spec, context=_STORED)
             error = None
         except ValueError as exc:
             job, error = None, str(exc).replace("\n", " ")[:1000]

@@ -316,6 +316,132 @@ async def test_a_cancelled_tenant_batch_leaves_its_tenants_turns(store: Store) -
     assert await start_order(store, 5) == ["a2"] * 5
 
 
+async def test_a_claim_sent_again_gets_its_run_after_the_moved_job_was_taken(
+    store: Store,
+) -> None:
+    """The turn ran y0 on x1's entry and moved x1 to y0's place, where another worker may
+    take it before the first claim is sent again: the resent claim must still get y0's run
+    (before: 'busy', and y0 waited out its lease with nobody running it, a run counted)."""
+    await store.submit_chunk("a1", jobs("x", 2, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 1, tenant="a"))
+    entries = [_s(e) for e in await store.redis.zrange(QUEUE, 0, -1)]
+    first = await start_next(store)
+    assert first is not None and first[1].custom_id == "x0"
+    jid, _, q = entries[1].partition(".")
+    args = [jid, q, "w", now_iso(), "nonce-1"]
+    one = await store._run("claim", args)
+    assert _s(one[5]) == job_id_for("a2", "y0")
+    other = await start_next(store)  # another worker takes x1 at y0's old place
+    assert other is not None and other[1].holds and other[1].custom_id == "x1"
+    again = await store._run("claim", args)
+    assert _s(again[0]) == "running" and _s(again[5]) == job_id_for("a2", "y0")
+    assert _s(again[4]) == _s(one[4])  # the same run: the same fencing token
+
+
+async def test_a_tenants_batch_given_jobs_at_another_priority_takes_turns_there(
+    store: Store,
+) -> None:
+    """A batch's place among its tenant's batches is counted per priority, as the tenant's
+    own virtual time is: a1's normal jobs queued must not push its high ones behind a2's
+    (before: a1's high jobs came after all of a2's, placed from a1's normal count)."""
+    await store.submit_chunk("a1", jobs("n", 20, tenant="a"))
+    await store.submit_chunk("a1", jobs("h", 3, tenant="a"), Priority.HIGH)
+    await store.submit_chunk("a2", jobs("k", 10, tenant="a"), Priority.HIGH)
+    order = await start_order(store, 6)
+    assert order.count("a1") == 3, order
+
+
+async def test_a_tenants_cancelled_batch_leaves_no_gap_in_its_turns(store: Store) -> None:
+    """Cancelling a tenant's big batch gives its places to the tenant's other jobs: a2 takes
+    a's turns with b at once (before: a2 sat at the places after all of a1's, and b ran 30
+    times first)."""
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    await store.submit_chunk("b1", jobs("z", 30, tenant="b"))
+    await store.flag_cancelled("a1")
+    await store.cancel("a1", [job_id_for("a1", f"x{i}") for i in range(30)])
+    flows = [_flow(b) for b in await start_order(store, 10)]
+    assert flows.count("a") == 5, flows
+
+
+async def test_a_tenants_place_left_by_an_older_cancel_does_not_keep_the_gap(
+    store: Store,
+) -> None:
+    """A job an agentq without places by tenant took out of the queue stays in the tenant's
+    places set: it is passed over, and the gap a cancel leaves still closes."""
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    await store.submit_chunk("b1", jobs("z", 30, tenant="b"))
+    await store.redis.zadd(keys.TENANT_PLACES_PREFIX + "0:a", {"gone": 1e6})
+    await store.cancel("a1", [job_id_for("a1", f"x{i}") for i in range(30)])
+    flows = [_flow(b) for b in await start_order(store, 10)]
+    assert flows.count("a") == 5, flows
+    assert not await store.redis.zscore(keys.TENANT_PLACES_PREFIX + "0:a", "gone")
+
+
+async def test_a_tenants_jobs_cancelled_at_claim_leave_its_turns(store: Store) -> None:
+    """A cancel interrupted after its flag: the rest of a1 is cancelled as workers take it.
+    Each of those claims took a turn of tenant a, so a2 got every other one of a's turns
+    while b got all of its own (a batch without a tenant loses no other batch's turns)."""
+    await store.submit_chunk("a1", jobs("x", 30, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 5, tenant="a"))
+    await store.submit_chunk("b1", jobs("z", 30, tenant="b"))
+    await store.flag_cancelled("a1")
+    runs: list[str] = []
+    while len(runs) < 10:
+        started = await start_next(store)
+        assert started is not None
+        if started[1].holds:
+            runs.append(started[0])
+    assert runs.count("a2") == 5, runs
+
+
+async def test_a_job_moved_to_a_given_back_place_keeps_its_own_turn_in_its_tenant(
+    store: Store,
+) -> None:
+    """A claim of a tenant's entry taken before a run of the tenant was given back runs that
+    one, its job moving to the given-back place at the front. That job's turn among its
+    tenant's batches stays its own (before: it became a given-back run there too, and ran on
+    the tenant's next turn ahead of a job of an earlier turn)."""
+    await store.submit_chunk("a1", jobs("x", 3, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 2, tenant="a"))
+    entries = {
+        _s(e).partition(".")[0]: _s(e).partition(".")[2]
+        for e in await store.redis.zrange(QUEUE, 0, -1)
+    }
+    first = await start_next(store)
+    assert first is not None and first[1].holds
+    gave = first[1]
+    assert await store.release(gave.job_id, gave.token)  # back at the front
+    y1 = job_id_for("a2", "y1")  # its entry, taken before the give-back, claimed now
+    taken = await store.claim(y1, "a2", "w", entries[y1])
+    assert taken.holds and taken.job_id == gave.job_id
+    nxt = await start_next(store)  # the front place, y1's now: the tenant's next turn
+    assert nxt is not None and nxt[1].holds
+    lscore = await store.redis.hget(keys.job(nxt[1].job_id), "lscore")
+    assert _s(lscore) == "1", nxt[1].custom_id  # x0 or y0, whichever had not run
+
+
+@pytest.mark.parametrize("missing", ["x1", "y0"])
+async def test_a_tenants_turn_with_a_job_missing_its_place_runs_without_error(
+    store: Store, missing: str
+) -> None:
+    """A job hash without its 'score' (odd data) must not make the claim of a tenant's entry
+    fail halfway (before: a Lua error after both jobs had left arq's queue, and each retry of
+    the claim the same)."""
+    await store.submit_chunk("a1", jobs("x", 2, tenant="a"))
+    await store.submit_chunk("a2", jobs("y", 1, tenant="a"))
+    first = await start_next(store)
+    assert first is not None and first[1].custom_id == "x0"
+    batch = "a1" if missing.startswith("x") else "a2"
+    await store.redis.hdel(keys.job(job_id_for(batch, missing)), "score")
+    started = await start_next(store)
+    assert started is not None and started[1].holds
+    rest = await start_next(store)
+    assert rest is not None and rest[1].holds
+    assert {started[1].custom_id, rest[1].custom_id} == {"x1", "y0"}
+
+
 def test_a_blank_or_non_string_tenant_is_refused() -> None:
     for bad in ("  ", 7, ""):
         with pytest.raises(ValueError, match="tenant"):
@@ -562,6 +688,7 @@ class TenantShareMachine(RuleBasedStateMachine):
                 self.run(self._finish_id(jid, token))
             assert all(n == 1 for n in self.finals.values()), self.finals
             assert not self.run(self.redis.keys(keys.TENANT_QUEUE_PREFIX + "*"))
+            assert not self.run(self.redis.keys(keys.TENANT_PLACES_PREFIX + "*"))
         finally:
             self.run(self.redis.aclose())
             self.loop.close()
@@ -682,6 +809,20 @@ class TenantShareMachine(RuleBasedStateMachine):
                 self.queued[batch].add(jid)
         self.mark_pairs()
 
+    @rule(batch=st.sampled_from(sorted(TENANT_BATCHES)))
+    def cancel(self, batch: str) -> None:
+        """`agentq cancel`'s cancel script over the batch's jobs (not the flag: jobs
+        submitted in the same millisecond would count as before it)."""
+        ids = sorted(j for j, b in self.batch_of.items() if b == batch)
+        self.run(self.store.cancel(batch, ids))
+        for jid in ids:
+            if jid in self.queued[batch] or jid in self.running:
+                self.queued[batch].discard(jid)
+                self.running.pop(jid, None)
+                self.front.discard(jid)
+                self.finals[jid] = self.finals.get(jid, 0) + 1
+        self.mark_pairs()
+
     @invariant()
     def peers_take_turns(self) -> None:
         for (x, y), (sx, sy, gap) in self.since.items():
@@ -699,11 +840,14 @@ class TenantShareMachine(RuleBasedStateMachine):
             if tenant:
                 offset = store_module._PRIORITY_OFFSET[prio]
                 sets.setdefault(f"{keys.TENANT_QUEUE_PREFIX}{offset}:{tenant}", set()).add(jid)
-        stored = {
-            _s(k): {_s(m) for m in self.run(self.redis.zrange(k, 0, -1))}
-            for k in self.run(self.redis.keys(keys.TENANT_QUEUE_PREFIX + "*"))
-        }
-        assert stored == sets
+        for prefix in (keys.TENANT_QUEUE_PREFIX, keys.TENANT_PLACES_PREFIX):
+            stored = {
+                keys.TENANT_QUEUE_PREFIX + _s(k)[len(prefix) :]: {
+                    _s(m) for m in self.run(self.redis.zrange(k, 0, -1))
+                }
+                for k in self.run(self.redis.keys(prefix + "*"))
+            }
+            assert stored == sets, prefix
         assert all(n <= 1 for n in self.finals.values()), self.finals
 
 

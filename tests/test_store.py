@@ -368,3 +368,20 @@ async def test_a_claim_sent_again_after_a_lost_reply_is_the_same_run(store: Stor
 
 def _reply(raw: Any) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
+
+
+async def test_a_job_queued_with_a_metadata_tenant_that_is_no_name_still_runs(
+    store: Store,
+) -> None:
+    """metadata was free-form before tenants: a job queued by an older agentq may carry a
+    "tenant" that is not a name (a number, blank, an object). A newer worker runs it as a job
+    without a tenant (before: it could not read the job, which failed as invalid_job)."""
+    odd: list[Any] = [7, "", " ", {"id": 3}, "t" * 300]
+    await store.submit_chunk("b", [AgentJob(custom_id=f"c{i}", input="q") for i in range(5)])
+    for i, tenant in enumerate(odd):
+        jid = job_id_for("b", f"c{i}")
+        spec = {"custom_id": f"c{i}", "input": "q", "metadata": {"tenant": tenant}}
+        await store.redis.hset(keys.job(jid), "spec", json.dumps(spec))
+        claim = await store.claim(jid, "b", "w", "1")
+        assert claim.holds and claim.spec_error is None, claim.spec_error
+        assert claim.job is not None and claim.job.tenant is None
