@@ -26,7 +26,7 @@ from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
 from . import heap, logs, metrics
-from .arqworker import BatchStartWorker
+from .arqworker import UNCOUNTED_TRIES, BatchStartWorker
 from .breaker import Breakers
 from .livelogs import LiveLogs
 from .mcp import McpPool, parse_mcp_config
@@ -342,7 +342,7 @@ def build_worker(
         job_serializer=json_dumps,
         job_deserializer=load_job,
         # agentq counts runs itself (AGENTQ_MAX_RUNS); arq's count would end a job silently.
-        max_tries=1_000_000,
+        max_tries=UNCOUNTED_TRIES,
     )
     # arq marks a job "in progress" until its function starts; a worker dying in that moment
     # must not hold the job for arq's full job timeout. Running jobs are covered by leases.
