@@ -83,6 +83,9 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             settings.max_attempts_per_model, settings.backoff_base_s, settings.backoff_max_s
         ),
         prices=settings.prices,
+        # The job log keeps agent and tool spans; a generation span per call is read by the
+        # OTLP export only.
+        generation_spans=bool(settings.otlp_endpoint),
     )
     await _set_timeouts(ctx["redis"])
     store = Store(
