@@ -93,3 +93,50 @@ def test_claims_clean_up_what_arq_would() -> None:
         inspect.signature(BatchStartWorker.finish_job).parameters
     )
     assert "self.finish_job(" in inspect.getsource(Worker.run_job)
+
+
+def test_arq_run_job_that_batchstartworker_shortens() -> None:
+    """BatchStartWorker.run_job is arq's run_job less its transaction before the run (the take
+    returns the payload; the try count is not kept): what it copies must still be arq's."""
+    from arq import jobs, worker
+
+    run_job = inspect.getsource(Worker.run_job)
+    for line in (
+        # what the take replaces or BatchStartWorker leaves out
+        "pipe.get(job_key_prefix + job_id)",
+        "pipe.incr(retry_key_prefix + job_id)",
+        "if self.allow_abort_jobs:",
+        "max_tries = self.max_tries if function.max_tries is None else function.max_tries",
+        "if job_try > max_tries:",
+        # what it copies
+        "deserialize_job_raw(\n                v, deserializer=self.job_deserializer",
+        "function: Union[Function, CronJob] = self.functions[function_name]",
+        "if hasattr(function, 'next_run'):",
+        "timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s",
+        "ctx = {**self.ctx, **job_ctx}",
+        "if self.on_job_start:",
+        "self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, "
+        "**kwargs))",
+        "result = await asyncio.wait_for(task, timeout_s)",
+        "del self.job_tasks[job_id]",
+        "if self.retry_jobs and isinstance(e, Retry):",
+        "incr_score = e.defer_score + (timestamp_ms() - score)",
+        "elif job_id in self.aborting_tasks and isinstance(e, asyncio.CancelledError):",
+        "elif self.retry_jobs and isinstance(e, (asyncio.CancelledError, RetryJob)):",
+        "cancelled, will be run again",
+        "self.jobs_retried += 1",
+        "self.jobs_failed += 1",
+        "self.jobs_complete += 1",
+        "if result is not no_result and (keep_result_forever or result_timeout_s > 0):",
+        "if self.on_job_end:",
+        "await asyncio.shield(\n            self.finish_job(",
+        "if self.after_job_end:",
+    ):
+        assert line in run_job, line
+    assert list(inspect.signature(jobs.deserialize_job_raw).parameters) == ["r", "deserializer"]
+    fields = set(inspect.signature(worker.Function).parameters)
+    assert {"coroutine", "timeout_s", "keep_result_s", "keep_result_forever", "max_tries"} <= fields
+    init = inspect.getsource(Worker.__init__)
+    for attr in ("self.job_tasks", "self.retry_jobs", "self.log_results", "self.aborting_tasks"):
+        assert attr in init, attr
+    assert BatchStartWorker.run_job is not Worker.run_job

@@ -4,6 +4,7 @@ the job's ids, through the OpenTelemetry SDK (an in-memory exporter stands in fo
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
@@ -124,10 +125,41 @@ async def test_worker_exports_spans_to_the_otlp_endpoint_it_is_given(
     ]
     names = {s.name for s in spans}
     assert any(n.startswith("agent") for n in names), names
+    assert any(n.startswith("generation") for n in names), names  # exported: still made
     job_ids = {
         a.value.string_value for s in spans for a in s.attributes if a.key == "agentq.job_id"
     }
     assert job_ids == {job_id_for(batch.id, "t")}
+
+
+async def test_without_otlp_model_calls_make_no_generation_span(
+    producer: Producer, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the OTLP export reads generation spans; the job log keeps agent and tool spans.
+    Before, the SDK built (and dropped) one per model call, with the call's input and output."""
+    from worker.tracing import JobLogProcessor
+
+    seen: list[str] = []
+    on_span_end = JobLogProcessor.on_span_end
+
+    def spy(self: JobLogProcessor, span: Any) -> None:
+        seen.append(span.span_data.type)
+        on_span_end(self, span)
+
+    monkeypatch.setattr(JobLogProcessor, "on_span_end", spy)
+    calc = {"name": "Calc", "instructions": "Use tools.", "tools": ["calculator"]}
+    job = AgentJob.model_validate({"custom_id": "t", "input": "What is 15 * 23?", "agent": calc})
+    batch = await producer.submit([job])
+    try:
+        await run_batch(producer, settings, batch.id)
+    finally:
+        set_trace_processors([])
+        set_tracing_disabled(True)
+    assert "generation" not in seen and {"agent", "function"} <= set(seen), seen
+    (record,) = [r async for r in producer.results(batch.id)]
+    assert record.output == "The result of 15 * 23 is 345."
+    events = [e["event"] for e in record.logs]
+    assert "agent_span" in events and "tool_call" in events and events.count("model_call") == 2
 
 
 async def test_no_span_goes_to_the_sdks_default_exporter(

@@ -1,4 +1,4 @@
-"""arq's Worker with two changes (arq 0.28's internals: pinned, and guarded by
+"""arq's Worker with a few changes (arq 0.28's internals: pinned, and guarded by
 tests/test_arq_internals.py). It starts jobs a poll's worth at a time. arq checks and marks
 each job in its own WATCH/MULTI transaction, awaited one after another; a worker that frees
 fifty slots at once (agent runs of equal latency finish together) then spends tens of
@@ -8,12 +8,14 @@ close() runs on_shutdown even when Redis is gone, so a worker restarted after a 
 not leak MCP subprocesses and HTTP sessions. And a run waiting out a Router outage can park:
 it gives its slot back while it waits (see park()). And it does not poll: an idle worker
 sleeps until a wake message (every script that enqueues publishes one), a slot frees, or the
-next deferred job is due (see main())."""
+next deferred job is due (see main()). And the take returns each job's payload, so a run skips
+arq's transaction before it (see run_job())."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -23,18 +25,22 @@ from typing import Any
 
 from arq import Worker
 from arq.connections import create_pool, log_redis_info
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
-from arq.worker import logger
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw
+from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
+from arq.worker import Function, Retry, RetryJob, logger
 
 from producer.connect import Script
 
 _TAKE = """
--- Returns {ids examined, then (id, score) for each job taken}: fewer examined than given means
--- it stopped for want of slots, with jobs left behind.
+-- ARGV: now (ms), in-progress mark (ms), free slots, in-progress key prefix, payload key prefix,
+-- then the arq ids read from the queue's front.
+-- Returns {ids examined, then (id, score, payload) for each job taken}: fewer examined than
+-- given means it stopped for want of slots, with jobs left behind. A payload is nil when it is
+-- not a string (gone, or another type): arq's own run_job then reads it and deals with it.
 local now, limit, taken, examined = tonumber(ARGV[1]), tonumber(ARGV[3]), {}, 0
-for i = 5, #ARGV do
-  if #taken >= 2 * limit then break end
+for i = 6, #ARGV do
+  if #taken >= 3 * limit then break end
   examined = examined + 1
   local id = ARGV[i]
   if redis.call('EXISTS', ARGV[4] .. id) == 0 then
@@ -43,6 +49,8 @@ for i = 5, #ARGV do
       redis.call('PSETEX', ARGV[4] .. id, ARGV[2], '1')
       table.insert(taken, id)
       table.insert(taken, score)
+      local payload = redis.pcall('GET', ARGV[5] .. id)
+      table.insert(taken, type(payload) == 'string' and payload or false)
     end
   end
 end
@@ -60,6 +68,9 @@ its event loop is stuck (leases lapse, and its jobs run again elsewhere)."""
 
 
 PARK_FACTOR = 4
+
+UNCOUNTED_TRIES = 1_000_000
+"""max_tries at or above this: arq's try count is not kept (agentq counts runs itself)."""
 
 IDLE_CHECK_S = 2.0
 """A worker with free slots reads the queue this often even when it hears nothing: a wake lost
@@ -83,6 +94,8 @@ class BatchStartWorker(Worker):
     def __init__(self, *args: Any, wake_channel: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.claimed = set()
+        self._payloads: dict[str, bytes] = {}
+        """Payloads the take read, by arq id, for run_job (popped when it starts)."""
         if self.max_burst_jobs >= 0:
             raise ValueError("BatchStartWorker does not support max_burst_jobs")
         self.wake_channel = wake_channel
@@ -261,20 +274,119 @@ class BatchStartWorker(Worker):
                 int(self.in_progress_timeout_s * 1000),
                 free,
                 in_progress_key_prefix,
+                job_key_prefix,
                 *job_ids,
             ],
         )
         examined, taken = int(taken[0]), taken[1:]
         if examined < len(job_ids):
             self._left_behind = True
-        for i in range(0, len(taken), 2):
+        for i in range(0, len(taken), 3):
             job_id = taken[i].decode() if isinstance(taken[i], bytes) else str(taken[i])
+            if taken[i + 2] is not None:
+                self._payloads[job_id] = taken[i + 2]
             await self.sem.acquire()  # free slots were counted: this does not wait
             self.job_counter += 1
             task = self.loop.create_task(self.run_job(job_id, int(float(taken[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
             self._taken += 1
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job for a job taken with its payload, less arq's transaction before the run
+        (a read of the payload, the take already had it; the try count, which agentq does not
+        use: max_tries is off and AGENTQ_MAX_RUNS counts runs): 5 commands and a round trip a
+        job. The run, its timeout, Retry(defer), "cancelled, will be run again" and the
+        clean-up after it are arq's. No "job_try" in the job's ctx. Anything this path does
+        not cover (no payload, arq features agentq does not use) goes to arq's own."""
+        payload = self._payloads.pop(job_id, None)
+        if payload is None or self.allow_abort_jobs or self._job_hooks:
+            return await super().run_job(job_id, score)
+        try:
+            name, args, kwargs, _, enqueued_ms = deserialize_job_raw(
+                payload, deserializer=self.job_deserializer
+            )
+        except SerializationError:
+            return await super().run_job(job_id, score)
+        function = self.functions.get(name)
+        if not isinstance(function, Function) or not self._plain(function):
+            return await super().run_job(job_id, score)
+        ref = f"{job_id}:{name}"
+        ctx = {
+            **self.ctx,
+            "job_id": job_id,
+            "enqueue_time": ms_to_datetime(enqueued_ms),
+            "score": score,
+        }
+        timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        start_ms = timestamp_ms()
+        chatty = logger.isEnabledFor(logging.INFO)  # arq's job lines: off unless asked for
+        if chatty:
+            late = start_ms - score
+            extra = f" delayed={late / 1000:0.2f}s" if late > 1200 else ""
+            s = args_to_string(args, kwargs)
+            logger.info("%6.2fs → %s(%s)%s", (start_ms - enqueued_ms) / 1000, ref, s, extra)
+        finish, incr_score = False, None
+        try:
+            coroutine = function.coroutine(ctx, *args, **kwargs)
+            self.job_tasks[job_id] = task = self.loop.create_task(coroutine)
+            try:
+                result = await asyncio.wait_for(task, timeout_s)
+            finally:
+                del self.job_tasks[job_id]
+        except (Exception, asyncio.CancelledError) as e:
+            t = (timestamp_ms() - start_ms) / 1000
+            if self.retry_jobs and isinstance(e, Retry):
+                incr_score = e.defer_score
+                logger.info(
+                    "%6.2fs ↻ %s retrying job in %0.2fs", t, ref, (e.defer_score or 0) / 1000
+                )
+                if e.defer_score:
+                    incr_score = e.defer_score + (timestamp_ms() - score)
+                self.jobs_retried += 1
+            elif self.retry_jobs and isinstance(e, (asyncio.CancelledError, RetryJob)):
+                logger.info("%6.2fs ↻ %s cancelled, will be run again", t, ref)
+                self.jobs_retried += 1
+            else:
+                exc_extra = getattr(e, "extra", None)
+                if callable(exc_extra):
+                    exc_extra = exc_extra()
+                logger.exception(
+                    "%6.2fs ! %s failed, %s: %s",
+                    t,
+                    ref,
+                    e.__class__.__name__,
+                    e,
+                    extra={"extra": exc_extra},
+                )
+                finish = True
+                self.jobs_failed += 1
+        else:
+            finish = True
+            self.jobs_complete += 1
+            if chatty:
+                shown = "" if result is None or not self.log_results else truncate(repr(result))
+                t = (timestamp_ms() - start_ms) / 1000
+                logger.info("%6.2fs ← %s ● %s", t, ref, shown)
+        if finish and job_id in self.claimed:  # finish_job would skip it: spare the shield
+            self.claimed.discard(job_id)
+            return
+        await asyncio.shield(self.finish_job(job_id, finish, None, 0, False, incr_score, None))
+
+    @property
+    def _job_hooks(self) -> bool:
+        return bool(self.on_job_start or self.on_job_end or self.after_job_end)
+
+    def _plain(self, function: Function) -> bool:
+        """A function whose runs the lean run_job covers: no result kept, tries not counted."""
+        tries = self.max_tries if function.max_tries is None else function.max_tries
+        forever = (
+            self.keep_result_forever
+            if function.keep_result_forever is None
+            else function.keep_result_forever
+        )
+        keep = self.keep_result_s if function.keep_result_s is None else function.keep_result_s
+        return tries >= UNCOUNTED_TRIES and not forever and not keep
 
     async def finish_job(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx2
 import structlog
-from agents import Model, ModelProvider
+from agents import Model, ModelProvider, ModelTracing
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
@@ -136,6 +136,9 @@ class RouterModel(OpenAIChatCompletionsModel):
         self.limiter: RateLimiter | None = None
         self.budgets: tuple[Budget, ...] = ()
         """The budgets this model's calls take turns under (none: no Redis command)."""
+        self.generation_spans = True
+        """Whether the SDK makes a generation span per call (False: no trace processor reads
+        them; the job log keeps agent and tool spans only)."""
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
         """Tries spent count failures of this call. Outage failures (connection, 5xx,
@@ -147,6 +150,8 @@ class RouterModel(OpenAIChatCompletionsModel):
         meter = current_meter.get()
         breakers, limiter = self.breakers, self.limiter if self.budgets else None
         spent = held = refused = 0
+        if not self.generation_spans and "tracing" in kwargs:  # the SDK passes it by name
+            kwargs["tracing"] = ModelTracing.DISABLED
         while True:
             if breakers is not None and await breakers.wait(
                 self.route, self.model_name, meter, self._probe
@@ -314,6 +319,7 @@ class RouterProvider(ModelProvider):
         call_timeout_s: float,
         policy: RetryPolicy | None = None,
         prices: dict[str, tuple[float, float]] | None = None,
+        generation_spans: bool = True,
     ) -> None:
         self.policy = policy or RetryPolicy()
         self.prices = prices or {}
@@ -323,6 +329,8 @@ class RouterProvider(ModelProvider):
         }
         self._slots = asyncio.Semaphore(max_calls)
         self._models: dict[str, RouterModel] = {}
+        self.generation_spans = generation_spans
+        """Whether model calls make the SDK's generation spans (only OTLP export uses them)."""
         self.breakers: Breakers | None = None
         """The fleet's circuit breakers (set by the worker; None: calls never wait)."""
         self.limiter: RateLimiter | None = None
@@ -353,6 +361,7 @@ class RouterProvider(ModelProvider):
                 model_name, name, route, self._slots, self.policy, price
             )
             model.breakers = self.breakers
+            model.generation_spans = self.generation_spans
             if self.limiter is not None:
                 model.limiter = self.limiter
                 model.budgets = self.limiter.budgets_for(model_name, route.name)

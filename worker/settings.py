@@ -27,7 +27,7 @@ from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
 from . import heap, logs, metrics
-from .arqworker import BatchStartWorker
+from .arqworker import UNCOUNTED_TRIES, BatchStartWorker
 from .breaker import Breakers
 from .livelogs import LiveLogs
 from .mcp import McpPool, parse_mcp_config
@@ -84,6 +84,9 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             settings.max_attempts_per_model, settings.backoff_base_s, settings.backoff_max_s
         ),
         prices=settings.prices,
+        # The job log keeps agent and tool spans; a generation span per call is read by the
+        # OTLP export only.
+        generation_spans=bool(settings.otlp_endpoint),
     )
     await _set_timeouts(ctx["redis"])
     store = Store(
@@ -350,7 +353,7 @@ def build_worker(
         job_serializer=json_dumps,
         job_deserializer=load_job,
         # agentq counts runs itself (AGENTQ_MAX_RUNS); arq's count would end a job silently.
-        max_tries=1_000_000,
+        max_tries=UNCOUNTED_TRIES,
     )
     # arq marks a job "in progress" until its function starts; a worker dying in that moment
     # must not hold the job for arq's full job timeout. Running jobs are covered by leases.
