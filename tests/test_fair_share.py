@@ -7,7 +7,7 @@ or run twice."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -459,21 +459,22 @@ async def test_an_unknown_priority_is_refused_before_anything_is_enqueued(produc
 BATCHES = {"h1": Priority.HIGH, "n1": Priority.NORMAL, "n2": Priority.NORMAL, "l1": Priority.LOW}
 
 
-class FairShareMachine(RuleBasedStateMachine):
+class _StoreMachine(RuleBasedStateMachine):
+    """What both machines share: a store on a flushed database, the runs started, finished
+    and given back."""
+
     url = ""
+    batches: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.redis: Any = Redis.from_url(self.url)
         self.store = Store(self.redis, queue=QUEUE, result_ttl_s=3600, lease_s=30, max_runs=100)
-        self.next_id = dict.fromkeys(BATCHES, 0)
+        self.next_id = dict.fromkeys(self.batches, 0)
         self.running: dict[str, str] = {}  # job id -> token
         self.finals: dict[str, int] = {}
-        self.queued: dict[str, set[str]] = {b: set() for b in BATCHES}
-        self.since: dict[tuple[str, str], tuple[int, int, int]] = {}
-        """For two batches of one priority, both waiting: their starts when both began to."""
-        self.starts = dict.fromkeys(BATCHES, 0)
+        self.queued: dict[str, set[str]] = {b: set() for b in self.batches}
         self.batch_of: dict[str, str] = {}
         self.front: set[str] = set()
         """Runs given back: they start again before any other job, whatever its priority."""
@@ -481,6 +482,49 @@ class FairShareMachine(RuleBasedStateMachine):
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
+
+    async def _finish_id(self, jid: str, token: str) -> None:
+        batch_id, cid = await self.store.job_owner(jid)
+        record = ResultRecord(
+            custom_id=cid or "",
+            job_id=jid,
+            batch_id=batch_id or "",
+            status=Status.SUCCEEDED,
+            finished_at=now_iso(),
+        )
+        assert await self.store.finish(record, token) == 1
+        self.running.pop(jid, None)
+        self.finals[jid] = self.finals.get(jid, 0) + 1
+
+    def mark_pairs(self) -> None:
+        raise NotImplementedError
+
+    @rule(i=st.integers(0, 50))
+    def finish(self, i: int) -> None:
+        if self.running:
+            jid = sorted(self.running)[i % len(self.running)]
+            self.run(self._finish_id(jid, self.running[jid]))
+
+    @rule(i=st.integers(0, 50))
+    def give_back(self, i: int) -> None:
+        """A worker shutting down gives a run back: it goes to the front again."""
+        if not self.running:
+            return
+        jid = sorted(self.running)[i % len(self.running)]
+        assert self.run(self.store.release(jid, self.running.pop(jid)))
+        self.queued[self.batch_of[jid]].add(jid)
+        self.front.add(jid)
+        self.mark_pairs()
+
+
+class FairShareMachine(_StoreMachine):
+    batches = BATCHES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since: dict[tuple[str, str], tuple[int, int, int]] = {}
+        """For two batches of one priority, both waiting: their starts when both began to."""
+        self.starts = dict.fromkeys(BATCHES, 0)
 
     def teardown(self) -> None:
         try:  # everything submitted ends, each job once
@@ -497,19 +541,6 @@ class FairShareMachine(RuleBasedStateMachine):
         finally:
             self.run(self.redis.aclose())
             self.loop.close()
-
-    async def _finish_id(self, jid: str, token: str) -> None:
-        batch_id, cid = await self.store.job_owner(jid)
-        record = ResultRecord(
-            custom_id=cid or "",
-            job_id=jid,
-            batch_id=batch_id or "",
-            status=Status.SUCCEEDED,
-            finished_at=now_iso(),
-        )
-        assert await self.store.finish(record, token) == 1
-        self.running.pop(jid, None)
-        self.finals[jid] = self.finals.get(jid, 0) + 1
 
     def waiting(self) -> set[str]:
         return {b for b, q in self.queued.items() if q}
@@ -569,23 +600,6 @@ class FairShareMachine(RuleBasedStateMachine):
             rank = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
             assert all(rank[BATCHES[b]] >= rank[BATCHES[batch]] for b in w), (batch, w)
             self.starts[batch] += 1
-        self.mark_pairs()
-
-    @rule(i=st.integers(0, 50))
-    def finish(self, i: int) -> None:
-        if self.running:
-            jid = sorted(self.running)[i % len(self.running)]
-            self.run(self._finish_id(jid, self.running[jid]))
-
-    @rule(i=st.integers(0, 50))
-    def give_back(self, i: int) -> None:
-        """A worker shutting down gives a run back: it goes to the front again."""
-        if not self.running:
-            return
-        jid = sorted(self.running)[i % len(self.running)]
-        assert self.run(self.store.release(jid, self.running.pop(jid)))
-        self.queued[self.batch_of[jid]].add(jid)
-        self.front.add(jid)
         self.mark_pairs()
 
     @rule(batch=st.sampled_from(sorted(BATCHES)))
@@ -651,32 +665,19 @@ def _top(batch: str) -> str:
     return f"{tenant}:{prio.value}" if tenant else batch
 
 
-class TenantShareMachine(RuleBasedStateMachine):
+class TenantShareMachine(_StoreMachine):
     """Submits, starts, finishes, give-backs, retries and cancels over tenants' batches and
     batches without a tenant. After each step: tenants and batches without a tenant take turns,
     a tenant's batches take turns within its turns, a higher priority goes first, every waiting
     job has exactly one entry in arq's queue and one in its tenant's set, none runs twice."""
 
-    url = ""
+    batches = TENANT_BATCHES
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.redis: Any = Redis.from_url(self.url)
-        self.store = Store(self.redis, queue=QUEUE, result_ttl_s=3600, lease_s=30, max_runs=100)
-        self.next_id = dict.fromkeys(TENANT_BATCHES, 0)
-        self.running: dict[str, str] = {}
-        self.finals: dict[str, int] = {}
-        self.queued: dict[str, set[str]] = {b: set() for b in TENANT_BATCHES}
-        self.batch_of: dict[str, str] = {}
-        self.front: set[str] = set()
         self.starts: dict[str, int] = {}
         """Starts (not of runs given back) per top flow and per batch."""
         self.since: dict[tuple[str, str], tuple[int, int, float]] = {}
-        self.run(self.redis.flushdb())
-
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
         try:
@@ -692,19 +693,6 @@ class TenantShareMachine(RuleBasedStateMachine):
         finally:
             self.run(self.redis.aclose())
             self.loop.close()
-
-    async def _finish_id(self, jid: str, token: str) -> None:
-        batch_id, cid = await self.store.job_owner(jid)
-        record = ResultRecord(
-            custom_id=cid or "",
-            job_id=jid,
-            batch_id=batch_id or "",
-            status=Status.SUCCEEDED,
-            finished_at=now_iso(),
-        )
-        assert await self.store.finish(record, token) == 1
-        self.running.pop(jid, None)
-        self.finals[jid] = self.finals.get(jid, 0) + 1
 
     def field(self, jid: str, name: str) -> float:
         return float(_s(self.run(self.redis.hget(keys.job(jid), name))))
@@ -783,22 +771,6 @@ class TenantShareMachine(RuleBasedStateMachine):
             assert all(rank[TENANT_BATCHES[b][1]] >= mine for b in waiting), (batch, waiting)
             for flow in {_top(batch), batch}:
                 self.starts[flow] = self.starts.get(flow, 0) + 1
-        self.mark_pairs()
-
-    @rule(i=st.integers(0, 50))
-    def finish(self, i: int) -> None:
-        if self.running:
-            jid = sorted(self.running)[i % len(self.running)]
-            self.run(self._finish_id(jid, self.running[jid]))
-
-    @rule(i=st.integers(0, 50))
-    def give_back(self, i: int) -> None:
-        if not self.running:
-            return
-        jid = sorted(self.running)[i % len(self.running)]
-        assert self.run(self.store.release(jid, self.running.pop(jid)))
-        self.queued[self.batch_of[jid]].add(jid)
-        self.front.add(jid)
         self.mark_pairs()
 
     @rule(batch=st.sampled_from(sorted(TENANT_BATCHES)))
