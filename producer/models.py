@@ -174,7 +174,9 @@ class AgentJob(_Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, v: JobMetadata) -> JobMetadata:
-        limits.check_json_size(v.model_dump(mode="json"), limits.MAX_METADATA_CHARS)
+        # counted as before tenants existed: a tenant left out adds no "tenant": null
+        unset = {"tenant"} if v.tenant is None else None
+        limits.check_json_size(v.model_dump(mode="json", exclude=unset), limits.MAX_METADATA_CHARS)
         return v
 
     @field_validator("model")
