@@ -454,6 +454,15 @@ async def test_an_unknown_priority_is_refused_before_anything_is_enqueued(produc
     assert not await producer.redis.exists(keys.batch("p"))
 
 
+MACHINE_SETTINGS = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""Both state machines below: 100 runs of 40 steps each."""
+
+
 # -- the state machine ------------------------------------------------------------------------
 
 BATCHES = {"h1": Priority.HIGH, "n1": Priority.NORMAL, "n2": Priority.NORMAL, "l1": Priority.LOW}
@@ -638,12 +647,7 @@ def test_fair_share_state_machine(redis_url: str) -> None:
     FairShareMachine.url = redis_url
     run_state_machine_as_test(
         FairShareMachine,
-        settings=settings(
-            max_examples=100,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
+        settings=MACHINE_SETTINGS,
     )
 
 
@@ -827,10 +831,5 @@ def test_tenant_share_state_machine(redis_url: str) -> None:
     TenantShareMachine.url = redis_url
     run_state_machine_as_test(
         TenantShareMachine,
-        settings=settings(
-            max_examples=100,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
+        settings=MACHINE_SETTINGS,
     )
