@@ -247,7 +247,6 @@ class WorkerProc:
             AGENTQ_CONCURRENCY=str(self.concurrency),
             AGENTQ_QUEUE=self.queue,
             AGENTQ_LOG_FORMAT="json",
-            AGENTQ_POLL_DELAY_S=os.environ.get("AGENTQ_POLL_DELAY_S", "0.05"),
         )
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -72,6 +73,14 @@ PARK_FACTOR = 4
 UNCOUNTED_TRIES = 1_000_000
 """max_tries at or above this: arq's try count is not kept (agentq counts runs itself)."""
 
+SPACING_SHARE = 0.02
+"""A busy worker's reads of the queue are spaced by at most this share of a run's typical
+duration (and at most poll_delay): freed slots are gathered into one start without making a
+short run wait long for its next job."""
+
+RUN_S_WEIGHT = 0.05
+"""Weight of the newest run in the running average of run durations."""
+
 IDLE_CHECK_S = 2.0
 """A worker with free slots reads the queue this often even when it hears nothing: a wake lost
 in a reconnect, a job whose arq in-progress mark lapsed, or one deferred by another worker
@@ -112,6 +121,8 @@ class BatchStartWorker(Worker):
         self._taken = 0
         self._left_behind = False
         """The last start stopped for want of free slots with jobs left behind."""
+        self.run_s: float | None = None
+        """Running average of how long runs here take, start to end (None: none ended yet)."""
 
     def wake(self) -> None:
         """New jobs may be in the queue."""
@@ -193,7 +204,7 @@ class BatchStartWorker(Worker):
     async def _wait_for_work(self) -> None:
         """Until the next iteration has something to do: read the queue (a wake, a slot
         freed with jobs left behind, a deferred job due, or IDLE_CHECK_S with free slots),
-        or tidy up ended runs. Iterations are poll_delay apart at least."""
+        or tidy up ended runs. Iterations are spacing_s apart at least."""
         while True:
             free = self.allow_pick_jobs and self.job_counter < self.max_jobs
             if (free and self._more) or self._ended:
@@ -209,9 +220,22 @@ class BatchStartWorker(Worker):
                     await self._nudge.wait()
             except TimeoutError:
                 self._more = True
-        wait = self._last_iteration + self.poll_delay_s - self.loop.time()
+        wait = self._last_iteration + self.spacing_s - self.loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
+
+    @property
+    def spacing_s(self) -> float:
+        """The least time between two iterations: poll_delay, or SPACING_SHARE of a typical
+        run when that is shorter (a 200 ms run waits ~2 ms for its slot's next job, not 20)."""
+        if self.run_s is None:
+            return self.poll_delay_s
+        return min(self.poll_delay_s, SPACING_SHARE * self.run_s)
+
+    def _run_ended(self, started: float, task: object = None) -> None:
+        took = self.loop.time() - started
+        self.run_s = took if self.run_s is None else self.run_s + RUN_S_WEIGHT * (took - self.run_s)
+        self._release_sem_dec_counter_on_complete()
 
     async def _listen_wake(self) -> None:
         """Hear the enqueue scripts' wake messages. A (re)subscription counts as one: pub/sub
@@ -288,7 +312,7 @@ class BatchStartWorker(Worker):
             await self.sem.acquire()  # free slots were counted: this does not wait
             self.job_counter += 1
             task = self.loop.create_task(self.run_job(job_id, int(float(taken[i + 1]))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task.add_done_callback(functools.partial(self._run_ended, self.loop.time()))
             self.tasks[job_id] = task
             self._taken += 1
 

@@ -3,6 +3,7 @@ job's result record."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -34,6 +35,7 @@ _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._\-]+")
 def redactor(secrets: list[str]) -> Processor:
     """A processor that hides secret values wherever they appear, and secret-named keys."""
     values = [s for s in secrets if s and len(s) >= 4]
+    secret_key = functools.lru_cache(maxsize=4096)(lambda key: bool(_SECRET_KEYS.search(key)))
 
     def scrub(text: str) -> str:
         for s in values:
@@ -42,8 +44,10 @@ def redactor(secrets: list[str]) -> Processor:
         return _BEARER.sub(r"\1[REDACTED]", text) if "Bearer" in text else text
 
     def clean(key: str, value: Any) -> Any:
-        if _SECRET_KEYS.search(key):
+        if key and secret_key(key):
             return "[REDACTED]"
+        if value is None or type(value) in _NUMBERS:
+            return value
         if isinstance(value, str):
             return scrub(value)
         if isinstance(value, dict):
@@ -58,6 +62,9 @@ def redactor(secrets: list[str]) -> Processor:
         return event
 
     return redact
+
+
+_NUMBERS = frozenset({int, float, bool})
 
 
 def drop_content(_: Any, __: str, event: EventDict) -> EventDict:

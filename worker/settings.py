@@ -26,7 +26,7 @@ from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
-from . import heap, logs, metrics
+from . import fastbody, heap, logs, metrics
 from .arqworker import UNCOUNTED_TRIES, BatchStartWorker
 from .breaker import Breakers
 from .livelogs import LiveLogs
@@ -112,6 +112,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(_maintain(rt)),
         asyncio.create_task(_listen(rt)),
     ]
+    fast_bodies = fastbody.install()
     frozen = heap.freeze()
     _tell_ready()
     log.info(
@@ -127,6 +128,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         agents=sorted(registry.agents),
         mcp_servers=mcp.status(),
         heap_frozen=frozen,
+        fast_bodies=fast_bodies,
     )
 
 

@@ -1119,7 +1119,7 @@ async def idle(b: Bench) -> list[Row]:
                 concurrency=50,
                 queue="bench:idle",
                 log_dir=b.tmp / "logs",
-                extra_env={"AGENTQ_POLL_DELAY_S": "0.02"},  # the default, not the bench's 0.05
+                extra_env={"AGENTQ_POLL_DELAY_S": "0.02"},  # the default, whatever the env says
             ) as [w],
         ):
             settings = load_settings(redis_url=url, queue="bench:idle")
