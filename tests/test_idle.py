@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -147,13 +148,13 @@ async def test_jobs_left_behind_are_read_again_when_runs_end_during_their_start(
         started.append(job_id)
 
     monkeypatch.setattr(worker, "run_job", run_job)
-    start_jobs = worker.start_jobs
+    start_taken = worker.start_taken
 
-    async def start_while_a_run_ends(job_ids: list[bytes]) -> None:
-        await start_jobs(job_ids)
+    async def start_while_a_run_ends(taken: list[Any]) -> None:
+        await start_taken(taken)
         worker._release_sem_dec_counter_on_complete()  # a run ended meanwhile
 
-    monkeypatch.setattr(worker, "start_jobs", start_while_a_run_ends)
+    monkeypatch.setattr(worker, "start_taken", start_while_a_run_ends)
     await worker._read_queue()
     await asyncio.gather(*worker.tasks.values())
     assert len(started) == 2
@@ -180,3 +181,34 @@ async def test_reads_are_spaced_by_a_share_of_a_run_not_a_fixed_poll_delay(
         worker.job_counter += 1
         worker._run_ended(worker.loop.time() - 10.0)
     assert worker.spacing_s == 0.05
+
+
+async def test_one_take_reads_the_queue_and_says_what_is_left_and_when_the_next_is_due(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The take script reads the queue's due front itself (it skips entries in progress and
+    stops at the free slots), and returns the score of the first entry not yet due."""
+    now = arqworker.timestamp_ms()
+    entries = {f"due{i}": now - 1000 + i for i in range(40)} | {"later": now + 60_000}
+    await redis.zadd(settings.queue, entries)
+    await redis.psetex(arqworker.in_progress_key_prefix + "due0", 60_000, "1")  # in progress
+    worker = build_worker(settings.model_copy(update={"concurrency": 30}), handle_signals=False)
+    worker._pool = redis  # type: ignore[assignment]  # only the queue is read and taken here
+    started: list[str] = []
+
+    async def run_job(job_id: str, score: int) -> None:
+        started.append(job_id)
+
+    monkeypatch.setattr(worker, "run_job", run_job)
+    await worker._read_queue()
+    await asyncio.gather(*worker.tasks.values())
+    assert started == [f"due{i}" for i in range(1, 31)]  # in queue order, due0 skipped
+    assert worker._more, "nine due jobs are left behind"
+    assert worker._next_due == now + 60_000
+    worker.tasks.clear()  # their runs ended: their slots are free again
+    assert worker.job_counter == 0
+    await redis.zrem(settings.queue, *started)
+    await worker._read_queue()
+    await asyncio.gather(*worker.tasks.values())
+    assert started[30:] == [f"due{i}" for i in range(31, 40)]
+    assert not worker._more, "nothing due is left"

@@ -34,28 +34,38 @@ from arq.worker import Function, Retry, RetryJob, logger
 from producer.connect import Script
 
 _TAKE = """
--- ARGV: now (ms), in-progress mark (ms), free slots, in-progress key prefix, payload key prefix,
--- then the arq ids read from the queue's front.
--- Returns {ids examined, then (id, score, payload) for each job taken}: fewer examined than
--- given means it stopped for want of slots, with jobs left behind. A payload is nil when it is
--- not a string (gone, or another type): arq's own run_job then reads it and deals with it.
-local now, limit, taken, examined = tonumber(ARGV[1]), tonumber(ARGV[3]), {}, 0
-for i = 6, #ARGV do
-  if #taken >= 3 * limit then break end
-  examined = examined + 1
-  local id = ARGV[i]
-  if redis.call('EXISTS', ARGV[4] .. id) == 0 then
-    local score = redis.call('ZSCORE', KEYS[1], id)
-    if score and tonumber(score) <= now then
+-- KEYS[1]: the queue. ARGV: now (ms), in-progress mark (ms), free slots, in-progress key
+-- prefix, payload key prefix, most entries to examine.
+-- Reads the queue's due entries from the front and takes up to `free` of them (not in
+-- progress: marks them). Returns {more, next due score or false, then (id, score, payload) for
+-- each job taken}: more is 1 when due entries were left behind (for want of slots, or past the
+-- examine limit). A payload is false when it is not a string (gone, or another type): arq's own
+-- run_job then reads it and deals with it.
+local limit, most = tonumber(ARGV[3]), tonumber(ARGV[6])
+local taken, examined, offset, more = {}, 0, 0, 0
+local chunk = math.min(math.max(limit, 16), most)
+while more == 0 do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT',
+                         offset, chunk)
+  for i = 1, #ids, 2 do
+    if #taken >= 3 * limit or examined >= most then more = 1; break end
+    examined = examined + 1
+    local id = ids[i]
+    if redis.call('EXISTS', ARGV[4] .. id) == 0 then
       redis.call('PSETEX', ARGV[4] .. id, ARGV[2], '1')
-      table.insert(taken, id)
-      table.insert(taken, score)
       local payload = redis.pcall('GET', ARGV[5] .. id)
+      table.insert(taken, id)
+      table.insert(taken, ids[i + 1])
       table.insert(taken, type(payload) == 'string' and payload or false)
     end
   end
+  if #ids < 2 * chunk then break end
+  offset = offset + chunk
 end
-table.insert(taken, 1, examined)
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+                         'LIMIT', 0, 1)
+table.insert(taken, 1, later[2] or false)
+table.insert(taken, 1, more)
 return taken
 """
 
@@ -118,9 +128,6 @@ class BatchStartWorker(Worker):
         self._ended = 0
         """Runs ended since the last iteration (their tasks are tidied up then)."""
         self._last_iteration = 0.0
-        self._taken = 0
-        self._left_behind = False
-        """The last start stopped for want of free slots with jobs left behind."""
         self.run_s: float | None = None
         """Running average of how long runs here take, start to end (None: none ended yet)."""
 
@@ -177,29 +184,34 @@ class BatchStartWorker(Worker):
         await self.heart_beat()
 
     async def _read_queue(self) -> None:
-        """One read of the queue's front (due jobs, and when the next one is due) and the
-        start of what fits."""
+        """One script reads the queue's front, takes the due jobs that fit and says when the
+        next one is due; then what it took starts. (arq reads queue_read_limit entries with
+        their scores, then checks and marks each job in a transaction of its own.)"""
         self._more = False  # a wake heard while reading sets it again
-        count = self.queue_read_limit
-        entries = await self.pool.zrangebyscore(
-            self.queue_name,
-            min=float("-inf"),
-            max=float("inf"),
-            start=0,
-            num=count + 1,
-            withscores=True,
-        )
-        now = timestamp_ms()
-        due = [jid for jid, score in entries if score <= now]
-        later = [score for _, score in entries if score > now]
-        self._next_due = later[0] if later else None
-        self._taken = 0
-        self._left_behind = False
-        await self.start_jobs(due[:count])
-        # Jobs left for want of slots: read again when one frees. (Not "still full": runs
-        # that end while these start leave it not full, and the rest waited IDLE_CHECK_S.)
-        if self._left_behind or len(due) > count:
+        free = self.max_jobs - self.job_counter
+        if free <= 0:
             self._more = True
+            return
+        if self._take is None:
+            self._take = Script(self.pool, _TAKE)
+        reply = await self._take(
+            keys=[self.queue_name],
+            args=[
+                timestamp_ms(),
+                int(self.in_progress_timeout_s * 1000),
+                free,
+                in_progress_key_prefix,
+                job_key_prefix,
+                self.queue_read_limit,
+            ],
+        )
+        more, later, taken = int(reply[0]), reply[1], reply[2:]
+        self._next_due = float(later) if later is not None else None
+        # Due jobs left for want of slots: read again when one frees. (Not "still full": runs
+        # that end while these start leave it not full, and the rest waited IDLE_CHECK_S.)
+        if more:
+            self._more = True
+        await self.start_taken(taken)
 
     async def _wait_for_work(self) -> None:
         """Until the next iteration has something to do: read the queue (a wake, a slot
@@ -282,29 +294,8 @@ class BatchStartWorker(Worker):
                 self.handle_sig_wait_for_completion, signal.Signals(signum)
             )
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        free = self.max_jobs - self.job_counter
-        if not job_ids:
-            return
-        if free <= 0:
-            self._left_behind = True
-            return
-        if self._take is None:
-            self._take = Script(self.pool, _TAKE)
-        taken = await self._take(
-            keys=[self.queue_name],
-            args=[
-                timestamp_ms(),
-                int(self.in_progress_timeout_s * 1000),
-                free,
-                in_progress_key_prefix,
-                job_key_prefix,
-                *job_ids,
-            ],
-        )
-        examined, taken = int(taken[0]), taken[1:]
-        if examined < len(job_ids):
-            self._left_behind = True
+    async def start_taken(self, taken: list[Any]) -> None:
+        """Start the jobs the take script marked: (arq id, score, payload) triples."""
         for i in range(0, len(taken), 3):
             job_id = taken[i].decode() if isinstance(taken[i], bytes) else str(taken[i])
             if taken[i + 2] is not None:
@@ -314,7 +305,6 @@ class BatchStartWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(taken[i + 1]))))
             task.add_done_callback(functools.partial(self._run_ended, self.loop.time()))
             self.tasks[job_id] = task
-            self._taken += 1
 
     async def run_job(self, job_id: str, score: int) -> None:
         """arq's run_job for a job taken with its payload, less arq's transaction before the run
