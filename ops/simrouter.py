@@ -79,6 +79,9 @@ class SimConfig:
     api_key: str | None = None  # None: any bearer token (or none) is accepted
     models: tuple[str, ...] = DEFAULT_MODELS
     latency_ms: float = 0.0
+    latency_jitter: float = 0.0
+    """Each call's latency is latency_ms times a uniform draw in [1 - jitter, 1 + jitter]
+    (real Routers vary; a fixed latency keeps runs that started together in step)."""
     fault_rates: dict[str, float] = field(default_factory=dict)
     retry_after_s: float = 1.0
     hang_s: float = 3600.0
@@ -92,6 +95,8 @@ class SimConfig:
     """The sliding window the rate limit is counted over."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.latency_jitter <= 1:
+            raise ValueError("the latency jitter is a fraction of the latency, from 0 to 1")
         if self.rate_limit_rps is not None and (
             self.rate_limit_rps <= 0 or self.rate_window_s <= 0
         ):
@@ -344,6 +349,7 @@ class _SimState:
         self.stats = SimStats()
         self.models = frozenset(config.models)
         self.rng = random.Random(config.seed)
+        self.jitter_rng = random.Random(config.seed)
         self.flaky_seen: dict[str, None] = {}  # insertion-ordered, bounded
         self.rates = sorted(config.fault_rates.items())
         self.outages: dict[str, tuple[str, float]] = {}
@@ -482,7 +488,12 @@ class _SimState:
             return error_response(400, f"unknown x-sim-fault {fault!r}; known: {FAULTS}")
         if fault is not None:
             stats.by_outcome[fault] += 1
-        latency = self.config.latency_ms + (1000.0 if model == "sim-slow" else 0.0)
+        latency = self.config.latency_ms
+        if self.config.latency_jitter:
+            latency *= self.jitter_rng.uniform(
+                1 - self.config.latency_jitter, 1 + self.config.latency_jitter
+            )
+        latency += 1000.0 if model == "sim-slow" else 0.0
         if "x-sim-latency-ms" in request.headers:
             try:
                 latency += float(request.headers["x-sim-latency-ms"])
@@ -698,6 +709,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="vary each call's latency uniformly by +-F of it (0 to 1)",
+    )
+    parser.add_argument(
         "--fault",
         type=_parse_fault,
         action="append",
@@ -729,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
         config = SimConfig(
             api_key=os.environ.get(KEY_ENV) or None,
             latency_ms=args.latency_ms,
+            latency_jitter=args.latency_jitter,
             fault_rates=dict(args.fault),
             retry_after_s=args.retry_after,
             hang_s=args.hang_s,
