@@ -132,6 +132,23 @@ async def test_progress_messages_are_coalesced(store: Store, store_redis: Redis)
     assert 1 <= heard.get(keys.batch_progress("b1"), 0) < n / 2, heard
 
 
+def _taking_worker(
+    settings: Settings, concurrency: int, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> tuple[BatchStartWorker, list[str]]:
+    """A worker that only reads and takes the queue; its runs just note their arq ids."""
+    worker = build_worker(
+        settings.model_copy(update={"concurrency": concurrency}), handle_signals=False
+    )
+    worker._pool = redis  # type: ignore[assignment]  # only the queue is read and taken here
+    started: list[str] = []
+
+    async def run_job(job_id: str, score: int) -> None:
+        started.append(job_id)
+
+    monkeypatch.setattr(worker, "run_job", run_job)
+    return worker, started
+
+
 async def test_jobs_left_behind_are_read_again_when_runs_end_during_their_start(
     settings: Settings, producer: Producer, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,14 +157,7 @@ async def test_jobs_left_behind_are_read_again_when_runs_end_during_their_start(
     reads) made it look not full: the rest of the queue waited IDLE_CHECK_S (2 s) a time, and
     one worker ran 80 jobs/s instead of 130 (measured with the bench's sdk-loop jobs)."""
     await producer.submit([AgentJob(custom_id=f"j{i}", input="x") for i in range(5)])
-    worker = build_worker(settings.model_copy(update={"concurrency": 2}), handle_signals=False)
-    worker._pool = redis  # type: ignore[assignment]  # only the queue is read and taken here
-    started: list[str] = []
-
-    async def run_job(job_id: str, score: int) -> None:
-        started.append(job_id)
-
-    monkeypatch.setattr(worker, "run_job", run_job)
+    worker, started = _taking_worker(settings, 2, redis, monkeypatch)
     start_taken = worker.start_taken
 
     async def start_while_a_run_ends(taken: list[Any]) -> None:
@@ -192,14 +202,7 @@ async def test_one_take_reads_the_queue_and_says_what_is_left_and_when_the_next_
     entries = {f"due{i}": now - 1000 + i for i in range(40)} | {"later": now + 60_000}
     await redis.zadd(settings.queue, entries)
     await redis.psetex(arqworker.in_progress_key_prefix + "due0", 60_000, "1")  # in progress
-    worker = build_worker(settings.model_copy(update={"concurrency": 30}), handle_signals=False)
-    worker._pool = redis  # type: ignore[assignment]  # only the queue is read and taken here
-    started: list[str] = []
-
-    async def run_job(job_id: str, score: int) -> None:
-        started.append(job_id)
-
-    monkeypatch.setattr(worker, "run_job", run_job)
+    worker, started = _taking_worker(settings, 30, redis, monkeypatch)
     await worker._read_queue()
     await asyncio.gather(*worker.tasks.values())
     assert started == [f"due{i}" for i in range(1, 31)]  # in queue order, due0 skipped
