@@ -349,7 +349,8 @@ class _SimState:
         self.stats = SimStats()
         self.models = frozenset(config.models)
         self.rng = random.Random(config.seed)
-        self.jitter_rng = random.Random(config.seed)
+        # its own sequence: a seeded fault sequence is the same with or without jitter
+        self.jitter_rng = random.Random(None if config.seed is None else config.seed + 1)
         self.flaky_seen: dict[str, None] = {}  # insertion-ordered, bounded
         self.rates = sorted(config.fault_rates.items())
         self.outages: dict[str, tuple[str, float]] = {}

@@ -163,7 +163,7 @@ def _worker(tmp_path: Path, redis_url: str) -> Any:
 async def test_a_parked_run_gives_its_slot_back(tmp_path: Path, redis_url: str) -> None:
     w = _worker(tmp_path, redis_url)
     value = w.sem._value
-    await w.sem.acquire()  # a run starts (as start_jobs does)
+    await w.sem.acquire()  # a run starts (as start_taken does)
     w.job_counter += 1
     async with w.park():
         assert (w.job_counter, w.parked, w.sem._value) == (0, 1, value)

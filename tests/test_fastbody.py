@@ -9,12 +9,12 @@ from __future__ import annotations
 import inspect
 import json
 import typing
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
 import pydantic
 import pytest
+import typing_extensions
 from agents import Agent, ModelSettings, RunConfig, Runner, function_tool
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import NOT_GIVEN, AsyncOpenAI, omit
@@ -28,20 +28,30 @@ from worker import fastbody
 from worker.tools import calculator
 
 
-def _property_infos(tp: Any, seen: set[int]) -> Iterator[tuple[str, PropertyInfo]]:
-    """Every PropertyInfo reachable from a type annotation (TypedDict fields, unions, lists)."""
+def _walk(tp: Any, seen: dict[int, Any], found: list[tuple[str, PropertyInfo]]) -> None:
+    """Every TypedDict reachable from a type annotation (fields, unions, lists) into seen, and
+    every PropertyInfo met on the way into found. openai's params are typing_extensions
+    TypedDicts (typing.is_typeddict says no to them on Python 3.11)."""
     if id(tp) in seen:
         return
-    seen.add(id(tp))
+    seen[id(tp)] = tp
     for arg in typing.get_args(tp):
         if isinstance(arg, PropertyInfo):
-            yield repr(tp), arg
+            found.append((repr(tp), arg))
         else:
-            yield from _property_infos(arg, seen)
-    if typing.is_typeddict(tp):
-        for name, hint in typing.get_type_hints(tp, include_extras=True).items():
-            for where, info in _property_infos(hint, seen):
-                yield f"{tp.__name__}.{name} ({where})", info
+            _walk(arg, seen, found)
+    if typing_extensions.is_typeddict(tp):
+        for hint in typing_extensions.get_type_hints(tp, include_extras=True).values():
+            _walk(hint, seen, found)
+
+
+def _transforming(tp: Any) -> tuple[list[str], list[tuple[str, PropertyInfo]]]:
+    """(names of the TypedDicts reached, PropertyInfos that rename or format a value)."""
+    seen: dict[int, Any] = {}
+    found: list[tuple[str, PropertyInfo]] = []
+    _walk(tp, seen, found)
+    names = [t.__name__ for t in seen.values() if typing_extensions.is_typeddict(t)]
+    return names, [(w, i) for w, i in found if i.alias is not None or i.format is not None]
 
 
 @pytest.mark.parametrize(
@@ -49,12 +59,24 @@ def _property_infos(tp: Any, seen: set[int]) -> Iterator[tuple[str, PropertyInfo
     [params.CompletionCreateParamsNonStreaming, params.CompletionCreateParamsStreaming],
 )
 def test_chat_params_declare_no_alias_and_no_format(params_type: Any) -> None:
-    found = [
-        (where, info)
-        for where, info in _property_infos(params_type, set())
-        if info.alias is not None or info.format is not None
-    ]
+    reached, found = _transforming(params_type)
+    for name in ("ChatCompletionFunctionToolParam", "FunctionDefinition", "ImageURL"):
+        assert name in reached, f"the walk no longer reaches {name}: fix the walk"
     assert not found, f"openai now transforms chat params: re-check worker/fastbody.py: {found}"
+
+
+class _Inner(typing_extensions.TypedDict, total=False):
+    card_id: typing_extensions.Annotated[str, PropertyInfo(alias="cardID")]
+
+
+class _Outer(typing_extensions.TypedDict, total=False):
+    items: list[_Inner | str]
+
+
+def test_the_walk_finds_an_alias_below_the_top() -> None:
+    reached, found = _transforming(_Outer)
+    assert {"_Outer", "_Inner"} <= set(reached)
+    assert [info.alias for _, info in found] == ["cardID"]
 
 
 def test_create_builds_its_body_through_the_name_install_replaces() -> None:

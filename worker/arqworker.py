@@ -43,7 +43,7 @@ _TAKE = """
 -- run_job then reads it and deals with it.
 local limit, most = tonumber(ARGV[3]), tonumber(ARGV[6])
 local taken, examined, offset, more = {}, 0, 0, 0
-local chunk = math.min(math.max(limit, 16), most)
+local chunk = math.max(math.min(math.max(limit, 16), most), 1)
 while more == 0 do
   local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT',
                          offset, chunk)
