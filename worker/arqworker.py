@@ -188,10 +188,6 @@ class BatchStartWorker(Worker):
         next one is due; then what it took starts. (arq reads queue_read_limit entries with
         their scores, then checks and marks each job in a transaction of its own.)"""
         self._more = False  # a wake heard while reading sets it again
-        free = self.max_jobs - self.job_counter
-        if free <= 0:
-            self._more = True
-            return
         if self._take is None:
             self._take = Script(self.pool, _TAKE)
         reply = await self._take(
@@ -199,7 +195,7 @@ class BatchStartWorker(Worker):
             args=[
                 timestamp_ms(),
                 int(self.in_progress_timeout_s * 1000),
-                free,
+                self.max_jobs - self.job_counter,  # free slots (none: it takes none)
                 in_progress_key_prefix,
                 job_key_prefix,
                 self.queue_read_limit,
@@ -239,7 +235,7 @@ class BatchStartWorker(Worker):
     @property
     def spacing_s(self) -> float:
         """The least time between two iterations: poll_delay, or SPACING_SHARE of a typical
-        run when that is shorter (a 200 ms run waits ~2 ms for its slot's next job, not 20)."""
+        run when that is shorter (a 200 ms run waits ~4 ms for its slot's next job, not 20)."""
         if self.run_s is None:
             return self.poll_delay_s
         return min(self.poll_delay_s, SPACING_SHARE * self.run_s)
