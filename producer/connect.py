@@ -3,10 +3,11 @@ how to talk to it: every command retries with backoff through restarts and dropp
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -62,15 +63,47 @@ def tcp_options(url: str) -> dict[str, Any]:
 
 def connect(settings: Settings) -> Redis:
     url = redis_url(settings)
-    return Redis.from_url(
-        url,
-        **tcp_options(url),
-        health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_timeout=30,  # a half-open link fails and is retried instead of hanging
-        retry=retry_policy(PRODUCER_RETRIES),
-        retry_on_error=RETRY_ON,
+    return unlock_pool(
+        Redis.from_url(
+            url,
+            **tcp_options(url),
+            health_check_interval=30,
+            socket_connect_timeout=5,
+            socket_timeout=30,  # a half-open link fails and is retried instead of hanging
+            retry=retry_policy(PRODUCER_RETRIES),
+            retry_on_error=RETRY_ON,
+        )
     )
+
+
+def unlock_pool(redis: Any) -> Any:
+    """Let the client's commands take pooled connections at once, as redis-py < 5.3 did.
+
+    redis-py 5.3 (arq 0.28 needs redis-py < 6) takes a connection under one asyncio.Lock
+    per pool, held while it checks the connection, and that check waits for the event loop's
+    next turn (a read with a zero timeout). So a process takes one connection per loop turn,
+    whatever its pool size: a worker with 500 runs in flight queued its commands for hundreds
+    of milliseconds, and its slots stood empty a fifth of the time (redis-py issue #3692).
+    Each connection is one task's alone while it is taken, so the lock guards nothing there.
+    A pool of another kind (a blocking pool, or one that overrides get_connection) is left
+    as it is. Checked by tests/test_redis_pool.py."""
+    pool = redis.connection_pool
+    if type(pool).get_connection is ConnectionPool.get_connection:
+        pool.get_connection = types.MethodType(_get_connection, pool)
+    return redis
+
+
+async def _get_connection(
+    self: ConnectionPool, command_name: Any = None, *keys: Any, **options: Any
+) -> Any:
+    """redis-py's ConnectionPool.get_connection without its lock."""
+    connection = self.get_available_connection()
+    try:
+        await self.ensure_connection(connection)
+    except BaseException:
+        await self.release(connection)
+        raise
+    return connection
 
 
 class Script:

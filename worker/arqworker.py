@@ -31,7 +31,7 @@ from arq.jobs import SerializationError, deserialize_job_raw
 from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
 from arq.worker import Function, Retry, RetryJob, logger
 
-from producer.connect import Script
+from producer.connect import Script, unlock_pool
 
 _TAKE = """
 -- KEYS[1]: the queue. ARGV: now (ms), in-progress mark (ms), free slots, in-progress key
@@ -148,6 +148,7 @@ class BatchStartWorker(Worker):
                 default_queue_name=self.queue_name,
                 expires_extra_ms=self.expires_extra_ms,
             )
+        unlock_pool(self._pool)
         logger.info(
             "Starting worker for %d functions: %s", len(self.functions), ", ".join(self.functions)
         )

@@ -1,0 +1,98 @@
+"""Pooled Redis connections are taken without redis-py 5.3's pool lock (producer/connect.py
+unlock_pool): the worker's commands no longer queue one event-loop turn apart."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+
+from producer import Settings
+from producer.connect import _get_connection, connect, unlock_pool
+from tests.test_idle import running
+
+NOT_TOGETHER_S = 1.0
+"""How long a second caller gets to reach the connection check while the first holds it.
+Under redis-py's lock it never does (the first is parked until the test lets it go)."""
+
+
+async def _checked_together(pool: Any, callers: int = 3) -> bool:
+    """Whether `callers` concurrent get_connection calls are all inside the connection check
+    at once: the check is held open until every caller is in, or NOT_TOGETHER_S has passed."""
+    inside = 0
+    all_in, let_go = asyncio.Event(), asyncio.Event()
+
+    async def check(connection: Any) -> None:
+        nonlocal inside
+        inside += 1
+        if inside == callers:
+            all_in.set()
+        await let_go.wait()
+
+    pool.ensure_connection = check
+    takers = [asyncio.create_task(pool.get_connection()) for _ in range(callers)]
+    try:
+        async with asyncio.timeout(NOT_TOGETHER_S):
+            await all_in.wait()
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        let_go.set()
+        for connection in await asyncio.gather(*takers):
+            await pool.release(connection)
+        del pool.ensure_connection
+
+
+async def test_redis_py_still_takes_connections_one_at_a_time() -> None:
+    """The internal unlock_pool leans on: if this fails, redis-py changed get_connection (its
+    lock is gone, or moved): check whether unlock_pool is still needed, and that its copy of
+    get_connection still matches redis-py's."""
+    source = inspect.getsource(ConnectionPool.get_connection)
+    assert "async with self._lock" in source and "ensure_connection" in source, source
+    assert not await _checked_together(ConnectionPool())
+
+
+async def test_an_unlocked_pool_checks_connections_side_by_side() -> None:
+    client = unlock_pool(Redis())
+    assert await _checked_together(client.connection_pool)
+
+
+async def test_connect_unlocks_the_producers_pool(settings: Settings) -> None:
+    client = connect(settings)
+    try:
+        assert await _checked_together(client.connection_pool)
+    finally:
+        await client.aclose()
+
+
+async def test_the_workers_pool_is_unlocked(settings: Settings) -> None:
+    """(By identity: holding a running worker's own connections open stalls the worker.)"""
+    async with running(settings) as worker:
+        get_connection = worker.ctx["redis"].connection_pool.get_connection
+        assert get_connection.__func__ is _get_connection
+
+
+def test_a_blocking_pool_is_left_as_it_is() -> None:
+    client = Redis(connection_pool=BlockingConnectionPool())
+    unlock_pool(client)
+    assert "get_connection" not in vars(client.connection_pool)
+
+
+async def test_many_commands_at_once_through_an_unlocked_pool(redis_url: str) -> None:
+    """Every command gets its own connection, its own reply, and gives the connection back."""
+    client = unlock_pool(Redis.from_url(redis_url))
+    try:
+        await client.delete("agentq:test:pool")
+        replies = await asyncio.gather(
+            *(client.incr("agentq:test:pool") for _ in range(300)),
+            *(client.echo(f"m{i}") for i in range(300)),
+        )
+        assert sorted(replies[:300]) == list(range(1, 301))
+        assert replies[300:] == [f"m{i}".encode() for i in range(300)]
+        assert not client.connection_pool._in_use_connections
+    finally:
+        await client.delete("agentq:test:pool")
+        await client.aclose()
