@@ -80,15 +80,17 @@ def unlock_pool(redis: Any) -> Any:
     """Let the client's commands take pooled connections at once, as redis-py < 5.3 did.
 
     redis-py 5.3 (arq 0.28 needs redis-py < 6) takes a connection under one asyncio.Lock
-    per pool, held while it checks the connection, and that check waits for the event loop's
-    next turn (a read with a zero timeout). So a process takes one connection per loop turn,
-    whatever its pool size: a worker with 500 runs in flight queued its commands for hundreds
-    of milliseconds, and its slots stood empty a fifth of the time (redis-py issue #3692).
-    Each connection is one task's alone while it is taken, so the lock guards nothing there.
-    A pool of another kind (a blocking pool, or one that overrides get_connection) is left
-    as it is. Checked by tests/test_redis_pool.py."""
+    per pool, held while it checks the connection, and with the hiredis parser that check
+    waits for the event loop's next turn (a read with a zero timeout). So a process took one
+    connection per loop turn, whatever its pool size: a worker with 500 runs in flight queued
+    its commands and its reads of the queue for hundreds of milliseconds, and a third of its
+    slots stood empty (redis-py issue #3692). A taken connection is one task's alone until it
+    is released, so the lock is not needed for that. It does matter for logins that refresh a
+    token (a credential_provider: redis-py re-authenticates free connections under it), so
+    such a pool keeps it, as does any pool but a plain ConnectionPool (a Sentinel or blocking
+    pool). Checked by tests/test_redis_pool.py."""
     pool = redis.connection_pool
-    if type(pool).get_connection is ConnectionPool.get_connection:
+    if type(pool) is ConnectionPool and not pool.connection_kwargs.get("credential_provider"):
         pool.get_connection = types.MethodType(_get_connection, pool)
     return redis
 

@@ -7,20 +7,27 @@ import asyncio
 import inspect
 from typing import Any
 
+import pytest
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.credentials import UsernamePasswordCredentialProvider
 
 from producer import Settings
 from producer.connect import _get_connection, connect, unlock_pool
 from tests.test_idle import running
 
 NOT_TOGETHER_S = 1.0
-"""How long a second caller gets to reach the connection check while the first holds it.
-Under redis-py's lock it never does (the first is parked until the test lets it go)."""
+"""How long the other callers get to reach the connection check while the first holds it,
+where they must not: under redis-py's lock they never do (the first is parked until the test
+lets it go), so this short wait cannot make the test pass or fail by speed."""
+
+TOGETHER_S = 30.0
+"""How long they get where they must: only a hang takes this long."""
 
 
-async def _checked_together(pool: Any, callers: int = 3) -> bool:
+async def _checked_together(pool: Any, callers: int = 3, within_s: float = TOGETHER_S) -> bool:
     """Whether `callers` concurrent get_connection calls are all inside the connection check
-    at once: the check is held open until every caller is in, or NOT_TOGETHER_S has passed."""
+    at once: the check is held open until every caller is in, or `within_s` has passed."""
     inside = 0
     all_in, let_go = asyncio.Event(), asyncio.Event()
 
@@ -34,16 +41,18 @@ async def _checked_together(pool: Any, callers: int = 3) -> bool:
     pool.ensure_connection = check
     takers = [asyncio.create_task(pool.get_connection()) for _ in range(callers)]
     try:
-        async with asyncio.timeout(NOT_TOGETHER_S):
+        async with asyncio.timeout(within_s):
             await all_in.wait()
         return True
     except TimeoutError:
         return False
     finally:
         let_go.set()
-        for connection in await asyncio.gather(*takers):
-            await pool.release(connection)
-        del pool.ensure_connection
+        try:
+            for connection in await asyncio.gather(*takers):
+                await pool.release(connection)
+        finally:
+            del pool.ensure_connection
 
 
 async def test_redis_py_still_takes_connections_one_at_a_time() -> None:
@@ -52,7 +61,7 @@ async def test_redis_py_still_takes_connections_one_at_a_time() -> None:
     get_connection still matches redis-py's."""
     source = inspect.getsource(ConnectionPool.get_connection)
     assert "async with self._lock" in source and "ensure_connection" in source, source
-    assert not await _checked_together(ConnectionPool())
+    assert not await _checked_together(ConnectionPool(), within_s=NOT_TOGETHER_S)
 
 
 async def test_an_unlocked_pool_checks_connections_side_by_side() -> None:
@@ -75,23 +84,56 @@ async def test_the_workers_pool_is_unlocked(settings: Settings) -> None:
         assert get_connection.__func__ is _get_connection
 
 
-def test_a_blocking_pool_is_left_as_it_is() -> None:
-    client = Redis(connection_pool=BlockingConnectionPool())
-    unlock_pool(client)
-    assert "get_connection" not in vars(client.connection_pool)
+def test_other_pools_keep_their_lock() -> None:
+    """A blocking or Sentinel pool, and a login that refreshes its token (redis-py
+    re-authenticates free connections under the lock), keep redis-py's own get_connection."""
+    refreshing = Redis(credential_provider=UsernamePasswordCredentialProvider("u", "p"))
+    sentinel = SentinelConnectionPool("mymaster", Sentinel([("127.0.0.1", 26379)]))
+    for client in (
+        Redis(connection_pool=BlockingConnectionPool()),
+        Redis(connection_pool=sentinel),
+        refreshing,
+    ):
+        unlock_pool(client)
+        assert "get_connection" not in vars(client.connection_pool)
+
+
+async def test_a_failed_or_cancelled_check_gives_the_connection_back() -> None:
+    pool = unlock_pool(Redis()).connection_pool
+    entered = asyncio.Event()
+
+    async def refused(connection: Any) -> None:
+        raise ConnectionError("refused")
+
+    async def stuck(connection: Any) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    pool.ensure_connection = refused
+    with pytest.raises(ConnectionError):
+        await pool.get_connection()
+    assert not pool._in_use_connections and len(pool._available_connections) == 1
+    pool.ensure_connection = stuck
+    taker = asyncio.create_task(pool.get_connection())
+    await entered.wait()
+    taker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await taker
+    assert not pool._in_use_connections and len(pool._available_connections) == 1
 
 
 async def test_many_commands_at_once_through_an_unlocked_pool(redis_url: str) -> None:
-    """Every command gets its own connection, its own reply, and gives the connection back."""
+    """Every command gets a connection no other command uses meanwhile, its own reply, and
+    gives the connection back."""
     client = unlock_pool(Redis.from_url(redis_url))
     try:
         await client.delete("agentq:test:pool")
         replies = await asyncio.gather(
-            *(client.incr("agentq:test:pool") for _ in range(300)),
-            *(client.echo(f"m{i}") for i in range(300)),
+            *(client.incr("agentq:test:pool") for _ in range(50)),
+            *(client.echo(f"m{i}") for i in range(50)),
         )
-        assert sorted(replies[:300]) == list(range(1, 301))
-        assert replies[300:] == [f"m{i}".encode() for i in range(300)]
+        assert sorted(replies[:50]) == list(range(1, 51))
+        assert replies[50:] == [f"m{i}".encode() for i in range(50)]
         assert not client.connection_pool._in_use_connections
     finally:
         await client.delete("agentq:test:pool")
