@@ -26,7 +26,7 @@ from producer.serde import json_dumps
 from producer.settings import Settings, load_settings
 from producer.store import RUN_FUNCTION, Store
 
-from . import fastbody, heap, logs, metrics
+from . import agentids, fastbody, heap, logs, metrics
 from .arqworker import UNCOUNTED_TRIES, BatchStartWorker
 from .breaker import Breakers
 from .livelogs import LiveLogs
@@ -113,6 +113,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(_listen(rt)),
     ]
     fast_bodies = fastbody.install()
+    fast_agent_ids = agentids.install()
     frozen = heap.freeze()
     _tell_ready()
     log.info(
@@ -129,6 +130,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         mcp_servers=mcp.status(),
         heap_frozen=frozen,
         fast_bodies=fast_bodies,
+        fast_agent_ids=fast_agent_ids,
     )
 
 
