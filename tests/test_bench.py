@@ -51,6 +51,13 @@ def test_quick_bench_runs_every_target(tmp_path: Path) -> None:
         )
     assert {r["name"] for r in rows} == set(CASES)
     assert all(r["status"] in ("PASS", "SHORT", "INFO") for r in rows)
+    long_cases = [r["case"] for r in rows if r["name"] == "long-run"]
+    assert long_cases == [
+        "C=100, 0.5 s +-25% a call",
+        "C=100, 0.5 s fixed (every call the same)",
+        "C=100, 0.3 s +-25% a call",
+        "memory per run in flight",
+    ], long_cases
 
 
 def assert_split(split: dict[str, float], parts: set[str]) -> None:

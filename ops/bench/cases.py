@@ -64,7 +64,8 @@ class Sizes:
     cmds_cases: tuple[tuple[int, str], ...]
     """redis-cmds: (Router latency ms, plain|tool) of each batch counted."""
     long_concurrency: int
-    long_latency_ms: int
+    long_latencies_ms: tuple[int, ...]
+    """long-run's Router latencies: the first is also run with a fixed latency."""
     long_waves: int
     """long-run runs C x waves jobs a round."""
     long_rounds: int
@@ -98,7 +99,7 @@ FULL = Sizes(
     cmds_n=600,
     cmds_cases=((0, "plain"), (200, "plain"), (200, "tool")),
     long_concurrency=500,
-    long_latency_ms=2_000,
+    long_latencies_ms=(2_000, 5_000),
     long_waves=6,
     long_rounds=2,
     fair_big=3_000,
@@ -124,7 +125,7 @@ QUICK = Sizes(
     cmds_n=100,
     cmds_cases=((0, "plain"),),
     long_concurrency=100,
-    long_latency_ms=500,
+    long_latencies_ms=(500, 300),
     long_waves=4,
     long_rounds=1,
     fair_big=400,
@@ -941,8 +942,8 @@ class LongRounds:
     memory: dict[str, Any] = field(default_factory=dict)
 
 
-async def _long_rounds(b: Bench, jitter: float) -> LongRounds:
-    c, lat, waves = b.sizes.long_concurrency, b.sizes.long_latency_ms, b.sizes.long_waves
+async def _long_rounds(b: Bench, lat: int, jitter: float) -> LongRounds:
+    c, waves = b.sizes.long_concurrency, b.sizes.long_waves
     n = c * waves
     queue = "bench:long"
     out = LongRounds()
@@ -988,46 +989,19 @@ async def _long_rounds(b: Bench, jitter: float) -> LongRounds:
 
 
 async def long_run(b: Bench) -> list[Row]:
-    """Long Router calls at high concurrency: 1 worker, C runs in flight at L seconds each
-    (+-25% per call; and fixed, for information). Runs/s against the ideal C / L (reachable only
-    while the worker's core keeps up), and the worker's memory per run in flight:
-    (true peak RSS - idle RSS) / C."""
-    c, lat, waves = b.sizes.long_concurrency, b.sizes.long_latency_ms, b.sizes.long_waves
-    n = c * waves
-    ideal = c / (lat / 1000)
+    """Long Router calls at high concurrency: 1 worker, C runs in flight at L seconds each, for
+    each L of the sizes (+-25% per call; and the first L fixed, for information). Runs/s against
+    the ideal C / L (reachable only while the worker's core keeps up: each row says how far one
+    core goes at the worker's CPU per job), and the worker's memory per run in flight at the
+    first L: (true peak RSS - idle RSS) / C."""
+    c, waves = b.sizes.long_concurrency, b.sizes.long_waves
+    lats = b.sizes.long_latencies_ms
     rows: list[Row] = []
-    varied = await _long_rounds(b, LONG_JITTER)
-    fixed = await _long_rounds(b, 0.0)
-    for jitter, got in ((LONG_JITTER, varied), (0.0, fixed)):
-        frac = median(got.steady) / ideal
-        mid = median_round(got.cpu_ms)
-        case = f"C={c}, {lat / 1000:g} s" + (
-            f" +-{jitter:.0%} a call" if jitter else " fixed (every call the same)"
-        )
-        rows.append(
-            Row(
-                "long-run",
-                case,
-                f"{frac:.0%} ({median(got.steady):.0f} of {ideal:.0f} runs/s in the steady "
-                f"middle; {median(got.rates) / ideal:.0%} from submit to the last result)",
-                f">= 95% of C/{lat / 1000:g}s" if jitter else "(information)",
-                frac >= 0.95 if jitter else None,
-                value=round(frac, 4),
-                detail=(
-                    f"1 worker, n={n}/round ({waves} waves of C); steady middle: the jobs that "
-                    f"finished (by the records' finished_at) from 1.5 L to {waves - 1.5:g} L "
-                    f"after the first run started, over that time (a worker with no overhead "
-                    f"scores C/L by it); "
-                    f"rounds {fmt_rounds(got.steady, '.0f')} runs/s steady, "
-                    f"{fmt_rounds(got.rates, '.0f')} runs/s submit to last result; the worker "
-                    f"process kept {median(got.cores):.0%} of a core busy (it cannot go past "
-                    f"100%: below the target with a full core, the CPU does not allow it); CPU "
-                    f"(median round by total): {fmt_split(mid, 'ms/job')}{b.redis_note}; peak "
-                    f"'running' counter {got.peak_running:.0f} (sampled every 250 ms)"
-                ),
-                data={"cpu_ms_per_job": mid, "worker_cores_busy": median(got.cores)},
-            )
-        )
+    runs = [(lat, LONG_JITTER, await _long_rounds(b, lat, LONG_JITTER)) for lat in lats]
+    runs.insert(1, (lats[0], 0.0, await _long_rounds(b, lats[0], 0.0)))
+    for lat, jitter, got in runs:
+        rows.append(_long_row(got, c, lat, waves, jitter, b.redis_note))
+    varied = runs[0][2]
     wm = varied.memory
     per_run_kb = float(wm["growth_mb"]) * 1024 / c
     rows.append(
@@ -1048,6 +1022,44 @@ async def long_run(b: Bench) -> list[Row]:
         )
     )
     return rows
+
+
+def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redis_note: str) -> Row:
+    ideal = c / (lat / 1000)
+    frac = median(got.steady) / ideal
+    mid = median_round(got.cpu_ms)
+    one_core = 1000 / mid["worker"]
+    case = f"C={c}, {lat / 1000:g} s" + (
+        f" +-{jitter:.0%} a call" if jitter else " fixed (every call the same)"
+    )
+    return Row(
+        "long-run",
+        case,
+        f"{frac:.0%} ({median(got.steady):.0f} of {ideal:.0f} runs/s in the steady "
+        f"middle; {median(got.rates) / ideal:.0%} from submit to the last result)",
+        f">= 95% of C/{lat / 1000:g}s" if jitter else "(information)",
+        frac >= 0.95 if jitter else None,
+        value=round(frac, 4),
+        detail=(
+            f"1 worker, n={c * waves}/round ({waves} waves of C); steady middle: the jobs that "
+            f"finished (by the records' finished_at) from 1.5 L to {waves - 1.5:g} L "
+            f"after the first run started, over that time (a worker with no overhead "
+            f"scores C/L by it); "
+            f"rounds {fmt_rounds(got.steady, '.0f')} runs/s steady, "
+            f"{fmt_rounds(got.rates, '.0f')} runs/s submit to last result; the worker "
+            f"process kept {median(got.cores):.0%} of a core busy over the round; at its "
+            f"{mid['worker']:.2f} CPU ms/job one core runs at most {one_core:.0f} runs/s "
+            f"({one_core / ideal:.0%} of C/L"
+            f"{': the CPU does not allow the target' if one_core < 0.95 * ideal else ''}); "
+            f"CPU (median round by total): {fmt_split(mid, 'ms/job')}{redis_note}; peak "
+            f"'running' counter {got.peak_running:.0f} (sampled every 250 ms)"
+        ),
+        data={
+            "cpu_ms_per_job": mid,
+            "worker_cores_busy": median(got.cores),
+            "one_core_runs_per_s": round(one_core, 1),
+        },
+    )
 
 
 async def _steady_rate(p: Producer, batch_id: str, latency_s: float, waves: int) -> float:
