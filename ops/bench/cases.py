@@ -389,7 +389,8 @@ async def _sdk_pair(
             f"sim Router, on neither side: {median(a_sim):.2f} vs {median(l_sim):.2f} ms/run; "
             f"both run the same openai client, pool and event loop; the worker adds what the "
             f"loop's author would not bother with (an Agent copy per run, request bodies "
-            f"without openai's no-op transform, a less eager garbage collector)"
+            f"without openai's no-op transform, a less eager garbage collector, the SDK's "
+            f"agent identity map without its signature sort)"
         ),
         data={
             "cpu_ms_per_run": {"agentq": a_mid, "loop": l_mid},
