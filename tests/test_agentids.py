@@ -6,11 +6,20 @@ function or the modules that import it by name."""
 from __future__ import annotations
 
 import importlib
+import json
+import pkgutil
+import sys
+from pathlib import Path
 from typing import Any
 
+import agents
 import pytest
 from agents import Agent, function_tool, handoff
 
+from producer import Producer
+from producer.models import AgentJob
+from producer.settings import Settings
+from tests.helpers import records, run_batch
 from worker import agentids
 
 identity = importlib.import_module("agents._run_state_agent_identity")
@@ -114,3 +123,48 @@ def test_install_changes_nothing_when_the_sdk_moved_it(monkeypatch: pytest.Monke
     before = identity._build_agent_identity_map
     assert agentids.install() is False
     assert identity._build_agent_identity_map is before
+
+
+@pytest.mark.parametrize("missing", [agentids.NAME, "_iter_agent_graph"])
+def test_install_changes_nothing_when_a_name_is_gone(
+    missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = importlib.import_module(
+        agentids.MODULES[-1] if missing == agentids.NAME else agentids.MODULES[0]
+    )
+    before = identity._build_agent_identity_map
+    monkeypatch.delattr(module, missing)
+    assert agentids.install() is False
+    assert identity._build_agent_identity_map is before
+
+
+def test_every_sdk_module_that_holds_the_function_is_in_modules() -> None:
+    """A module of a newer SDK that imports the function by name would keep the slow one."""
+    for info in pkgutil.walk_packages(agents.__path__, "agents."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # an optional extra that is not installed
+            continue
+    original = _sdk_map()
+    holders = set()
+    for name, module in list(sys.modules.items()):
+        fn = getattr(module, agentids.NAME, None) if name.startswith("agents") else None
+        if fn is not None and (fn is original or getattr(fn, "agentq_original", None) is original):
+            holders.add(name)
+    assert holders <= set(agentids.MODULES), holders - set(agentids.MODULES)
+    assert {agentids.MODULES[0]} <= holders
+
+
+async def test_a_worker_installs_it_and_says_so(
+    producer: Producer, settings: Settings, tmp_path: Path
+) -> None:
+    batch = await producer.submit([AgentJob(custom_id="a", input="What is 2+2?")])
+    log = tmp_path / "worker.jsonl"
+    await run_batch(producer, settings, batch.id, log_file=log)
+    assert (await records(producer, batch.id))["a"].status == "succeeded"
+    started = [
+        json.loads(line) for line in log.read_text().splitlines() if "worker.started" in line
+    ]
+    assert started and started[0]["fast_agent_ids"] is True, started
+    fn = importlib.import_module(agentids.MODULES[1]).__dict__[agentids.NAME]
+    assert hasattr(fn, "agentq_original")

@@ -3,10 +3,11 @@ name.
 
 The SDK builds `{identity key: agent}` for the agent graph reachable from a run's starting agent
 (`agents._run_state_agent_identity._build_agent_identity_map`) when it snapshots a run's tool
-use, several times per run. To tell apart agents that share a name it sorts each name's group
-by a JSON signature of the whole agent (instructions, model settings, tools, guardrails, ...),
+use: twice per run, plain or tool. To tell apart agents that share a name it sorts each name's
+group by a JSON signature of the whole agent (instructions, model settings, tools, guardrails),
 and it computes that signature for every agent, also for a group of one, where sorting cannot
-change anything: 3-5% of the worker's CPU samples in a plain run (py-spy, 50 runs in flight).
+change anything: about 0.24 ms a build for agentq's plain agent, 3-5% of the worker's CPU
+samples in a plain run (py-spy, 50 runs in flight).
 
 With distinct names the SDK's map is `{agent.name: agent}` in its graph-walk order; that is what
 `agent_identity_map` returns then, from the SDK's own walk (`_iter_agent_graph`). With a shared
