@@ -3,6 +3,7 @@ nothing (issue 9, finding 7)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -62,11 +63,22 @@ async def snapshot(redis: Any) -> dict[str, Any]:
     return out
 
 
+async def settled_snapshot(redis: Any) -> dict[str, Any]:
+    """snapshot() once the progress throttle keys a submit sets (PROGRESS_THROTTLE_MS long) are
+    gone: with them, comparing it with a later one depends on how fast this machine is."""
+    throttles = keys.batch_progress_throttle("*")
+    for _ in range(500):
+        if not await redis.keys(throttles):
+            break
+        await asyncio.sleep(0.01)
+    return await snapshot(redis)
+
+
 async def test_colliding_batch_id_is_refused_end_to_end(producer: Producer, redis: Redis) -> None:
     """Batch "a:order" would be the order list of batch "a": refused before anything is
     written, with what to do; reading it is refused the same way."""
     await producer.submit([AgentJob(custom_id=f"j{i}", input="x") for i in range(2)], batch_id="a")
-    before = await snapshot(redis)
+    before = await settled_snapshot(redis)
     for bad in ("a:order", "a:b"):
         with pytest.raises(InvalidBatchId, match="':' is reserved for agentq's key names"):
             await producer.submit([AgentJob(custom_id="k", input="y")], batch_id=bad)
@@ -80,7 +92,7 @@ async def test_submit_script_checks_before_it_writes(store: Store) -> None:
     """Past the producer's check (another client, an older producer): the submit script
     refuses batch keys of the wrong type before its first write."""
     await store.submit_chunk("a", [AgentJob(custom_id="j", input="x")])
-    before = await snapshot(store.redis)
+    before = await settled_snapshot(store.redis)
     with pytest.raises(ResponseError, match=r"hold other data.*nothing was written"):
         await store.submit_chunk("a:order", [AgentJob(custom_id="k", input="y")])
     assert await snapshot(store.redis) == before
@@ -92,7 +104,7 @@ async def test_claim_checks_before_it_writes(store: Store) -> None:
     await store.submit_chunk("b1", [AgentJob(custom_id="j", input="x")])
     await store.redis.delete(keys.batch("b1"))
     await store.redis.set(keys.batch("b1"), "not a hash")
-    before = await snapshot(store.redis)
+    before = await settled_snapshot(store.redis)
     with pytest.raises(ResponseError, match="hold other data"):
         await store.claim(job_id_for("b1", "j"), "b1", "w1", "1")
     assert await snapshot(store.redis) == before
