@@ -123,6 +123,26 @@ def rss_mb(pid: int) -> float:
     return mem_mb(pid).get("VmRSS", 0.0)
 
 
+def tcp_connections(pid: int, port: int) -> int:
+    """Established TCP connections a process holds to `port` on any host, from /proc (its
+    socket inodes matched against the TCP tables)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = line.split()  # remote address "HEX:PORT", state (01: established), inode
+                if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+                    count += 1
+    return count
+
+
 def reset_peak(pid: int) -> bool:
     """Reset a process's peak RSS (VmHWM) to its current RSS, so a later VmHWM is the peak
     since now (Linux: "5" to /proc/<pid>/clear_refs). False if not allowed (another user's

@@ -7,7 +7,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -74,6 +74,27 @@ def connect(settings: Settings) -> Redis:
             retry_on_error=RETRY_ON,
         )
     )
+
+
+async def bound_pool(redis: Any, max_connections: int) -> Any:
+    """Give the client a pool of at most max_connections, where a command waits for a free one.
+
+    redis-py's pool (and arq's) opens a connection for every command in flight and keeps them
+    all: a worker with 500 runs in flight held about 500 connections, and 20 such workers
+    reach Redis's default maxclients (10,000). A wait has no timeout: a command holds its
+    connection only while it runs (through its retries, during an outage), so one always
+    frees. A Sentinel pool is left as it is (its connections follow the primary)."""
+    old = redis.connection_pool
+    if type(old) is not ConnectionPool:
+        return redis
+    redis.connection_pool = BlockingConnectionPool(
+        connection_class=old.connection_class,
+        max_connections=max_connections,
+        timeout=None,
+        **old.connection_kwargs,
+    )
+    await old.disconnect()
+    return redis
 
 
 def unlock_pool(redis: Any) -> Any:

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     max_model_calls: int | None = Field(None, ge=1)
     """Model calls in flight per worker process (default: the concurrency)."""
 
+    redis_connections: int = Field(64, ge=4, le=10_000)
+    """Redis connections per worker process, at most: a command waits for a free one. Without
+    a bound a worker opens one per command in flight, about one per run at high concurrency,
+    and a fleet outgrows Redis's maxclients (10,000 by default)."""
+
     queue: str = "agentq:queue"
     """Name of the arq queue (a Redis sorted set)."""
 

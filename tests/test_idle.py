@@ -27,9 +27,12 @@ async def _until(cond: Callable[[], Awaitable[bool]], what: str, timeout_s: floa
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[BatchStartWorker]:
-    """An in-process worker, started (its on_startup done) and stopped at the end."""
+async def running(settings: Settings, **attrs: Any) -> AsyncIterator[BatchStartWorker]:
+    """An in-process worker (with `attrs` set on it before it starts), started (its
+    on_startup done) and stopped at the end."""
     worker = build_worker(settings, handle_signals=False)
+    for name, value in attrs.items():
+        setattr(worker, name, value)
     task = asyncio.ensure_future(worker.async_run())
     try:
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.credentials import UsernamePasswordCredentialProvider
 
+from ops.procs import tcp_connections
 from producer import Settings
-from producer.connect import _get_connection, connect, unlock_pool
+from producer.connect import _get_connection, bound_pool, connect, unlock_pool
+from tests.procs import agentq, base_env, start_sim, start_worker, status, stop
 from tests.test_idle import running
 
 NOT_TOGETHER_S = 1.0
@@ -77,13 +82,6 @@ async def test_connect_unlocks_the_producers_pool(settings: Settings) -> None:
         await client.aclose()
 
 
-async def test_the_workers_pool_is_unlocked(settings: Settings) -> None:
-    """(By identity: holding a running worker's own connections open stalls the worker.)"""
-    async with running(settings) as worker:
-        get_connection = worker.ctx["redis"].connection_pool.get_connection
-        assert get_connection.__func__ is _get_connection
-
-
 def test_other_pools_keep_their_lock() -> None:
     """A blocking or Sentinel pool, and a login that refreshes its token (redis-py
     re-authenticates free connections under the lock), keep redis-py's own get_connection."""
@@ -138,3 +136,95 @@ async def test_many_commands_at_once_through_an_unlocked_pool(redis_url: str) ->
     finally:
         await client.delete("agentq:test:pool")
         await client.aclose()
+
+
+async def test_a_bounded_pool_checks_connections_side_by_side() -> None:
+    """The internal bound_pool leans on: redis-py's BlockingConnectionPool checks a connection
+    outside its lock (since 5.3). If this fails, it took the check inside: a bounded worker
+    would again take one connection per event-loop turn (see unlock_pool)."""
+    assert await _checked_together(BlockingConnectionPool(max_connections=5))
+
+
+async def _opened(client: Redis, commands: int) -> int:
+    """Connections the client's pool holds after `commands` commands sent at once."""
+    await client.delete("agentq:test:pool")
+    replies = await asyncio.gather(*(client.incr("agentq:test:pool") for _ in range(commands)))
+    assert sorted(replies) == list(range(1, commands + 1))
+    pool = client.connection_pool
+    assert not pool._in_use_connections
+    return len(pool._available_connections)
+
+
+async def test_a_bounded_client_opens_at_most_its_bound(redis_url: str) -> None:
+    """200 commands at once: an unbounded pool opens a connection for most of them, a bounded
+    one at most its bound, and every command gets its reply."""
+    free = unlock_pool(Redis.from_url(redis_url))
+    bounded = unlock_pool(await bound_pool(Redis.from_url(redis_url), 4))
+    try:
+        assert isinstance(bounded.connection_pool, BlockingConnectionPool)
+        assert await _opened(free, 200) > 4  # the test can tell the two apart
+        assert await _opened(bounded, 200) <= 4
+    finally:
+        await free.delete("agentq:test:pool")
+        await free.aclose()
+        await bounded.aclose()
+
+
+async def test_bound_pool_keeps_the_connection_options_and_leaves_sentinel_alone() -> None:
+    client = await bound_pool(Redis(socket_timeout=7, db=3), 9)
+    pool = client.connection_pool
+    assert type(pool) is BlockingConnectionPool and pool.max_connections == 9
+    assert pool.connection_kwargs["socket_timeout"] == 7 and pool.connection_kwargs["db"] == 3
+    sentinel = SentinelConnectionPool("mymaster", Sentinel([("127.0.0.1", 26379)]))
+    assert (await bound_pool(Redis(connection_pool=sentinel), 9)).connection_pool is sentinel
+
+
+async def test_the_workers_pool_is_bounded(settings: Settings) -> None:
+    """A bounded pool, which checks connections outside its lock (tested above). (By type:
+    holding a running worker's own connections open stalls the worker.)"""
+    settings = settings.model_copy(update={"redis_connections": 7})
+    async with running(settings) as worker:
+        pool = worker.ctx["redis"].connection_pool
+        assert type(pool) is BlockingConnectionPool and pool.max_connections == 7
+        assert "get_connection" not in vars(pool)
+
+
+async def test_an_unbounded_workers_pool_is_unlocked(settings: Settings) -> None:
+    async with running(settings, redis_connections=None) as worker:
+        get_connection = worker.ctx["redis"].connection_pool.get_connection
+        assert get_connection.__func__ is _get_connection
+
+
+@pytest.mark.e2e
+def test_a_worker_process_keeps_to_its_redis_connections(redis_url: str, tmp_path: Path) -> None:
+    """A real worker with 100 runs in flight and AGENTQ_REDIS_CONNECTIONS=6: every job
+    succeeds, and the process never holds more than 6 connections to Redis (sampled from
+    /proc while the batch runs; unbounded, it held about one per run)."""
+    redis_sync.Redis.from_url(redis_url).flushdb()
+    port = urlsplit(redis_url).port or 6379
+    sim, url = start_sim("--latency-ms", "100")
+    env = base_env(
+        redis_url,
+        url,
+        AGENTQ_CONCURRENCY="100",
+        AGENTQ_REDIS_CONNECTIONS="6",
+        AGENTQ_DATA_DIR=str(tmp_path / "d"),
+    )
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"custom_id": "j{i}", "input": "hi {i}"}}\n' for i in range(400)))
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        sub = agentq("submit", str(jobs), env=env)
+        assert sub.returncode == 0, sub.stderr
+        batch_id = sub.stdout.strip().splitlines()[-1]
+        peak = 0
+        while True:
+            peak = max(peak, tcp_connections(worker.pid, port))
+            if status(batch_id, env)["finished"]:
+                break
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+        st = status(batch_id, env)
+    finally:
+        stop(worker, sim)
+    assert st["counts"]["succeeded"] == 400, st  # type: ignore[index]
+    assert 1 <= peak <= 6, peak

@@ -31,7 +31,7 @@ from arq.jobs import SerializationError, deserialize_job_raw
 from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
 from arq.worker import Function, Retry, RetryJob, logger
 
-from producer.connect import Script, unlock_pool
+from producer.connect import Script, bound_pool, unlock_pool
 
 _TAKE = """
 -- KEYS[1]: the queue. ARGV: now (ms), in-progress mark (ms), free slots, in-progress key
@@ -110,8 +110,16 @@ class BatchStartWorker(Worker):
     """Set by SIGTERM/SIGINT (when the worker handles signals): `agentq worker` exits instead
     of restarting the worker after a Redis outage."""
 
-    def __init__(self, *args: Any, wake_channel: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        wake_channel: str | None = None,
+        redis_connections: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.redis_connections = redis_connections
+        """At most this many Redis connections (None: one per command in flight)."""
         self.claimed = set()
         self._payloads: dict[str, bytes] = {}
         """Payloads the take read, by arq id, for run_job (popped when it starts)."""
@@ -148,6 +156,8 @@ class BatchStartWorker(Worker):
                 default_queue_name=self.queue_name,
                 expires_extra_ms=self.expires_extra_ms,
             )
+        if self.redis_connections:
+            await bound_pool(self._pool, self.redis_connections)
         unlock_pool(self._pool)
         logger.info(
             "Starting worker for %d functions: %s", len(self.functions), ", ".join(self.functions)

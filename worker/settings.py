@@ -348,6 +348,7 @@ def build_worker(
         keep_result=0,
         poll_delay=settings.poll_delay_s,
         wake_channel=keys.wake(settings.queue),
+        redis_connections=settings.redis_connections,
         burst=burst,
         handle_signals=handle_signals,
         job_completion_wait=settings.shutdown_grace_s,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from redis.asyncio import Redis
@@ -940,6 +941,8 @@ class LongRounds:
     cpu_ms: list[dict[str, float]] = field(default_factory=list)
     cores: list[float] = field(default_factory=list)
     peak_running: float = 0.0
+    peak_links: dict[str, int] = field(default_factory=lambda: {"Redis": 0, "Router": 0})
+    """The most TCP connections the worker held to each, sampled with peak_running."""
     memory: dict[str, Any] = field(default_factory=dict)
 
 
@@ -954,10 +957,14 @@ async def _long_rounds(b: Bench, lat: int, jitter: float) -> LongRounds:
         async with b.producer(queue) as p:
             await warm_up(p, 1, kinds=("plain",))
             mem = PeakMem({"worker": w.pid}).start("idle after warm-up")
+            ports = {"Redis": urlsplit(b.redis_url).port or 6379, "Router": sim.port}
             for r in range(b.sizes.long_rounds):
                 batch_id = new_batch_id()
 
                 async def sample(batch_id: str = batch_id) -> None:
+                    for name, port in ports.items():
+                        links = procs.tcp_connections(w.pid, port)
+                        out.peak_links[name] = max(out.peak_links[name], links)
                     with contextlib.suppress(Exception):  # not submitted yet
                         st = await p.status(batch_id)
                         out.peak_running = max(out.peak_running, st.counts[Status.RUNNING])
@@ -1056,12 +1063,15 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
             f"({one_core / ideal:.0%} of C/L"
             f"{': the CPU does not allow the target' if one_core < 0.95 * ideal else ''}); "
             f"CPU (median round by total): {fmt_split(mid, 'ms/job')}{redis_note}; peak "
-            f"'running' counter {got.peak_running:.0f} (sampled every 250 ms)"
+            f"'running' counter {got.peak_running:.0f}, and the worker held at most "
+            f"{got.peak_links['Redis']} connections to Redis and {got.peak_links['Router']} to "
+            f"the Router (both sampled every 250 ms)"
         ),
         data={
             "cpu_ms_per_job": mid,
             "worker_cores_busy": median(got.cores),
             "one_core_runs_per_s": round(one_core, 1),
+            "peak_connections": got.peak_links,
         },
     )
 
