@@ -3,6 +3,8 @@ how to talk to it: every command retries with backoff through restarts and dropp
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -76,21 +78,56 @@ def connect(settings: Settings) -> Redis:
     )
 
 
-async def bound_pool(redis: Any, max_connections: int) -> Any:
-    """Give the client a pool of at most max_connections, where a command waits for a free one.
+POOL_WAIT_S = 90
+"""The longest a command waits for a free connection of a bounded pool before it fails (a
+ConnectionError, which callers handle as any Redis error). It only runs out while Redis is
+unreachable: a command holds its connection through its retries, about 70 s of them."""
+
+
+class BoundedPool(BlockingConnectionPool):
+    """redis-py's BlockingConnectionPool, whose waiters do not lose a wake-up when cancelled.
+
+    Its release() wakes one waiter (asyncio.Condition.notify). On Python < 3.12.1 and
+    3.11.8, a waiter cancelled after that wake-up swallows it (CPython gh-112202): a
+    connection stays free while the others sleep on, until another release. A worker cancels
+    often (a job's timeout, `agentq cancel`, a flush's time limit), so the wake-up is passed on.
+    The connection check stays outside the lock, as in redis-py (see unlock_pool)."""
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        try:
+            async with self._condition:
+                async with asyncio.timeout(self.timeout):
+                    try:
+                        await self._condition.wait_for(self.can_get_connection)
+                    except asyncio.CancelledError:
+                        self._condition.notify()  # the wake-up this waiter may have taken
+                        raise
+                    connection = self.get_available_connection()
+        except builtins.TimeoutError as exc:  # redis's TimeoutError is another class
+            raise ConnectionError("No connection available.") from exc
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+
+async def bound_pool(redis: Any, max_connections: int | None) -> Any:
+    """Give the client a pool of at most max_connections (None: leave it unbounded), where a
+    command waits for a free one.
 
     redis-py's pool (and arq's) opens a connection for every command in flight and keeps them
     all: a worker with 500 runs in flight held about 500 connections, and 20 such workers
-    reach Redis's default maxclients (10,000). A wait has no timeout: a command holds its
-    connection only while it runs (through its retries, during an outage), so one always
-    frees. A Sentinel pool is left as it is (its connections follow the primary)."""
+    reach Redis's default maxclients (10,000). A pool of another kind (Sentinel) is left as
+    it is."""
     old = redis.connection_pool
-    if type(old) is not ConnectionPool:
+    if max_connections is None or type(old) is not ConnectionPool:
         return redis
-    redis.connection_pool = BlockingConnectionPool(
+    redis.connection_pool = BoundedPool(
         connection_class=old.connection_class,
         max_connections=max_connections,
-        timeout=None,
+        timeout=POOL_WAIT_S,
         **old.connection_kwargs,
     )
     await old.disconnect()

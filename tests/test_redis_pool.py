@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,10 +15,11 @@ import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.credentials import UsernamePasswordCredentialProvider
+from redis.exceptions import ConnectionError
 
 from ops.procs import tcp_connections
 from producer import Settings
-from producer.connect import _get_connection, bound_pool, connect, unlock_pool
+from producer.connect import BoundedPool, _get_connection, bound_pool, connect, unlock_pool
 from tests.procs import agentq, base_env, start_sim, start_worker, status, stop
 from tests.test_idle import running
 
@@ -138,11 +140,57 @@ async def test_many_commands_at_once_through_an_unlocked_pool(redis_url: str) ->
         await client.aclose()
 
 
+def test_redis_py_blocking_pool_still_has_what_bounded_pool_uses() -> None:
+    """The internals BoundedPool leans on (it replaces BlockingConnectionPool.get_connection):
+    if this fails, redis-py changed them: check BoundedPool against its new get_connection."""
+    source = inspect.getsource(BlockingConnectionPool.release)
+    assert "self._condition" in source and "notify()" in source, source
+    pool = BlockingConnectionPool(max_connections=2, timeout=3)
+    assert isinstance(pool._condition, asyncio.Condition) and pool.timeout == 3
+    for name in ("can_get_connection", "get_available_connection", "ensure_connection"):
+        assert callable(getattr(pool, name)), name
+
+
 async def test_a_bounded_pool_checks_connections_side_by_side() -> None:
-    """The internal bound_pool leans on: redis-py's BlockingConnectionPool checks a connection
-    outside its lock (since 5.3). If this fails, it took the check inside: a bounded worker
-    would again take one connection per event-loop turn (see unlock_pool)."""
-    assert await _checked_together(BlockingConnectionPool(max_connections=5))
+    assert await _checked_together(BoundedPool(max_connections=5))
+
+
+async def _waiting(pool: Any, n: int) -> None:
+    while len(pool._condition._waiters) < n:  # noqa: ASYNC110 (no event tells of a waiter)
+        await asyncio.sleep(0)
+
+
+async def test_a_waiter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    """One connection, two waiters: the first is woken by the release and cancelled before it
+    runs. The second still gets the connection. (With redis-py's BlockingConnectionPool on
+    Python < 3.11.8 it sleeps on beside a free connection: CPython gh-112202.)"""
+    pool = BoundedPool(max_connections=1)
+
+    async def connected(connection: Any) -> None:
+        pass
+
+    pool.ensure_connection = connected
+    held = await pool.get_connection()
+    first = asyncio.create_task(pool.get_connection())
+    second = asyncio.create_task(pool.get_connection())
+    await _waiting(pool, 2)
+    await pool.release(held)  # wakes `first`, which has not run yet
+    first.cancel()
+    async with asyncio.timeout(TOGETHER_S):
+        got = await second
+    assert got is held and first.cancelled()
+
+
+async def test_a_bounded_pool_wait_ends_with_a_connection_error() -> None:
+    pool = BoundedPool(max_connections=1, timeout=0)
+
+    async def connected(connection: Any) -> None:
+        pass
+
+    pool.ensure_connection = connected
+    await pool.get_connection()
+    with pytest.raises(ConnectionError, match="No connection available"):
+        await pool.get_connection()
 
 
 async def _opened(client: Redis, commands: int) -> int:
@@ -173,8 +221,10 @@ async def test_a_bounded_client_opens_at_most_its_bound(redis_url: str) -> None:
 async def test_bound_pool_keeps_the_connection_options_and_leaves_sentinel_alone() -> None:
     client = await bound_pool(Redis(socket_timeout=7, db=3), 9)
     pool = client.connection_pool
-    assert type(pool) is BlockingConnectionPool and pool.max_connections == 9
+    assert type(pool) is BoundedPool and pool.max_connections == 9
     assert pool.connection_kwargs["socket_timeout"] == 7 and pool.connection_kwargs["db"] == 3
+    unbounded = Redis()
+    assert (await bound_pool(unbounded, None)).connection_pool is unbounded.connection_pool
     sentinel = SentinelConnectionPool("mymaster", Sentinel([("127.0.0.1", 26379)]))
     assert (await bound_pool(Redis(connection_pool=sentinel), 9)).connection_pool is sentinel
 
@@ -185,7 +235,7 @@ async def test_the_workers_pool_is_bounded(settings: Settings) -> None:
     settings = settings.model_copy(update={"redis_connections": 7})
     async with running(settings) as worker:
         pool = worker.ctx["redis"].connection_pool
-        assert type(pool) is BlockingConnectionPool and pool.max_connections == 7
+        assert type(pool) is BoundedPool and pool.max_connections == 7
         assert "get_connection" not in vars(pool)
 
 
@@ -217,12 +267,11 @@ def test_a_worker_process_keeps_to_its_redis_connections(redis_url: str, tmp_pat
         sub = agentq("submit", str(jobs), env=env)
         assert sub.returncode == 0, sub.stderr
         batch_id = sub.stdout.strip().splitlines()[-1]
-        peak = 0
-        while True:
+        peak, deadline = 0, time.monotonic() + 240
+        while not status(batch_id, env)["finished"]:
             peak = max(peak, tcp_connections(worker.pid, port))
-            if status(batch_id, env)["finished"]:
-                break
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the batch did not finish in 240 s"
         st = status(batch_id, env)
     finally:
         stop(worker, sim)

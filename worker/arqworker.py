@@ -156,7 +156,6 @@ class BatchStartWorker(Worker):
                 default_queue_name=self.queue_name,
                 expires_extra_ms=self.expires_extra_ms,
             )
-        if self.redis_connections:
             await bound_pool(self._pool, self.redis_connections)
         unlock_pool(self._pool)
         logger.info(

@@ -941,7 +941,7 @@ class LongRounds:
     cpu_ms: list[dict[str, float]] = field(default_factory=list)
     cores: list[float] = field(default_factory=list)
     peak_running: float = 0.0
-    peak_links: dict[str, int] = field(default_factory=lambda: {"Redis": 0, "Router": 0})
+    peak_links: dict[str, int] = field(default_factory=dict)
     """The most TCP connections the worker held to each, sampled with peak_running."""
     memory: dict[str, Any] = field(default_factory=dict)
 
@@ -957,14 +957,16 @@ async def _long_rounds(b: Bench, lat: int, jitter: float) -> LongRounds:
         async with b.producer(queue) as p:
             await warm_up(p, 1, kinds=("plain",))
             mem = PeakMem({"worker": w.pid}).start("idle after warm-up")
-            ports = {"Redis": urlsplit(b.redis_url).port or 6379, "Router": sim.port}
+            ports = {"Router": sim.port}  # a unix-socket Redis has no port to count by
+            if not b.redis_url.startswith("unix:"):
+                ports["Redis"] = urlsplit(b.redis_url).port or 6379
             for r in range(b.sizes.long_rounds):
                 batch_id = new_batch_id()
 
                 async def sample(batch_id: str = batch_id) -> None:
                     for name, port in ports.items():
                         links = procs.tcp_connections(w.pid, port)
-                        out.peak_links[name] = max(out.peak_links[name], links)
+                        out.peak_links[name] = max(out.peak_links.get(name, 0), links)
                     with contextlib.suppress(Exception):  # not submitted yet
                         st = await p.status(batch_id)
                         out.peak_running = max(out.peak_running, st.counts[Status.RUNNING])
@@ -1064,8 +1066,8 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
             f"{': the CPU does not allow the target' if one_core < 0.95 * ideal else ''}); "
             f"CPU (median round by total): {fmt_split(mid, 'ms/job')}{redis_note}; peak "
             f"'running' counter {got.peak_running:.0f}, and the worker held at most "
-            f"{got.peak_links['Redis']} connections to Redis and {got.peak_links['Router']} to "
-            f"the Router (both sampled every 250 ms)"
+            f"{got.peak_links.get('Redis', 'n/a')} connections to Redis and "
+            f"{got.peak_links['Router']} to the Router (both sampled every 250 ms)"
         ),
         data={
             "cpu_ms_per_job": mid,
