@@ -186,15 +186,17 @@ class Producer:
         if tenant is not None:
             jobs = (_with_tenant(job, tenant) for job in jobs)
         new = 0
-        # One chunk in flight while the next is read and packed: Redis and the producer work
-        # at the same time (at most two chunks held, so memory stays flat).
+        # One chunk in Redis while the next is read and packed: Redis and the producer work
+        # at the same time (at most two chunks held, so memory stays flat). The next is sent
+        # after the last one's reply, so the batch keeps its input order.
         sending: asyncio.Task[int] | None = None
         try:
             for chunk in _chunks(jobs, CHUNK):
-                task = asyncio.create_task(self.store.submit_chunk(batch_id, chunk, priority))
-                if sending is not None:
-                    new += await sending
-                sending = task
+                previous, sending = sending, asyncio.create_task(
+                    self.store.submit_chunk(batch_id, chunk, priority, after=sending)
+                )
+                if previous is not None:
+                    new += await previous  # if it failed, the chunk after it is not sent
             if sending is not None:
                 new += await sending
                 sending = None

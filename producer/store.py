@@ -848,10 +848,17 @@ class Store:
     # -- producer side -------------------------------------------------------------------
 
     async def submit_chunk(
-        self, batch_id: str, jobs: Sequence[AgentJob], priority: Priority = Priority.NORMAL
+        self,
+        batch_id: str,
+        jobs: Sequence[AgentJob],
+        priority: Priority = Priority.NORMAL,
+        *,
+        after: asyncio.Future[Any] | None = None,
     ) -> int:
         """Enqueue jobs in one script call; jobs whose (batch, custom_id) exists are skipped.
-        Returns how many were new."""
+        Returns how many were new. With `after` (the previous chunk's send), the jobs are
+        packed at once but sent once it has ended: each chunk's jobs go to the end of the
+        batch's order, so chunks must reach Redis one after the other."""
         if not jobs:
             return 0
         args: list[str | int] = [batch_id, now_iso(), _PRIORITY_OFFSET[Priority(priority)]]
@@ -862,6 +869,10 @@ class Store:
                 job.model_dump_json(exclude_unset=True),
                 job.tenant or "",
             )
+        if after is not None:
+            await asyncio.wait([after])
+            if after.cancelled() or after.exception() is not None:
+                return 0  # not sent after a chunk that failed (the submit raises its error)
         ((new, revived),) = await self._pipelined([("submit", args)])
         if revived:
             self.revived.add(batch_id)

@@ -3,14 +3,17 @@ tools and agent profiles the live workers publish."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from producer import AgentJob, JobFileError, Producer, Settings, keys
+from producer import client as client_module
 
 
 async def publish_worker(redis: Redis, tools: list[str], agents: list[str]) -> None:
@@ -99,3 +102,56 @@ async def test_payload_is_what_arq_writes(producer: Producer, redis: Redis) -> N
     f, args, kwargs, tries, et = deserialize_job_raw(raw, deserializer=load_job)
     assert (f, args, kwargs, tries) == ("run_agent_job", [jid, "nightly-2026-11.v1", "1"], {}, None)
     assert et > 0 and json.loads(raw)["et"] == et
+
+
+async def test_chunks_reach_redis_in_input_order(
+    producer: Producer, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit packs the next chunk while the last one runs in Redis, but sends it only
+    after that one's reply: a first chunk whose round trip is slow (a health-check PING on an
+    idle connection, a retry) once let the second reach Redis first, and `results` listed
+    the batch out of input order (seen in the 100,000-job bench)."""
+    monkeypatch.setattr(client_module, "CHUNK", 3)
+    store = producer.store
+    sent = store._pipelined
+    calls = 0
+
+    async def slow_first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.3)
+        return await sent(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_pipelined", slow_first)
+    jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
+    batch = await producer.submit(jobs)
+    got = [r.custom_id async for r in producer.results(batch.id)]
+    assert got == [j.custom_id for j in jobs]
+
+
+async def test_no_chunk_is_sent_after_one_that_failed(
+    producer: Producer, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit raises the first chunk's error, and the chunk after it never reaches Redis
+    (sent, it would sit ahead of the failed one's jobs when the submit is repeated)."""
+    monkeypatch.setattr(client_module, "CHUNK", 3)
+    store = producer.store
+    sent = store._pipelined
+    calls = 0
+
+    async def first_fails(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.3)
+            raise ConnectionError("Redis went away")
+        return await sent(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_pipelined", first_fails)
+    jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
+    with pytest.raises(ConnectionError):
+        await producer.submit(jobs, batch_id="b-failed")
+    await asyncio.sleep(0.5)  # a stray send would have landed by now
+    assert calls == 1
+    assert await redis.llen(keys.batch_order("b-failed")) == 0
