@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
@@ -73,6 +74,18 @@ class Batch:
     """Jobs in what was submitted."""
     enqueued: int
     """Of those, how many were new (the rest were already in the batch: idempotent)."""
+
+
+async def _put(queue: asyncio.Queue[Any], item: Any, sending: asyncio.Task[int]) -> None:
+    """Queue the item for the sender, or raise the sender's error if it stopped."""
+    if sending.done():
+        await sending  # it stopped with an error: raise it
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait([put, sending], return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        await sending  # it stopped with an error: raise it
+        raise RuntimeError("the sender stopped early")  # unreachable: it ends only on None
 
 
 def _chunks(jobs: Iterable[AgentJob], n: int) -> Iterator[list[AgentJob]]:
@@ -185,28 +198,46 @@ class Producer:
         check_batch_id(batch_id)
         if tenant is not None:
             jobs = (_with_tenant(job, tenant) for job in jobs)
-        new = 0
-        # One chunk in Redis while the next is read and packed: Redis and the producer work
-        # at the same time (at most two chunks held, so memory stays flat). The next is sent
-        # after the last one's reply, so the batch keeps its input order.
-        sending: asyncio.Task[int] | None = None
-        try:
-            for chunk in _chunks(jobs, CHUNK):
-                previous, sending = sending, asyncio.create_task(
-                    self.store.submit_chunk(batch_id, chunk, priority, after=sending)
-                )
-                if previous is not None:
-                    new += await previous  # if it failed, the chunk after it is not sent
-            if sending is not None:
-                new += await sending
-                sending = None
-        finally:
-            if sending is not None:
-                sending.cancel()
+        new = await self._send_in_order(batch_id, _chunks(jobs, CHUNK), priority)
         await self.store.seal(batch_id)
         if batch_id in self.store.revived:
             await self.store.keep_records(batch_id)
         return Batch(id=batch_id, jobs=count, enqueued=new)
+
+    async def _send_in_order(
+        self, batch_id: str, chunks: Iterable[list[AgentJob]], priority: Priority
+    ) -> int:
+        """Send each chunk's submit script, in input order, while the next chunks are read
+        and packed: returns how many jobs were new.
+
+        The order: each script appends its jobs to the batch's order, so the chunks must reach
+        Redis one after the other. One sender sends them through one connection of its own,
+        a chunk once the last one's reply is in, and stops at the first error. The overlap:
+        this coroutine reads and packs the next chunk (the CPU-heavy part) meanwhile and
+        waits only when one packed chunk is already queued, so a reply finds the next chunk
+        ready and it goes out at once (the held connection skips the pool's check, which
+        waits for the event loop's next turn). At most two chunks are held: memory stays
+        flat."""
+        queue: asyncio.Queue[list[str | int] | None] = asyncio.Queue(maxsize=1)
+
+        async def sender(link: Redis) -> int:
+            sent = 0
+            while (args := await queue.get()) is not None:
+                sent += await self.store.send_chunk(batch_id, args, client=link)
+            return sent
+
+        async with self.redis.client() as link:
+            sending = asyncio.create_task(sender(link))
+            try:
+                for chunk in chunks:
+                    await _put(queue, self.store.pack_chunk(batch_id, chunk, priority), sending)
+                await _put(queue, None, sending)
+                return await sending
+            finally:
+                if not sending.done():
+                    sending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await sending
 
     # -- read -----------------------------------------------------------------------------
 

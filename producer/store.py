@@ -848,19 +848,18 @@ class Store:
     # -- producer side -------------------------------------------------------------------
 
     async def submit_chunk(
-        self,
-        batch_id: str,
-        jobs: Sequence[AgentJob],
-        priority: Priority = Priority.NORMAL,
-        *,
-        after: asyncio.Future[Any] | None = None,
+        self, batch_id: str, jobs: Sequence[AgentJob], priority: Priority = Priority.NORMAL
     ) -> int:
         """Enqueue jobs in one script call; jobs whose (batch, custom_id) exists are skipped.
-        Returns how many were new. With `after` (the previous chunk's send), the jobs are
-        packed at once but sent once it has ended: each chunk's jobs go to the end of the
-        batch's order, so chunks must reach Redis one after the other."""
+        Returns how many were new."""
         if not jobs:
             return 0
+        return await self.send_chunk(batch_id, self.pack_chunk(batch_id, jobs, priority))
+
+    def pack_chunk(
+        self, batch_id: str, jobs: Sequence[AgentJob], priority: Priority = Priority.NORMAL
+    ) -> list[str | int]:
+        """The submit script's arguments for these jobs (the CPU-heavy part of a submit)."""
         args: list[str | int] = [batch_id, now_iso(), _PRIORITY_OFFSET[Priority(priority)]]
         for job in jobs:
             args += (
@@ -869,11 +868,16 @@ class Store:
                 job.model_dump_json(exclude_unset=True),
                 job.tenant or "",
             )
-        if after is not None:
-            await asyncio.wait([after])
-            if after.cancelled() or after.exception() is not None:
-                return 0  # not sent after a chunk that failed (the submit raises its error)
-        ((new, revived),) = await self._pipelined([("submit", args)])
+        return args
+
+    async def send_chunk(self, batch_id: str, args: list[str | int], client: Any = None) -> int:
+        """Run the submit script on packed arguments (through `client` when given: a
+        single-connection client keeps the order of what is sent through it); returns how
+        many jobs were new."""
+        if client is None:
+            ((new, revived),) = await self._pipelined([("submit", args)])
+        else:
+            new, revived = await self._script["submit"](keys=[], args=args, client=client)
         if revived:
             self.revived.add(batch_id)
         return int(new)

@@ -71,7 +71,36 @@ async def test_submit_survives_scripts_lost_in_a_redis_restart(
     producer: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: a restart between redis-py's script load and the pipeline's execution aborted
-    submit with NoScriptError and left a half-enqueued batch."""
+    submit with NoScriptError and left a half-enqueued batch. A submit now sends its chunks
+    through one connection of its own: scripts lost before a chunk's send are loaded again
+    on that connection, and the chunk runs."""
+    from producer import client as client_module
+
+    monkeypatch.setattr(client_module, "CHUNK", 2)
+    store = producer.store
+    send = store.send_chunk
+    flushed: list[bool] = []
+
+    async def lose_then_send(*args: Any, **kwargs: Any) -> int:
+        if len(flushed) < 2:  # before the first chunk, and again before the second
+            flushed.append(True)
+            await producer.redis.script_flush()  # what a restart without persistence does
+        return await send(*args, **kwargs)
+
+    monkeypatch.setattr(store, "send_chunk", lose_then_send)
+    batch = await producer.submit([AgentJob(custom_id=f"j{i}", input="hi") for i in range(5)])
+    assert len(flushed) == 2 and batch.enqueued == 5
+    st = await producer.status(batch.id)
+    assert st.total == 5 and st.sealed
+    assert [r.custom_id async for r in producer.results(batch.id)] == [f"j{i}" for i in range(5)]
+
+
+async def test_a_pipelined_script_survives_scripts_lost_in_a_redis_restart(
+    producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store._pipelined (submit_chunk without a client of its own, and the worker's
+    pipelines): a restart between redis-py's script load and the pipeline's execution
+    loses the scripts; they are loaded again and the pipeline is sent again."""
     from redis.asyncio.client import Pipeline
 
     original = Pipeline.load_scripts
@@ -81,13 +110,12 @@ async def test_submit_survives_scripts_lost_in_a_redis_restart(
         await original(self)
         if not flushed:
             flushed.append(True)
-            await producer.redis.script_flush()  # what a restart without persistence does
+            await producer.redis.script_flush()
 
     monkeypatch.setattr(Pipeline, "load_scripts", load_then_lose)
-    batch = await producer.submit([AgentJob(custom_id=f"j{i}", input="hi") for i in range(3)])
-    assert flushed and batch.enqueued == 3
-    st = await producer.status(batch.id)
-    assert st.total == 3 and st.sealed
+    jobs = [AgentJob(custom_id=f"j{i}", input="hi") for i in range(3)]
+    assert await producer.store.submit_chunk("b-pipelined", jobs) == 3
+    assert flushed
 
 
 def test_metrics_endpoint_survives_a_worker_restart() -> None:

@@ -108,12 +108,12 @@ async def test_chunks_reach_redis_in_input_order(
     producer: Producer, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A submit packs the next chunk while the last one runs in Redis, but sends it only
-    after that one's reply: a first chunk whose round trip is slow (a health-check PING on an
-    idle connection, a retry) once let the second reach Redis first, and `results` listed
-    the batch out of input order (seen in the 100,000-job bench)."""
+    after that one's reply: a first chunk whose round trip was slow (a retry, a busy Redis)
+    once let the second reach Redis first on another connection, and `results` listed the
+    batch out of input order (seen in the 100,000-job bench)."""
     monkeypatch.setattr(client_module, "CHUNK", 3)
     store = producer.store
-    sent = store._pipelined
+    sent = store.send_chunk
     calls = 0
 
     async def slow_first(*args: Any, **kwargs: Any) -> Any:
@@ -123,7 +123,7 @@ async def test_chunks_reach_redis_in_input_order(
             await asyncio.sleep(0.3)
         return await sent(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_pipelined", slow_first)
+    monkeypatch.setattr(store, "send_chunk", slow_first)
     jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
     batch = await producer.submit(jobs)
     got = [r.custom_id async for r in producer.results(batch.id)]
@@ -137,7 +137,7 @@ async def test_no_chunk_is_sent_after_one_that_failed(
     (sent, it would sit ahead of the failed one's jobs when the submit is repeated)."""
     monkeypatch.setattr(client_module, "CHUNK", 3)
     store = producer.store
-    sent = store._pipelined
+    sent = store.send_chunk
     calls = 0
 
     async def first_fails(*args: Any, **kwargs: Any) -> Any:
@@ -148,7 +148,7 @@ async def test_no_chunk_is_sent_after_one_that_failed(
             raise ConnectionError("Redis went away")
         return await sent(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_pipelined", first_fails)
+    monkeypatch.setattr(store, "send_chunk", first_fails)
     jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
     with pytest.raises(ConnectionError):
         await producer.submit(jobs, batch_id="b-failed")
