@@ -105,12 +105,7 @@ class BoundedPool(BlockingConnectionPool):
                     connection = self.get_available_connection()
         except builtins.TimeoutError as exc:  # redis's TimeoutError is another class
             raise ConnectionError("No connection available.") from exc
-        try:
-            await self.ensure_connection(connection)
-        except BaseException:
-            await self.release(connection)
-            raise
-        return connection
+        return await _checked(self, connection)
 
 
 async def bound_pool(redis: Any, max_connections: int | None) -> Any:
@@ -157,11 +152,15 @@ async def _get_connection(
     self: ConnectionPool, command_name: Any = None, *keys: Any, **options: Any
 ) -> Any:
     """redis-py's ConnectionPool.get_connection without its lock."""
-    connection = self.get_available_connection()
+    return await _checked(self, self.get_available_connection())
+
+
+async def _checked(pool: Any, connection: Any) -> Any:
+    """The taken connection once the pool has checked it; given back if the check fails."""
     try:
-        await self.ensure_connection(connection)
+        await pool.ensure_connection(connection)
     except BaseException:
-        await self.release(connection)
+        await pool.release(connection)
         raise
     return connection
 

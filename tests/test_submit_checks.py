@@ -104,26 +104,34 @@ async def test_payload_is_what_arq_writes(producer: Producer, redis: Redis) -> N
     assert et > 0 and json.loads(raw)["et"] == et
 
 
+def _slow_first_send(producer: Producer, monkeypatch: pytest.MonkeyPatch, fail: bool) -> list[int]:
+    """Chunks of 3 jobs; the first chunk's send takes 0.3 s, then fails if `fail`. Returns
+    the list of sends made so far (one entry each)."""
+    monkeypatch.setattr(client_module, "CHUNK", 3)
+    store = producer.store
+    send = store.send_chunk
+    calls: list[int] = []
+
+    async def slow_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(0.3)
+            if fail:
+                raise ConnectionError("Redis went away")
+        return await send(*args, **kwargs)
+
+    monkeypatch.setattr(store, "send_chunk", slow_first)
+    return calls
+
+
 async def test_chunks_reach_redis_in_input_order(
-    producer: Producer, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    producer: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A submit packs the next chunk while the last one runs in Redis, but sends it only
     after that one's reply: a first chunk whose round trip was slow (a retry, a busy Redis)
     once let the second reach Redis first on another connection, and `results` listed the
     batch out of input order (seen in the 100,000-job bench)."""
-    monkeypatch.setattr(client_module, "CHUNK", 3)
-    store = producer.store
-    sent = store.send_chunk
-    calls = 0
-
-    async def slow_first(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            await asyncio.sleep(0.3)
-        return await sent(*args, **kwargs)
-
-    monkeypatch.setattr(store, "send_chunk", slow_first)
+    _slow_first_send(producer, monkeypatch, fail=False)
     jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
     batch = await producer.submit(jobs)
     got = [r.custom_id async for r in producer.results(batch.id)]
@@ -135,23 +143,10 @@ async def test_no_chunk_is_sent_after_one_that_failed(
 ) -> None:
     """The submit raises the first chunk's error, and the chunk after it never reaches Redis
     (sent, it would sit ahead of the failed one's jobs when the submit is repeated)."""
-    monkeypatch.setattr(client_module, "CHUNK", 3)
-    store = producer.store
-    sent = store.send_chunk
-    calls = 0
-
-    async def first_fails(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            await asyncio.sleep(0.3)
-            raise ConnectionError("Redis went away")
-        return await sent(*args, **kwargs)
-
-    monkeypatch.setattr(store, "send_chunk", first_fails)
+    calls = _slow_first_send(producer, monkeypatch, fail=True)
     jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
     with pytest.raises(ConnectionError):
         await producer.submit(jobs, batch_id="b-failed")
     await asyncio.sleep(0.5)  # a stray send would have landed by now
-    assert calls == 1
+    assert len(calls) == 1
     assert await redis.llen(keys.batch_order("b-failed")) == 0
