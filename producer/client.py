@@ -81,9 +81,12 @@ async def _put(queue: asyncio.Queue[Any], item: Any, sending: asyncio.Task[int])
     if sending.done():
         await sending  # it stopped with an error: raise it
     put = asyncio.ensure_future(queue.put(item))
-    await asyncio.wait([put, sending], return_when=asyncio.FIRST_COMPLETED)
-    if not put.done():
-        put.cancel()
+    try:
+        await asyncio.wait([put, sending], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not put.done():  # the sender stopped, or this submit is being cancelled
+            put.cancel()
+    if not put.done() or put.cancelled():
         await sending  # it stopped with an error: raise it
         raise RuntimeError("the sender stopped early")  # unreachable: it ends only on None
 
@@ -216,8 +219,8 @@ class Producer:
         this coroutine reads and packs the next chunk (the CPU-heavy part) meanwhile and
         waits only when one packed chunk is already queued, so a reply finds the next chunk
         ready and it goes out at once (the held connection skips the pool's check, which
-        waits for the event loop's next turn). At most two chunks are held: memory stays
-        flat."""
+        waits for the event loop's next turn). At most three packed chunks are held (one
+        sent, one queued, one being queued): memory stays flat."""
         queue: asyncio.Queue[list[str | int] | None] = asyncio.Queue(maxsize=1)
 
         async def sender(link: Redis) -> int:
@@ -234,10 +237,9 @@ class Producer:
                 await _put(queue, None, sending)
                 return await sending
             finally:
-                if not sending.done():
-                    sending.cancel()
-                    with contextlib.suppress(BaseException):
-                        await sending
+                sending.cancel()  # a no-op once it has ended
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await sending  # an error already raised, or hidden by this one
 
     # -- read -----------------------------------------------------------------------------
 

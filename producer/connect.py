@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -182,8 +183,10 @@ class Script:
         on = {} if client is None else {"client": client}
         try:
             return await self.script(keys=list(keys), args=list(args), **on)
-        except NoScriptError:
-            if client is not None:  # a pipeline: its caller sends it again (Store._pipelined)
+        except NoScriptError:  # nothing ran: it is safe to send again
+            if isinstance(client, Pipeline):  # its caller sends it again (Store._pipelined)
                 raise
+            if client is not None:  # a client of one connection (a submit's): again on it
+                return await self.script(keys=list(keys), args=list(args), client=client)
             async with self.redis.client() as one:
                 return await self.script(keys=list(keys), args=list(args), client=one)

@@ -277,3 +277,28 @@ def test_a_worker_process_keeps_to_its_redis_connections(redis_url: str, tmp_pat
         stop(worker, sim)
     assert st["counts"]["succeeded"] == 400, st  # type: ignore[index]
     assert 1 <= peak <= 6, peak
+
+
+async def test_a_script_lost_twice_on_a_client_of_its_own_runs_again_on_it() -> None:
+    """A failover between redis-py's reload and its second try (NoScriptError twice): the
+    submit's own client sends it once more, as nothing ran."""
+    from redis.exceptions import NoScriptError
+
+    from producer.connect import Script
+
+    class OneConnection:
+        def __init__(self) -> None:
+            self.evals = 0
+
+        async def evalsha(self, *args: Any) -> int:
+            self.evals += 1
+            if self.evals <= 2:
+                raise NoScriptError("NOSCRIPT")
+            return 7
+
+        async def script_load(self, source: str) -> str:
+            return "sha"
+
+    client = OneConnection()
+    assert await Script(Redis(), "return 7")(args=[1], client=client) == 7
+    assert client.evals == 3

@@ -150,3 +150,21 @@ async def test_no_chunk_is_sent_after_one_that_failed(
     await asyncio.sleep(0.5)  # a stray send would have landed by now
     assert len(calls) == 1
     assert await redis.llen(keys.batch_order("b-failed")) == 0
+
+
+async def test_a_cancelled_submit_leaves_no_task_or_connection_behind(
+    producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while one chunk is in Redis, one queued and one waiting to be queued: the
+    waiting hand-over and the sender end, and the submit's own connection goes back."""
+    _slow_first_send(producer, monkeypatch, fail=False)
+    before = asyncio.all_tasks()
+    jobs = [AgentJob(custom_id=f"j{i}", input="x") for i in range(10)]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(producer.submit(jobs, batch_id="b-cut"), 0.1)
+    for _ in range(100):  # let cancelled tasks finish (a leftover never does)
+        if not asyncio.all_tasks() - before:
+            break
+        await asyncio.sleep(0.01)
+    assert asyncio.all_tasks() - before == set()
+    assert not producer.redis.connection_pool._in_use_connections
