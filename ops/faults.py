@@ -562,7 +562,9 @@ async def case_redis_crash(lab: Lab, n: int) -> None:
     second of writes may be lost: claims, leases, records. The reconciler and the leases bring
     back every job that lost its state; runs active or stored in the last seconds before the
     crash may run again."""
-    jobs = lab.prepare(n, 300, [50, 50])
+    # Calls of 1 s: the batch (two waves of C, two calls a job) outlasts the 1.5 s wait for
+    # the AOF below however fast the machine; with 300 ms it could end within it.
+    jobs = lab.prepare(n, 1000, [50, 50])
     async with lab.producer() as p:
         batch = await p.submit_file(jobs)
         await asyncio.sleep(1.5)  # the submit is on disk
