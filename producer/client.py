@@ -113,6 +113,8 @@ class Producer:
         self.redis: Any = redis  # redis-py 5's async reply types are unions with sync ones
         self.settings = settings
         self.store = Store(redis, queue=settings.queue, result_ttl_s=settings.result_ttl_s)
+        self._stores: dict[str, Store] = {}
+        """Stores of other queues, for batches submitted to them (see _store_of)."""
 
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> Producer:
@@ -369,11 +371,12 @@ class Producer:
         """Cancel every job of the batch not final yet; returns how many were cancelled.
         The batch is flagged first, so even if this is interrupted no job of it runs on."""
         await self.status(batch_id)
-        await self.store.flag_cancelled(batch_id)
+        store = await self._store_of(batch_id)
+        await store.flag_cancelled(batch_id)
         n = 0
-        async for ids in self.store.job_ids(batch_id):
-            n += await self.store.cancel(batch_id, ids)
-        while await self.store.sweep():  # re-arm the records' TTLs now, not at the next worker
+        async for ids in store.job_ids(batch_id):
+            n += await store.cancel(batch_id, ids)
+        while await store.sweep():  # re-arm the records' TTLs now, not at the next worker
             pass
         return n
 
@@ -382,12 +385,25 @@ class Producer:
         same custom_id; returns how many."""
         await self.status(batch_id)
         statuses = [Status.FAILED] if failed_only else [Status.FAILED, Status.CANCELLED]
+        store = await self._store_of(batch_id)
         n = 0
-        async for ids in self.store.job_ids(batch_id):
-            n += await self.store.retry(batch_id, ids, statuses)
+        async for ids in store.job_ids(batch_id):
+            n += await store.retry(batch_id, ids, statuses)
         if n:  # the batch is active again: keep the records of the jobs not retried too
-            await self.store.keep_records(batch_id)
+            await store.keep_records(batch_id)
         return n
+
+    async def _store_of(self, batch_id: str) -> Store:
+        """The store of the queue the batch was submitted to (retried and cancelled jobs stay
+        in it, whatever queue this producer submits to)."""
+        queue = _text(await self.redis.hget(keys.batch(batch_id), "queue"))
+        if not queue or queue == self.store.queue:
+            return self.store
+        if queue not in self._stores:
+            self._stores[queue] = Store(
+                self.redis, queue=queue, result_ttl_s=self.settings.result_ttl_s
+            )
+        return self._stores[queue]
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Live workers (heartbeat in the last 15 s) with their load and registry."""

@@ -2,6 +2,23 @@
 
 PREFIX = "agentq"
 
+DEFAULT_QUEUE = "agentq:queue"
+"""AGENTQ_QUEUE's default. Its jobs' keys keep the names they had before queues had keys of
+their own (see of_queue)."""
+
+
+def of_queue(name: str, queue: str) -> str:
+    """The key (or key prefix) `name` for the jobs of one queue. Leases, the repair sweep's
+    cursor, fair share's clock and tenant turns are kept per queue, so one queue's workers
+    never reap, repair or place another queue's jobs (into their own queue). The default
+    queue keeps the bare name; another gets `name@queue|` (queue names hold no '|'). A prefix
+    (ending in ':') keeps its ':' last, so no key of the default queue starts like it."""
+    if queue == DEFAULT_QUEUE:
+        return name
+    if name.endswith(":"):
+        return f"{name[:-1]}@{queue}|:"
+    return f"{name}@{queue}|"
+
 
 def job(job_id: str) -> str:
     """Hash: status, custom_id, batch_id, spec (job JSON), result (record JSON), timestamps."""
@@ -9,7 +26,8 @@ def job(job_id: str) -> str:
 
 
 def batch(batch_id: str) -> str:
-    """Hash: total, sealed, per-status counters, tokens, cost, created_at."""
+    """Hash: total, sealed, per-status counters, tokens, cost, created_at, queue (the one it
+    was submitted to: its jobs stay there)."""
     return f"{PREFIX}:batch:{batch_id}"
 
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from . import keys
 from .redact import safe_url
 
 
@@ -124,8 +125,20 @@ class Settings(BaseSettings):
     a bound a worker opens one per command in flight, about one per run at high concurrency,
     and a fleet outgrows Redis's maxclients (10,000 by default)."""
 
-    queue: str = "agentq:queue"
-    """Name of the arq queue (a Redis sorted set)."""
+    queue: str = Field(keys.DEFAULT_QUEUE, min_length=1, max_length=200)
+    """Name of the arq queue (a Redis sorted set). Each queue's jobs run only on its workers:
+    a batch stays in the queue it was submitted to, and its leases, repairs and fair share are
+    the queue's own."""
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, v: str) -> str:
+        if any(c in "|'\\" or c.isspace() or not c.isprintable() for c in v):
+            raise ValueError(
+                "a queue name may not hold '|', quotes, backslashes, spaces or control "
+                "characters: pick a name such as agentq:queue:gpu"
+            )
+        return v
 
     default_model: str = "gpt-4o-mini"
     """Model for jobs that name none; "auto" routes by input complexity."""

@@ -5,6 +5,7 @@ counts always add up and a re-run after a crash cannot count twice or overwrite 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from . import keys
 from .connect import Script
@@ -316,6 +317,14 @@ _SUBMIT = """
 local b, enq, poff, now, new = ARGV[1], ARGV[2], tonumber(ARGV[3]), now_ms(), 0
 local bad = misfit(b)
 if bad then return bad end
+-- A batch belongs to the queue it was first submitted to: its jobs run on that queue's workers
+local bq = redis.call('HGET', bkey(b), 'queue')
+if bq and bq ~= QUEUE then
+  return redis.error_reply('WRONGQUEUE batch ' .. b .. ' was submitted to queue ' .. bq ..
+    ', not ' .. QUEUE .. ': set AGENTQ_QUEUE=' .. bq .. ' to add jobs to it (nothing was ' ..
+    'enqueued)')
+end
+redis.call('HSET', bkey(b), 'queue', QUEUE)
 local v = first_place(b)
 local tv, lv = {}, {}  -- each tenant's next place, and this batch's among the tenant's
 -- A batch that was done and gets more jobs: the caller keeps its older records (keep_records).
@@ -583,6 +592,18 @@ if not b or not redis.call('ZSCORE', ACTIVE, b) then
   off = 0
   if not b then redis.call('DEL', KEYS[1]) return {0, 0} end
 end
+-- Another queue's batches are its workers' to repair (a job repaired here would move to this
+-- queue); a batch submitted before batches named their queue is everyone's. At most 64 a step.
+for _ = 1, 64 do
+  local bq = redis.call('HGET', bkey(b), 'queue')
+  if not bq or bq == QUEUE then break end
+  local rank = redis.call('ZRANK', ACTIVE, b)
+  b = redis.call('ZRANGE', ACTIVE, rank + 1, rank + 1)[1]
+  off = 0
+  if not b then redis.call('HSET', KEYS[1], 'batch', '', 'offset', 0) return {0, 0} end
+end
+local bq = redis.call('HGET', bkey(b), 'queue')
+if bq and bq ~= QUEUE then redis.call('HSET', KEYS[1], 'batch', b, 'offset', 0) return {0, 0} end
 local ids = redis.call('LRANGE', okey(b), off, off + limit - 1)
 local fixed = 0
 for _, id in ipairs(ids) do
@@ -653,12 +674,12 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
     """The transition scripts, each with the prelude and this store's names and limits."""
     prelude = _PRELUDE.format(
         queue=_lua_str(queue),
-        leases=_lua_str(keys.LEASES),
-        clock=_lua_str(keys.CLOCK),
+        leases=_lua_str(keys.of_queue(keys.LEASES, queue)),
+        clock=_lua_str(keys.of_queue(keys.CLOCK, queue)),
         active=_lua_str(keys.ACTIVE),
         sweeps=_lua_str(keys.SWEEPS),
         index=_lua_str(keys.BATCHES),
-        vclock=_lua_str(keys.VCLOCK),
+        vclock=_lua_str(keys.of_queue(keys.VCLOCK, queue)),
         job=_lua_str(keys.job("")),
         batch=_lua_str(keys.batch("")),
         events=_lua_str(keys.batch_events("")),
@@ -670,9 +691,9 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         arq_in_progress=_lua_str(keys.ARQ_IN_PROGRESS_PREFIX),
         arq_retry=_lua_str(keys.ARQ_RETRY_PREFIX),
         func=_lua_str(RUN_FUNCTION),
-        tenant=_lua_str(keys.TENANT_PREFIX),
-        tq=_lua_str(keys.TENANT_QUEUE_PREFIX),
-        tp=_lua_str(keys.TENANT_PLACES_PREFIX),
+        tenant=_lua_str(keys.of_queue(keys.TENANT_PREFIX, queue)),
+        tq=_lua_str(keys.of_queue(keys.TENANT_QUEUE_PREFIX, queue)),
+        tp=_lua_str(keys.of_queue(keys.TENANT_PLACES_PREFIX, queue)),
         ttl=ttl_s,
         lease_ms=lease_ms,
         payload_ms=ttl_s * 1000,
@@ -806,6 +827,8 @@ class Store:
     ) -> None:
         # redis-py 5 types async replies as `Awaitable[T] | T`; Any keeps call sites honest.
         self.redis: Any = redis
+        if "|" in queue:
+            raise ValueError(f"a queue name may not hold '|' (got {queue!r})")
         self.queue = queue
         self.ttl = result_ttl_s
         self.lease_ms = int(lease_s * 1000)
@@ -874,10 +897,16 @@ class Store:
         """Run the submit script on packed arguments (through `client` when given: a
         single-connection client keeps the order of what is sent through it); returns how
         many jobs were new."""
-        if client is None:
-            ((new, revived),) = await self._pipelined([("submit", args)])
-        else:
-            new, revived = await self._script["submit"](keys=[], args=args, client=client)
+        try:
+            if client is None:
+                ((new, revived),) = await self._pipelined([("submit", args)])
+            else:
+                new, revived = await self._script["submit"](keys=[], args=args, client=client)
+        except ResponseError as exc:
+            # a pipeline wraps the script's error in its own words
+            if m := re.search(r"WRONGQUEUE (.*?\(nothing was enqueued\))", str(exc)):
+                raise ValueError(m.group(1)) from None
+            raise
         if revived:
             self.revived.add(batch_id)
         return int(new)
@@ -1024,10 +1053,10 @@ class Store:
         return _s(batch_id), _s(custom_id)
 
     async def depth(self) -> tuple[int, int]:
-        """Jobs waiting in the queue, and jobs running (leased) on all workers."""
+        """Jobs waiting in the queue, and its jobs running (leased) on all workers."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.queue)
-            pipe.zcard(keys.LEASES)
+            pipe.zcard(keys.of_queue(keys.LEASES, self.queue))
             queued, leased = await pipe.execute()
         return int(queued), int(leased)
 
@@ -1046,11 +1075,11 @@ class Store:
         return int(n), int(gap)
 
     async def reconcile(self, limit: int = 1000, interval_s: float = 5.0) -> tuple[int, int]:
-        """One bounded step of the fleet-wide repair sweep (at most one per interval across
-        all workers): returns (jobs checked, jobs repaired), (-1, 0) when not this one's turn."""
-        checked, fixed = await self._run(
-            "reconcile", [limit, int(interval_s * 1000)], [keys.RECONCILE, keys.RECONCILE_LOCK]
-        )
+        """One bounded step of the queue's repair sweep (at most one per interval across its
+        workers; other queues' batches are skipped): returns (jobs checked, jobs repaired),
+        (-1, 0) when not this one's turn."""
+        cursor = [keys.of_queue(k, self.queue) for k in (keys.RECONCILE, keys.RECONCILE_LOCK)]
+        checked, fixed = await self._run("reconcile", [limit, int(interval_s * 1000)], cursor)
         return int(checked), int(fixed)
 
     async def sweep(self, limit: int = 1000) -> int:

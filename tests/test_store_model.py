@@ -29,6 +29,7 @@ CUSTOM_IDS = ["a", "b", "c", "d"]
 JOB_IDS = {c: job_id_for(BATCH, c) for c in CUSTOM_IDS}
 FINAL = {Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELLED.value}
 QUEUE = "agentq:queue"
+OTHER = "agentq:queue:other"
 
 
 @dataclass
@@ -52,6 +53,8 @@ class JobStateMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.redis: Any = Redis.from_url(self.url)
         self.store = Store(self.redis, queue=QUEUE, result_ttl_s=3600, lease_s=30, max_runs=3)
+        self.other = Store(self.redis, queue=OTHER, result_ttl_s=3600, lease_s=30, max_runs=3)
+        """Another queue's workers on the same Redis: they never touch this queue's jobs."""
         self.runs: list[Run] = []
         self.finals: dict[str, int] = dict.fromkeys(JOB_IDS.values(), 0)
         """Final transitions seen per job since its last retry (must stay <= 1)."""
@@ -229,6 +232,12 @@ class JobStateMachine(RuleBasedStateMachine):
         self.run(self.store.reconcile(limit=2, interval_s=0.001))
 
     @rule()
+    def another_queue_reaps_and_repairs(self) -> None:
+        self.run(self.other.reap())
+        self.run(self.redis.delete(keys.of_queue(keys.RECONCILE_LOCK, OTHER)))
+        self.run(self.other.reconcile(limit=2, interval_s=0.001))
+
+    @rule()
     def reconcile_full(self) -> None:
         self.reconcile_all()
 
@@ -300,7 +309,8 @@ class JobStateMachine(RuleBasedStateMachine):
     @invariant()
     def check_counters(self) -> None:
         raw = self.run(self.redis.hgetall(keys.batch(BATCH)))
-        h = {_s(k): int(float(_s(v) or 0)) for k, v in raw.items() if _s(k) != "created_at"}
+        text = ("created_at", "queue")
+        h = {_s(k): int(float(_s(v) or 0)) for k, v in raw.items() if _s(k) not in text}
         jobs = {jid: self.job(jid) for jid in JOB_IDS.values()}
         existing = {jid: j for jid, j in jobs.items() if j}
         if not raw:
@@ -316,6 +326,11 @@ class JobStateMachine(RuleBasedStateMachine):
                 counts,
                 {k: j["status"] for k, j in existing.items()},
             )
+
+    @invariant()
+    def no_job_is_in_another_queue(self) -> None:
+        assert not self.run(self.redis.zcard(OTHER))
+        assert not self.run(self.redis.zcard(keys.of_queue(keys.LEASES, OTHER)))
 
     @invariant()
     def no_job_is_final_twice(self) -> None:

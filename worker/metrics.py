@@ -36,7 +36,7 @@ LIVE_LOGS_DROPPED = Counter(
     "agentq_live_log_events_dropped_total",
     "Job log events not published live (Redis slow or down, or too many waiting)",
 )
-LEASED = Gauge("agentq_jobs_leased", "Jobs running on all workers (leases held)")
+LEASED = Gauge("agentq_jobs_leased", "Jobs of its queue running on all workers (leases held)")
 
 
 MAX_MODEL_LABELS = 50
