@@ -285,9 +285,8 @@ class Suite:
             ),
         }
         batches: dict[str, tuple[str, str]] = {}
-        # The workers' repair sweep would re-enqueue a held job before it is doctored: its lock
-        # (one sweep step per interval, fleet-wide) holds it off meanwhile.
-        await p.redis.set(keys.RECONCILE_LOCK, "hostile", px=60_000)
+        # Submitted to the held queue, a batch is that queue's: the workers' repair sweep
+        # leaves it alone while it is doctored. Then it moves to the workers' queue.
         for i, (case, (job, spec, payload)) in enumerate(cases.items()):
             batch_id = f"planted-{i}"
             await held.submit_chunk(batch_id, [job])
@@ -299,8 +298,8 @@ class Suite:
             await held.seal(batch_id)
             await p.redis.zadd(p.settings.queue, {arq_job_id(job_id, 1): 0})
             await p.redis.zrem(HOLD, arq_job_id(job_id, 1))
+            await p.redis.hset(keys.batch(batch_id), "queue", p.settings.queue)
             batches[batch_id] = (case, "invalid_job")
-        await p.redis.delete(keys.RECONCILE_LOCK)
         return batches
 
     async def backtracking_reply(self, p: Producer) -> str:

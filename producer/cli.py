@@ -363,9 +363,9 @@ async def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_agents(args: argparse.Namespace, settings: Settings) -> int:
     async with _producer(settings) as p:
-        workers = await p.workers()
+        workers = await p.workers(queue=settings.queue)
     if not workers:
-        _err("no live workers: start one with `agentq worker`")
+        _err(f"no live workers on queue {settings.queue}: start one with `agentq worker`")
         return EXIT_FAILED
     tools: set[str] = set()
     agents: dict[str, Any] = {}

@@ -189,8 +189,10 @@ class Producer:
         return await self._enqueue(iter_jobs(path, limit), count, batch_id, priority, tenant)
 
     async def checker(self) -> Check:
-        """Checks against the size limit and the live workers' tools and agent profiles."""
-        return job_checker(self.settings.max_input_chars, await self.workers())
+        """Checks against the size limit and the tools and agent profiles of the live workers
+        of this queue (only they run its jobs)."""
+        workers = await self.workers(queue=self.settings.queue)
+        return job_checker(self.settings.max_input_chars, workers)
 
     async def _enqueue(
         self,
@@ -405,14 +407,17 @@ class Producer:
             )
         return self._stores[queue]
 
-    async def workers(self) -> dict[str, dict[str, Any]]:
-        """Live workers (heartbeat in the last 15 s) with their load and registry."""
+    async def workers(self, queue: str | None = None) -> dict[str, dict[str, Any]]:
+        """Live workers (heartbeat in the last 15 s) with their load and registry; with
+        `queue`, only that queue's (a worker too old to say which serves any)."""
         raw = await self.redis.hgetall(keys.WORKERS)
         now = time.time()
         out = {}
         for k, v in raw.items():
             beat = json.loads(v)
-            if now - float(beat.get("seen_at", 0)) < 15:
+            if now - float(beat.get("seen_at", 0)) >= 15:
+                continue
+            if queue is None or beat.get("queue", queue) == queue:
                 out[k.decode() if isinstance(k, bytes) else k] = beat
         return out
 

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     @field_validator("queue")
     @classmethod
     def _queue_name(cls, v: str) -> str:
-        if any(c in "|'\\" or c.isspace() or not c.isprintable() for c in v):
+        if any(c in "|'\"\\" or c.isspace() or not c.isprintable() for c in v):
             raise ValueError(
                 "a queue name may not hold '|', quotes, backslashes, spaces or control "
                 "characters: pick a name such as agentq:queue:gpu"

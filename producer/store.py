@@ -49,6 +49,7 @@ local WAKE, SETTLED, PROGRESS, THROTTLE_MS = {wake}, {settled}, {progress}, {thr
 local ARQ_IP, ARQ_RETRY = {arq_in_progress}, {arq_retry}
 local TTL, LEASE_MS, PAYLOAD_MS, MAX_RUNS = {ttl}, {lease_ms}, {payload_ms}, {max_runs}
 local TENANT, TQ, TP = {tenant}, {tq}, {tp}
+local DEFAULT_QUEUE, FLEET_VCLOCK = {default_queue}, {fleet_vclock}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -131,8 +132,15 @@ end
 -- the first of them, whichever entry of the tenant the worker took; the entry's own job takes
 -- the place of the one that runs (see turn_of).
 local REAL_TIME = 1e12
+-- The queue's virtual time. A queue new to it goes on from the fleet-wide one, where agentq
+-- before per-queue keys placed its jobs (so they do not wait behind new ones).
+local function vclock()
+  local v = redis.call('GET', VCLOCK)
+  if not v and VCLOCK ~= FLEET_VCLOCK then v = redis.call('GET', FLEET_VCLOCK) end
+  return tonumber(v or '0')
+end
 local function first_place(b)
-  local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1  -- the round after the latest
+  local v = vclock() + 1  -- the round after the latest
   -- after its own last place only while it has jobs waiting there (not, say, cancelled ones)
   local h = redis.call('HMGET', bkey(b), 'vnext', 'queued')
   if (tonumber(h[2]) or 0) <= 0 then return v end
@@ -140,7 +148,7 @@ local function first_place(b)
 end
 -- A tenant's next place: the same rule, its jobs of that priority standing for a batch's.
 local function tenant_first(t, poff)
-  local v = tonumber(redis.call('GET', VCLOCK) or '0') + 1
+  local v = vclock() + 1
   if redis.call('EXISTS', tqkey(t, poff)) == 0 then return v end
   return math.max(v, tonumber(redis.call('HGET', tkey(t), 'vnext:' .. poff) or '0') or 0)
 end
@@ -177,7 +185,7 @@ end
 local function advance(score, poff)
   local v = tonumber(score or '')
   if v then v = v - math.max(tonumber(poff) or 0, 0) end
-  if v and v < REAL_TIME and v > tonumber(redis.call('GET', VCLOCK) or '0') then
+  if v and v < REAL_TIME and v > vclock() then
     redis.call('SET', VCLOCK, v)
   end
 end
@@ -426,6 +434,8 @@ if h[7] and lx then
     redis.call('EXPIRE', tkey(h[7]), TTL)  -- kept while the tenant's jobs run
   end
 end
+-- taken from this queue: a batch from before batches named their queue is this queue's
+redis.call('HSETNX', bkey(b), 'queue', QUEUE)
 local c = redis.call('HMGET', bkey(b), 'cancelled_at', 'poff')
 local cancelled = c[1]
 advance(turn, poff or c[2])
@@ -585,25 +595,40 @@ _RECONCILE = """
 -- enqueued again; a running job without a lease goes back to the queue.
 if not redis.call('SET', KEYS[2], '1', 'PX', ARGV[2], 'NX') then return {-1, 0} end
 local limit = tonumber(ARGV[1])
-local b = redis.call('HGET', KEYS[1], 'batch')
-local off = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
-if not b or not redis.call('ZSCORE', ACTIVE, b) then
-  b = redis.call('ZRANGE', ACTIVE, 0, 0)[1]
+local c = redis.call('HMGET', KEYS[1], 'batch', 'offset', 'score')
+local b, off = c[1], tonumber(c[2] or '0')
+-- the cursor, at batch b (from job `o` on); its place in ACTIVE lets it go on from there
+-- once b is gone
+local function park(at, o)
+  if not at then redis.call('HSET', KEYS[1], 'batch', '', 'offset', 0) return end
+  redis.call('HSET', KEYS[1], 'batch', at, 'offset', o, 'score', redis.call('ZSCORE', ACTIVE, at))
+end
+local function next_of(x)
+  local rank = redis.call('ZRANK', ACTIVE, x)
+  return redis.call('ZRANGE', ACTIVE, rank + 1, rank + 1)[1]
+end
+if not b or b == '' or not redis.call('ZSCORE', ACTIVE, b) then
+  b = nil
+  if c[1] and c[1] ~= '' and tonumber(c[3]) then  -- the batch after the one gone
+    for _, x in ipairs(redis.call('ZRANGEBYSCORE', ACTIVE, c[3], c[3], 'LIMIT', 0, 64)) do
+      if x > c[1] then b = x break end
+    end
+    b = b or redis.call('ZRANGEBYSCORE', ACTIVE, '(' .. c[3], '+inf', 'LIMIT', 0, 1)[1]
+  end
+  b = b or redis.call('ZRANGE', ACTIVE, 0, 0)[1]
   off = 0
   if not b then redis.call('DEL', KEYS[1]) return {0, 0} end
 end
 -- Another queue's batches are its workers' to repair (a job repaired here would move to this
--- queue); a batch submitted before batches named their queue is everyone's. At most 64 a step.
+-- queue); a batch submitted before batches named their queue is the default queue's (a claim
+-- names it). At most 64 skipped a step.
+local function theirs(x) return (redis.call('HGET', bkey(x), 'queue') or DEFAULT_QUEUE) ~= QUEUE end
 for _ = 1, 64 do
-  local bq = redis.call('HGET', bkey(b), 'queue')
-  if not bq or bq == QUEUE then break end
-  local rank = redis.call('ZRANK', ACTIVE, b)
-  b = redis.call('ZRANGE', ACTIVE, rank + 1, rank + 1)[1]
-  off = 0
-  if not b then redis.call('HSET', KEYS[1], 'batch', '', 'offset', 0) return {0, 0} end
+  if not theirs(b) then break end
+  b, off = next_of(b), 0
+  if not b then park(nil) return {0, 0} end
 end
-local bq = redis.call('HGET', bkey(b), 'queue')
-if bq and bq ~= QUEUE then redis.call('HSET', KEYS[1], 'batch', b, 'offset', 0) return {0, 0} end
+if theirs(b) then park(b, 0) return {0, 0} end
 local ids = redis.call('LRANGE', okey(b), off, off + limit - 1)
 local fixed = 0
 for _, id in ipairs(ids) do
@@ -635,13 +660,7 @@ for _, id in ipairs(ids) do
     fixed = fixed + 1
   end
 end
-if #ids < limit then
-  local rank = redis.call('ZRANK', ACTIVE, b)
-  local nxt = redis.call('ZRANGE', ACTIVE, rank + 1, rank + 1)[1]
-  redis.call('HSET', KEYS[1], 'batch', nxt or '', 'offset', 0)
-else
-  redis.call('HSET', KEYS[1], 'batch', b, 'offset', off + #ids)
-end
+if #ids < limit then park(next_of(b), 0) else park(b, off + #ids) end
 return {#ids, fixed}
 """
 
@@ -694,6 +713,8 @@ def _scripts(queue: str, ttl_s: int, lease_ms: int, max_runs: int) -> dict[str, 
         tenant=_lua_str(keys.of_queue(keys.TENANT_PREFIX, queue)),
         tq=_lua_str(keys.of_queue(keys.TENANT_QUEUE_PREFIX, queue)),
         tp=_lua_str(keys.of_queue(keys.TENANT_PLACES_PREFIX, queue)),
+        default_queue=_lua_str(keys.DEFAULT_QUEUE),
+        fleet_vclock=_lua_str(keys.VCLOCK),
         ttl=ttl_s,
         lease_ms=lease_ms,
         payload_ms=ttl_s * 1000,

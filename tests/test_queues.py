@@ -5,6 +5,8 @@ workers with other tools or models would run them). Once on fakeredis, once on t
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -72,19 +74,65 @@ async def test_repair_sweep_leaves_other_queues_batches(store: Store, other: Sto
     assert await entries(store) == 1
 
 
-async def test_skips_many_foreign_batches_a_step(store: Store, other: Store) -> None:
+async def lose_entry(store: Store, batch: str, custom_id: str) -> None:
+    entry = await queued_entry(store, ids(batch, custom_id)[0])
+    await store.redis.delete(f"{keys.ARQ_JOB_PREFIX}{entry}")
+
+
+async def step(store: Store) -> int:
+    """One step of the store's repair sweep; the jobs it repaired."""
+    await store.redis.delete(keys.of_queue(keys.RECONCILE_LOCK, store.queue))
+    return int((await store.reconcile(interval_s=0.001))[1])
+
+
+async def seventy_then_mine(store: Store, other: Store) -> None:
+    """70 batches of the other queue, then one of this queue whose job lost its payload; their
+    places in the active set in that order."""
     for i in range(70):
         await other.submit_chunk(f"b{i:02}", jobs("a"))
+        await store.redis.zadd(keys.ACTIVE, {f"b{i:02}": i}, xx=True)
     await store.submit_chunk("mine", jobs("a"))
-    await store.redis.delete(
-        f"{keys.ARQ_JOB_PREFIX}{await queued_entry(store, ids('mine', 'a')[0])}"
-    )
-    fixed = 0
-    for _ in range(4):  # 64 skipped a step: the default queue's batch comes in the second
-        await store.redis.delete(keys.of_queue(keys.RECONCILE_LOCK, store.queue))
-        fixed += (await store.reconcile(interval_s=0.001))[1]
-    assert fixed == 1
+    await store.redis.zadd(keys.ACTIVE, {"mine": 1000}, xx=True)
+    await lose_entry(store, "mine", "a")
+
+
+async def test_skips_64_foreign_batches_a_step(store: Store, other: Store) -> None:
+    await seventy_then_mine(store, other)
+    assert await step(store) == 0  # 64 skipped: parked at the 65th
+    assert await step(store) == 1
     assert await entries(store) == 1 and await entries(other) == 70
+
+
+async def test_the_sweep_goes_on_after_its_batch_is_gone(store: Store, other: Store) -> None:
+    """Parked at a batch that then ends, the sweep goes on from the next, not from the first
+    (with many long batches of other queues in front it would never reach its own)."""
+    await seventy_then_mine(store, other)
+    assert await step(store) == 0
+    await store.redis.zrem(keys.ACTIVE, "b64")
+    assert await step(store) == 1
+
+
+async def test_a_batch_from_before_queues_is_the_default_queue(store: Store, other: Store) -> None:
+    """A batch hash without its queue (written before batches named it) is repaired by the
+    default queue's sweep only, and the first claim from a queue names it."""
+    await store.submit_chunk("old", jobs("a", "b"))
+    await store.redis.hdel(keys.batch("old"), "queue")
+    await lose_entry(store, "old", "a")
+    await reconcile_all(other)
+    assert await entries(other) == 0
+    await reconcile_all(store)
+    assert await queued_entry(store, ids("old", "a")[0]) is not None
+    await claim(store, ids("old", "b")[0], "old", "host:1")
+    assert await store.redis.hget(keys.batch("old"), "queue") == keys.DEFAULT_QUEUE.encode()
+
+
+async def test_a_new_queue_places_after_the_fleet_clock(store: Store, other: Store) -> None:
+    """Jobs an older agentq placed on the fleet-wide clock do not wait behind a queue's new
+    ones: a queue without a clock of its own goes on from it."""
+    await store.redis.set(keys.VCLOCK, 50_000)
+    await other.submit_chunk("bb", jobs("a"))
+    score = float(await store.redis.hget(keys.job(ids("bb", "a")[0]), "score"))
+    assert score > 50_000
 
 
 async def test_reap_puts_a_job_back_in_its_own_queue(store: Store, other: Store) -> None:
@@ -162,6 +210,26 @@ async def test_depth_counts_the_queue_own_leases(store: Store, other: Store) -> 
     await claim(other, ids("bb", "a")[0], "bb", "host:1")
     assert await store.depth() == (0, 0)
     assert await other.depth() == (1, 1)
+
+
+async def test_submit_checks_the_queue_own_workers(store: Store) -> None:
+    """Only the queue's workers run its jobs: a tool that only another queue's workers have
+    is refused at submit."""
+    now = time.time()
+    beats = {
+        "a:1": {"queue": keys.DEFAULT_QUEUE, "tools": ["calculator"], "seen_at": now},
+        "b:1": {"queue": OTHER, "tools": [], "seen_at": now},
+    }
+    await store.redis.hset(keys.WORKERS, mapping={k: json.dumps(v) for k, v in beats.items()})
+    job = AgentJob(custom_id="j", input="1 + 1", agent={"tools": ["calculator"]})
+    here = await Producer(store.redis, load_settings()).checker()
+    there = await Producer(store.redis, load_settings(queue=OTHER)).checker()
+    assert here(job) is None
+    assert "unknown tools ['calculator']" in (there(job) or "")
+    # a worker too old to name its queue serves any
+    beats["old:1"] = {"tools": ["calculator"], "seen_at": now}
+    await store.redis.hset(keys.WORKERS, "old:1", json.dumps(beats["old:1"]))
+    assert (await Producer(store.redis, load_settings(queue=OTHER)).checker())(job) is None
 
 
 @pytest.mark.e2e

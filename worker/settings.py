@@ -251,6 +251,7 @@ async def _prune(rt: Runtime) -> None:
 def _beat(rt: Runtime) -> dict[str, Any]:
     return {
         "version": VERSION,
+        "queue": rt.settings.queue,
         "concurrency": rt.settings.concurrency,
         "in_flight": rt.in_flight,
         "tools": sorted(rt.registry.tools),
