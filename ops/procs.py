@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import redis as redis_sync
 
 from producer import keys
+from worker.supervisor import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER_KEY = "sk-bench-router-key-0000"
@@ -32,14 +33,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _started: list[subprocess.Popen[Any]] = []
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the harness dies (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def spawn(
@@ -58,7 +51,7 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         text=text,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=die_with_parent,
     )
     _started.append(proc)
     return proc

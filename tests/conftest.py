@@ -4,6 +4,7 @@ simulated Router, arq workers."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from producer import Producer, Settings
 from producer.store import Store
 
 ROUTER_KEY = "sk-test-router-key-0123456789"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (`timeout`, a CI job cancelled) stops pytest as Ctrl-C does: the fixtures tear
+    down, so the embedded Valkey and the processes the tests started stop too. Python's default
+    for SIGTERM dies at once and leaves them running."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from worker.supervisor import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-e2e-router-key-987654321"
 
@@ -24,6 +26,7 @@ def start_sim(*args: str, port: int = 0) -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=die_with_parent,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -54,6 +57,7 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
 
@@ -67,6 +71,7 @@ def agentq(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=die_with_parent,
     )
 
 
@@ -79,6 +84,7 @@ def run_suite(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=die_with_parent,
     )
 
 

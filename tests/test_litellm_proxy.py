@@ -32,6 +32,7 @@ from producer import AgentJob, Producer, Settings, Status
 from producer.models import ResultRecord
 from tests.helpers import records, run_batch
 from worker.errors import classify
+from worker.supervisor import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM = ROOT / ".venv-router" / "bin" / "litellm"
@@ -69,17 +70,8 @@ class Proxy:
         return stats
 
 
-def _die_with_parent() -> None:
-    """Child side: get SIGTERM if pytest dies without running the fixture's teardown."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    return subprocess.Popen(args, start_new_session=True, preexec_fn=preexec, **kwargs)
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

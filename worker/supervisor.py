@@ -65,8 +65,10 @@ def cpu_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return n
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the supervisor dies (Linux only)."""
+def die_with_parent() -> None:
+    """preexec_fn: in the child, before exec, ask for SIGTERM when the parent dies (Linux
+    prctl PR_SET_PDEATHSIG; elsewhere nothing), so a parent killed by SIGKILL leaves no
+    child behind."""
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -159,7 +161,7 @@ class Supervisor:
                 list(self.command),
                 env=env,
                 process_group=0,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 pass_fds=(w,),
             )
         except BaseException:
