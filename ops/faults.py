@@ -603,9 +603,7 @@ async def case_router_outage(lab: Lab, n: int) -> None:
             lab.problem("jobs failed while the Router was down")
         lab.sim.start()
         back = time.monotonic()
-        await wait_until(
-            lambda: _done_at_least(p, batch.id, done_then + 20), 60, "work resumed"
-        )
+        await wait_until(lambda: _done_at_least(p, batch.id, done_then + 20), 60, "work resumed")
         lab.step(
             f"Router back after {back - stopped:.0f} s; 20 more jobs done "
             f"{time.monotonic() - back:.1f} s later"

@@ -11,6 +11,7 @@ PY=${PYTHON:-python3}
 # The real LiteLLM proxy, in its own venv (a fast no-op once installed), for its tests.
 ./ops/router/install.sh
 .venv/bin/ruff check producer worker ops tests
+.venv/bin/ruff format --check producer worker ops tests
 .venv/bin/mypy
 # -rs: every skipped test is listed with its reason.
 .venv/bin/python -m pytest -rs "$@"

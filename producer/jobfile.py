@@ -127,9 +127,12 @@ def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str | ValueError]]
             if size > max_bytes:
                 while not raw.endswith(b"\n") and (raw := f.readline(1 << 16)):
                     size += len(raw.rstrip(b"\r\n"))
-                yield n, LineTooLong(
-                    f"the line is {size} bytes, over the limit of {max_bytes} "
-                    "(AGENTQ_MAX_LINE_BYTES): make its fields smaller"
+                yield (
+                    n,
+                    LineTooLong(
+                        f"the line is {size} bytes, over the limit of {max_bytes} "
+                        "(AGENTQ_MAX_LINE_BYTES): make its fields smaller"
+                    ),
                 )
                 continue
             try:

@@ -82,9 +82,7 @@ def _additional_properties(
         return
     properties = schema.get("properties", {})
     patterns = [regex(p) for p in schema.get("patternProperties", {})]
-    extras = {
-        k for k in instance if k not in properties and not any(p.search(k) for p in patterns)
-    }
+    extras = {k for k in instance if k not in properties and not any(p.search(k) for p in patterns)}
     if validator.is_type(ap, "object"):
         for extra in extras:
             yield from validator.descend(instance[extra], ap, path=extra)

@@ -233,9 +233,7 @@ async def test_an_outage_does_not_count_against_the_job_timeout(
 ) -> None:
     """The Router is down for longer than the job's whole timeout_s: the job waits, and
     succeeds once the Router is back."""
-    batch = await producer.submit(
-        [AgentJob(custom_id="t", input="What is 2+2?", timeout_s=1.5)]
-    )
+    batch = await producer.submit([AgentJob(custom_id="t", input="What is 2+2?", timeout_s=1.5)])
     await sim.close()
 
     async def back() -> None:

@@ -299,9 +299,7 @@ def test_secret_in_exception_is_redacted(capsys: pytest.CaptureFixture[str]) -> 
     assert SECRET not in json.dumps(events, default=str)
 
 
-def test_worker_redacts_every_key_it_holds(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_worker_redacts_every_key_it_holds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from producer.settings import Settings
     from worker.settings import _secrets
 

@@ -168,9 +168,7 @@ async def test_wrong_key_is_auth_failed(producer: Producer, settings: Settings) 
 async def test_router_unreachable(producer: Producer, settings: Settings) -> None:
     """A Router that never answers is an outage: the job waits for it (its breaker open)
     until AGENTQ_OUTAGE_MAX_S, then fails saying so."""
-    down = settings.model_copy(
-        update={"router_url": "http://127.0.0.1:9/v1", "outage_max_s": 1.5}
-    )
+    down = settings.model_copy(update={"router_url": "http://127.0.0.1:9/v1", "outage_max_s": 1.5})
     batch = await producer.submit([job("u", "What is 2+2?")])
     await run_batch(producer, down, batch.id)
     r = (await records(producer, batch.id))["u"]
