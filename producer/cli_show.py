@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
+from . import keys
 from .breakers import format_duration
 
 if TYPE_CHECKING:
@@ -227,6 +228,7 @@ def status_dict(st: BatchStatus) -> dict[str, Any]:
         "usage": st.usage.model_dump(),
         "cost_usd": st.cost_usd,
         "created_at": st.created_at,
+        "queue": st.queue,
         "models": {m: u.model_dump() for m, u in st.models.items()},
     }
 
@@ -245,6 +247,8 @@ def print_summary(st: BatchStatus, out: IO[str], colour: bool = False) -> None:
     print(
         f"batch {inert(st.batch_id)}: {st.done}/{st.total} done ({pct:.0f}%) — {counts}", file=out
     )
+    if st.queue is not None and st.queue != keys.DEFAULT_QUEUE:
+        print(f"queue {inert(st.queue)}", file=out)
     print(
         f"tokens {st.usage.total_tokens} (in {st.usage.input_tokens}, out "
         f"{st.usage.output_tokens}), model requests {st.usage.requests}, "

@@ -317,6 +317,9 @@ class BatchStatus(BaseModel):
     models: dict[str, ModelUsage] = Field(default_factory=dict)
     priority: Priority = Priority.NORMAL
     """The priority of its latest submit."""
+    queue: str | None = None
+    """The queue it was submitted to: its jobs run on that queue's workers (None: submitted
+    by an agentq before batches named their queue)."""
 
     @property
     def done(self) -> int:

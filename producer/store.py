@@ -956,6 +956,7 @@ class Store:
             created_at=h.get("created_at"),
             models=_per_model(h),
             priority=_priority_of(h.get("poff")),
+            queue=h.get("queue"),
         )
 
     async def job_ids(self, batch_id: str, chunk: int = 500) -> AsyncIterator[list[str]]:

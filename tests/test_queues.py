@@ -5,6 +5,7 @@ workers with other tools or models would run them). Once on fakeredis, once on t
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import redis as redis_sync
 
 from producer import keys
+from producer.cli_show import print_summary, status_dict
 from producer.client import Producer
 from producer.models import AgentJob, Status, job_id_for
 from producer.settings import ConfigError, load_settings
@@ -203,6 +205,21 @@ async def test_tenant_turns_are_per_queue(store: Store, other: Store) -> None:
     assert sorted(ran) == sorted(ids("ba", "x", "y"))
     assert await store.redis.zcard(tq_other) == 3
     assert await entries(other) == 3
+
+
+async def test_status_names_the_batch_queue(store: Store, other: Store) -> None:
+    await other.submit_chunk("bb", jobs("a"))
+    st = await store.batch_status("bb")
+    assert st is not None and st.queue == OTHER
+    out = io.StringIO()
+    print_summary(st, out)
+    assert f"queue {OTHER}" in out.getvalue() and status_dict(st)["queue"] == OTHER
+    await store.submit_chunk("ba", jobs("a"))
+    st = await store.batch_status("ba")
+    assert st is not None and st.queue == keys.DEFAULT_QUEUE
+    out = io.StringIO()
+    print_summary(st, out)
+    assert "\nqueue " not in out.getvalue()  # the default queue goes unsaid
 
 
 async def test_depth_counts_the_queue_own_leases(store: Store, other: Store) -> None:
