@@ -132,12 +132,15 @@ end
 -- the first of them, whichever entry of the tenant the worker took; the entry's own job takes
 -- the place of the one that runs (see turn_of).
 local REAL_TIME = 1e12
--- The queue's virtual time. A queue new to it goes on from the fleet-wide one, where agentq
--- before per-queue keys placed its jobs (so they do not wait behind new ones).
+-- The queue's virtual time. A queue new to it starts from the fleet-wide one, where agentq
+-- before per-queue keys placed its jobs (so they do not wait behind new ones), and keeps it.
 local function vclock()
   local v = redis.call('GET', VCLOCK)
-  if not v and VCLOCK ~= FLEET_VCLOCK then v = redis.call('GET', FLEET_VCLOCK) end
-  return tonumber(v or '0')
+  if not v then
+    v = redis.call('GET', FLEET_VCLOCK) or '0'
+    if VCLOCK ~= FLEET_VCLOCK then redis.call('SET', VCLOCK, v) end
+  end
+  return tonumber(v)
 end
 local function first_place(b)
   local v = vclock() + 1  -- the round after the latest
@@ -631,16 +634,21 @@ end
 if theirs(b) then park(b, 0) return {0, 0} end
 local ids = redis.call('LRANGE', okey(b), off, off + limit - 1)
 local fixed = 0
+-- a batch from before names no queue: its jobs' entries may be in another queue, so only a
+-- job whose payload is gone is enqueued again (here)
+local unnamed = not redis.call('HGET', bkey(b), 'queue')
 for _, id in ipairs(ids) do
   local h = redis.call('HMGET', jkey(id), 'status', 'q', 'score')
   if h[1] == 'queued' then
     local aid = arq_id(id, h[2])
     local score = tonumber(h[3] or '0') or 0
     local qs = tonumber(redis.call('ZSCORE', QUEUE, aid))
-    if not qs or redis.call('EXISTS', ARQ .. aid) == 0 then
+    local gone = redis.call('EXISTS', ARQ .. aid) == 0
+    if gone or (not qs and not unnamed) then
       dequeue(id, h[2])
       enqueue(id, b, score, false)
       fixed = fixed + 1
+    elseif not qs then  -- (a batch from before: its entry is in another queue)
     elseif score >= REAL_TIME and qs >= REAL_TIME then
       -- queued by an agentq older than fair share (its place a clock time, after every place
       -- since; not one given back to the front): a place of its batch, as `agentq retry`

@@ -17,6 +17,7 @@ import pytest
 
 from ops.bench.cases import CASES
 from ops.bench.measure import BENCH, TOTAL, CpuSplit, PeakMem
+from worker.supervisor import die_with_parent
 
 pytestmark = pytest.mark.e2e
 
@@ -104,7 +105,11 @@ def _child(code: str) -> subprocess.Popen[str]:
         f"{code}\nprint('done', flush=True)\nsys.stdin.readline()\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=die_with_parent,
     )
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     return proc

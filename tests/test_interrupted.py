@@ -37,17 +37,22 @@ def test_sigterm_stops_the_session_valkey(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         preexec_fn=die_with_parent,
     )
+    url = tmp_path / "url"
     pid = None
     try:
-        until((tmp_path / "url").exists, 90, "the hanging test to start")
-        pid = local_redis_pid((tmp_path / "url").read_text())
+        until(lambda: url.exists() and url.read_text().startswith("redis"), 120, "the test")
+        pid = local_redis_pid(url.read_text())
         assert pid is not None
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-        until(lambda: not Path(f"/proc/{pid}").exists(), 20, "its Valkey to stop")
+        until(lambda: not Path(f"/proc/{pid}").exists(), 30, "its Valkey to stop")
     finally:
-        proc.kill()
-        proc.wait()
+        proc.terminate()  # (this test failed early) as the fix would: its Valkey stops too
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()
+            proc.wait()
         if pid is not None and "valkey" in _comm(pid):  # left behind: stop it here
             os.kill(pid, signal.SIGKILL)
 

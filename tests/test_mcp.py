@@ -32,6 +32,7 @@ from ops.simrouter import SimRouter
 from tests.conftest import ROUTER_KEY
 from worker.errors import InvalidJob
 from worker.mcp import McpPool, McpServerSpec, McpUnavailable, parse_mcp_config
+from worker.supervisor import die_with_parent
 
 FIXTURE = Path(__file__).resolve().parent.parent / "examples" / "mcp_words_server.py"
 TOKEN = "s3cret-mcp-token"
@@ -153,6 +154,7 @@ class HttpFixture:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            preexec_fn=die_with_parent,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

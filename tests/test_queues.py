@@ -128,6 +128,32 @@ async def test_a_batch_from_before_queues_is_the_default_queue(store: Store, oth
     assert await store.redis.hget(keys.batch("old"), "queue") == keys.DEFAULT_QUEUE.encode()
 
 
+async def test_a_batch_from_before_stays_in_its_queue(store: Store, other: Store) -> None:
+    """The default queue's sweep does not pull a batch from before into the default queue
+    because its jobs' entries are not there (they are in their own queue)."""
+    await other.submit_chunk("old", jobs("a", "b", "c"))
+    await store.redis.hdel(keys.batch("old"), "queue")
+    await reconcile_all(store)
+    assert await entries(store) == 0 and await entries(other) == 3
+    for jid in ids("old", "a", "b", "c"):
+        assert await queued_entry(other, jid) is not None
+
+
+async def test_a_queue_keeps_its_own_clock(store: Store, other: Store) -> None:
+    """Seeded from the fleet-wide clock, a queue's clock is its own from then on: a busy
+    default queue does not push its new batches behind its older ones."""
+    await store.redis.set(keys.VCLOCK, 1000)
+    await other.submit_chunk("first", jobs("a", "b", "c"))
+    await store.redis.set(keys.VCLOCK, 5000)  # the default queue runs on
+    await claim(other, ids("first", "a")[0], "first", "host:1")
+    await other.submit_chunk("second", jobs("x"))
+
+    async def score(jid: str) -> float:
+        return float(await store.redis.hget(keys.job(jid), "score"))
+
+    assert await score(ids("second", "x")[0]) < await score(ids("first", "c")[0])
+
+
 async def test_a_new_queue_places_after_the_fleet_clock(store: Store, other: Store) -> None:
     """Jobs an older agentq placed on the fleet-wide clock do not wait behind a queue's new
     ones: a queue without a clock of its own goes on from it."""

@@ -17,6 +17,7 @@ import redis as redis_sync
 
 from tests.procs import ROOT, agentq, base_env, start_sim, status, stop, until
 from worker import supervisor
+from worker.supervisor import die_with_parent
 
 pytestmark = pytest.mark.e2e
 
@@ -29,6 +30,7 @@ def _start(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
 
