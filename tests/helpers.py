@@ -39,5 +39,16 @@ async def run_batch(
     return st
 
 
+async def cancel_worker(task: asyncio.Future[object], tries: int = 10) -> None:
+    """Cancel an in-process worker's task and wait for it, bounded. A cancel can be swallowed
+    (Python 3.11: redis-py's hiredis reader turns a cancel that lands in its zero timeout
+    into a timeout, and arq's loop goes on), so it is sent again until the task ends."""
+    for _ in range(tries):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        if done:
+            return
+
+
 async def records(producer: Producer, batch_id: str) -> dict[str, ResultRecord]:
     return {r.custom_id: r async for r in producer.results(batch_id)}

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from producer import AgentJob, Producer, Settings, keys
 from producer.store import Store
+from tests.helpers import cancel_worker
 from worker import arqworker
 from worker.arqworker import BatchStartWorker
 from worker.settings import build_worker
@@ -43,9 +44,7 @@ async def running(settings: Settings, **attrs: Any) -> AsyncIterator[BatchStartW
         assert not task.done(), task
         yield worker
     finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        await cancel_worker(task)
         await asyncio.wait({asyncio.ensure_future(worker.close())}, timeout=30)
 
 
