@@ -68,7 +68,7 @@ class Sizes:
     long_latencies_ms: tuple[int, ...]
     """long-run's Router latencies: the first is also run with a fixed latency."""
     long_waves: int
-    """long-run runs C x waves jobs a round (its steady middle needs 6 or more)."""
+    """long-run runs C x waves jobs a round (its steady middle needs MIN_LONG_WAVES)."""
     long_rounds: int
     fair_big: int
     """fair-share: the big batch the small and the priority batches are submitted behind."""
@@ -127,7 +127,7 @@ QUICK = Sizes(
     cmds_cases=((0, "plain"),),
     long_concurrency=100,
     long_latencies_ms=(500, 300),
-    long_waves=6,
+    long_waves=7,
     long_rounds=1,
     fair_big=400,
     fair_pair=60,
@@ -403,6 +403,10 @@ async def _sdk_pair(
 # -- 2 worker processes vs 1 (scale-2v1, processes) -------------------------------------------
 
 
+SCALE_C = 50
+"""Concurrency of every worker process (and of the plain loop) in scale-2v1 and processes."""
+
+
 @dataclass
 class TwoVsOne:
     """Runs/s of each side per round; where measured, the cores busy per round."""
@@ -429,12 +433,12 @@ async def _two_vs_one(
     """Side 2 against side 1, whose workers serve queues bench:NAME-2 and -1: tool jobs, after
     a warm-up of each, b.sizes.rounds rounds of scale_n jobs a side, the sides alternating
     (1 2, 2 1, ...). With cpu_of (side -> process groups), each round's CPU split too. With
-    with_loop, the pooled plain SDK loop (C=50, the same jobs) runs each round too: last, then
-    first."""
+    with_loop, the pooled plain SDK loop (C=SCALE_C, the same jobs) runs each round too: last,
+    then first."""
     n = b.sizes.scale_n
     out = TwoVsOne()
     loop_args = ["-m", "ops.bench.sdkloop", "--url", sim.url, "--n", str(n), "--tool"]
-    loop_args += ["--concurrency", "50", "--warmup", str(min(20, n))]
+    loop_args += ["--concurrency", str(SCALE_C), "--warmup", str(min(20, n))]
 
     async def plain_loop() -> None:
         got = await asyncio.to_thread(procs.run_json, loop_args, timeout_for(n))
@@ -473,7 +477,9 @@ async def scale_2v1(b: Bench) -> list[Row]:
     await b.flush()
     with ExitStack() as stack:
         sim = stack.enter_context(SimRouterProc(0))
-        groups = {k: stack.enter_context(b.workers(k, sim, 50, f"bench:scale-{k}")) for k in (1, 2)}
+        groups = {
+            k: stack.enter_context(b.workers(k, sim, SCALE_C, f"bench:scale-{k}")) for k in (1, 2)
+        }
         cpu_of = {k: b.agentq_pids(groups[k]) for k in (1, 2)}
         t = await _two_vs_one(b, "scale", sim, ("1 worker", "2 workers"), cpu_of)
     n, rate, ratio, sim_cores = b.sizes.scale_n, t.rate, t.ratio, t.sim_cores
@@ -1073,10 +1079,12 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
         frac >= 0.95 if jitter else None,
         value=round(frac, 4),
         detail=(
-            f"1 worker, n={c * waves}/round ({waves} waves of C); steady middle: the jobs that "
-            f"finished (by the records' finished_at) from {STEADY_FROM_L:g} L to {waves - 1.5:g} L "
-            f"after the first run started, over that time (a worker with no overhead "
-            f"scores C/L by it); "
+            f"1 worker, n={c * waves}/round ({waves} waves of C); steady middle: the jobs "
+            f"that finished (by the records' finished_at) from {STEADY_RAMP_L[1]:g} L to "
+            f"{waves - 1.5 - (STEADY_RAMP_L[1] - STEADY_RAMP_L[0]):g} L after the first run "
+            f"started, weighed up from 0 over the latency before and down to 0 over the one "
+            f"after, over the weights' span (a simulated worker scores its true share of C/L "
+            f"by it); "
             f"rounds {fmt_rounds(got.steady, '.0f')} runs/s steady, "
             f"{fmt_rounds(got.rates, '.0f')} runs/s submit to last result; the worker "
             f"process kept {median(got.cores):.0%} of a core busy over the round; at its "
@@ -1097,35 +1105,44 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
     )
 
 
-STEADY_FROM_L = 3.0
-"""long-run's steady middle starts this many latencies after the first run started. Earlier
-windows catch the start: C runs starting at once take the worker a second of CPU or so, which
-spreads the first wave's starts, and the window from 1.5 L to 4.5 L used before under-counted
-(a worker with no overhead scores 0.97 of C/L there when its first wave's starts spread over
-0.5 s)."""
+STEADY_RAMP_L = (2.5, 3.5)
+"""long-run's steady middle weighs finishes from 0 to 1 over these latencies after the first
+run started, and back to 0 over the last two but one (see steady_weight). Earlier windows
+catch the start: C runs starting at once take the worker a second of CPU or so, which spreads
+the first wave's starts, and the window from 1.5 L to 4.5 L used before under-counted (a
+worker with no overhead scores 0.97 of C/L there when its first wave's starts spread over
+0.5 s). A plain cut at 3 L still read about a point high: runs of +-25% latency even out
+their waves slowly, so where a sharp edge falls in a wave counts; ramps average that out."""
+
+MIN_LONG_WAVES = 7
+"""The least long_waves for a steady middle at full weight over at least one latency."""
 
 
-def steady_window(latency_s: float, waves: int) -> tuple[float, float]:
-    """(from, to) in seconds after the first run started: 3 L to (waves - 1.5) L."""
-    return STEADY_FROM_L * latency_s, (waves - 1.5) * latency_s
+def steady_weight(t_l: float, waves: int) -> float:
+    """How much a finish t_l latencies after the first start counts: 0 until 2.5 L, rising to
+    1 at 3.5 L, 1 until (waves - 2.5) L, falling to 0 at (waves - 1.5) L (the last waves'
+    drain). The weights integrate to (waves - 5) L."""
+    lo, hi = STEADY_RAMP_L
+    rise = (t_l - lo) / (hi - lo)
+    fall = (waves - 1.5 - t_l) / (hi - lo)
+    return max(0.0, min(1.0, rise, fall))
 
 
 def steady_rate(
     started: Sequence[float], finished: Sequence[float], latency_s: float, waves: int
 ) -> float:
     """Jobs finished per second in the steady middle of a batch of `waves` waves of C jobs:
-    those whose finish falls in steady_window after the first start, over that time. It leaves
-    out the first waves' start and the last waves' drain. A worker with no overhead scores
-    1.00-1.01 of C / L by it, and one that loses 50 ms a run 0.98-0.99 (its true share is
-    0.976), whether its first wave starts at once or spread over a second, with a latency
-    varying +-25% (tests/test_bench_window.py simulates it)."""
+    finishes weighed by steady_weight, over the weights' span. A simulated worker scores
+    within half a point of its true share of C / L by it (1.000 with no overhead, 0.976 losing
+    50 ms a run), whether its first wave starts at once or spread over a second, with a latency
+    varying +-25% (tests/test_bench_window.py)."""
+    if waves < MIN_LONG_WAVES:
+        raise ValueError(f"long-run needs {MIN_LONG_WAVES} waves or more, not {waves}")
     if not started:
         return float("nan")
-    a, b = steady_window(latency_s, waves)
     t0 = min(started)
-    if b <= a:
-        return float("nan")
-    return sum(1 for f in finished if a <= f - t0 < b) / (b - a)
+    weight = sum(steady_weight((f - t0) / latency_s, waves) for f in finished)
+    return weight / ((waves - 1.5 - STEADY_RAMP_L[1]) * latency_s)
 
 
 async def _steady_rate(p: Producer, batch_id: str, latency_s: float, waves: int) -> float:
@@ -1406,7 +1423,7 @@ async def processes(b: Bench) -> list[Row]:
             w = WorkerProc(
                 b.redis_url,
                 sim.url,
-                50,
+                SCALE_C,
                 f"bench:procs-{k}",
                 b.tmp / "logs" / f"procs-{k}.log",
                 args=("--processes", str(k)),
@@ -1442,9 +1459,9 @@ async def processes(b: Bench) -> list[Row]:
             vs_loop >= 1.6,
             value=round(vs_loop, 3),
             detail=(
-                f"{rounds}; the loop is one process, an asyncio.gather over Runner.run at C=50 "
-                f"on the worker's own pooled client (as in sdk-loop), agentq's runs/s count "
-                f"from submit to the last result"
+                f"{rounds}; the loop is one process, an asyncio.gather over Runner.run at "
+                f"C={SCALE_C} on the worker's own pooled client (as in sdk-loop), agentq's runs/s "
+                f"count from submit to the last result"
             ),
         ),
     ]
@@ -1602,7 +1619,7 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "fair-share": (fair_share, "small batch <= 3 s; high first"),
     "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
     "idle": (idle, "<= 5 commands/s, <= 1% CPU, start p50 <= 20 ms, wait <= 0.25 ms/job"),
-    "processes": (processes, ">= 1.8x"),
+    "processes": (processes, ">= 1.8x (vs 1), >= 1.6x (vs the plain loop)"),
 }
 
 
