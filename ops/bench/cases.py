@@ -1067,6 +1067,7 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
     frac = median(got.steady) / ideal
     mid = median_round(got.cpu_ms)
     one_core = 1000 / mid["worker"]
+    full = steady_full(waves)
     case = f"C={c}, {lat / 1000:g} s" + (
         f" +-{jitter:.0%} a call" if jitter else " fixed (every call the same)"
     )
@@ -1080,11 +1081,10 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
         value=round(frac, 4),
         detail=(
             f"1 worker, n={c * waves}/round ({waves} waves of C); steady middle: the jobs "
-            f"that finished (by the records' finished_at) from {STEADY_RAMP_L[1]:g} L to "
-            f"{waves - 1.5 - (STEADY_RAMP_L[1] - STEADY_RAMP_L[0]):g} L after the first run "
-            f"started, weighed up from 0 over the latency before and down to 0 over the one "
-            f"after, over the weights' span (a simulated worker scores its true share of C/L "
-            f"by it); "
+            f"that finished (by the records' finished_at) from {full[0]:g} L to "
+            f"{full[1]:g} L after the first run started, weighed up from 0 over the latency "
+            f"before and down to 0 over the one after, over the weights' span (a simulated "
+            f"worker scores its true share of C/L by it); "
             f"rounds {fmt_rounds(got.steady, '.0f')} runs/s steady, "
             f"{fmt_rounds(got.rates, '.0f')} runs/s submit to last result; the worker "
             f"process kept {median(got.cores):.0%} of a core busy over the round; at its "
@@ -1107,24 +1107,35 @@ def _long_row(got: LongRounds, c: int, lat: int, waves: int, jitter: float, redi
 
 STEADY_RAMP_L = (2.5, 3.5)
 """long-run's steady middle weighs finishes from 0 to 1 over these latencies after the first
-run started, and back to 0 over the last two but one (see steady_weight). Earlier windows
-catch the start: C runs starting at once take the worker a second of CPU or so, which spreads
-the first wave's starts, and the window from 1.5 L to 4.5 L used before under-counted (a
-worker with no overhead scores 0.97 of C/L there when its first wave's starts spread over
-0.5 s). A plain cut at 3 L still read about a point high: runs of +-25% latency even out
-their waves slowly, so where a sharp edge falls in a wave counts; ramps average that out."""
+run started, and back to 0 over as long a span before the drain (see steady_weight).
+Earlier windows catch the start: C runs starting at once take the worker a second of CPU or
+so, which spreads the first wave's starts, and the window from 1.5 L to 4.5 L used before
+under-counted (a worker with no overhead scores 0.97 of C/L there when its first wave's
+starts spread over 0.5 s). A plain cut at 3 L still read about a point high: runs of +-25%
+latency even out their waves slowly, so where a sharp edge falls in a wave counts; ramps
+average that out."""
+
+DRAIN_L = 1.5
+"""The last waves' drain: finishes this many latencies before the batch's nominal end and
+later count for nothing (slots then run out of queued jobs)."""
 
 MIN_LONG_WAVES = 7
 """The least long_waves for a steady middle at full weight over at least one latency."""
 
 
+def steady_full(waves: int) -> tuple[float, float]:
+    """(from, to), in latencies after the first start, where finishes count in full: 3.5 L to
+    (waves - 2.5) L. A ramp of one latency leads in and out of it."""
+    lo, hi = STEADY_RAMP_L
+    return hi, waves - DRAIN_L - (hi - lo)
+
+
 def steady_weight(t_l: float, waves: int) -> float:
     """How much a finish t_l latencies after the first start counts: 0 until 2.5 L, rising to
-    1 at 3.5 L, 1 until (waves - 2.5) L, falling to 0 at (waves - 1.5) L (the last waves'
-    drain). The weights integrate to (waves - 5) L."""
+    1 at 3.5 L, 1 until (waves - 2.5) L, falling to 0 at (waves - 1.5) L."""
     lo, hi = STEADY_RAMP_L
     rise = (t_l - lo) / (hi - lo)
-    fall = (waves - 1.5 - t_l) / (hi - lo)
+    fall = (waves - DRAIN_L - t_l) / (hi - lo)
     return max(0.0, min(1.0, rise, fall))
 
 
@@ -1142,7 +1153,9 @@ def steady_rate(
         return float("nan")
     t0 = min(started)
     weight = sum(steady_weight((f - t0) / latency_s, waves) for f in finished)
-    return weight / ((waves - 1.5 - STEADY_RAMP_L[1]) * latency_s)
+    a, b = steady_full(waves)
+    ramp = STEADY_RAMP_L[1] - STEADY_RAMP_L[0]
+    return weight / ((b - a + ramp) * latency_s)  # the weights' integral: two half ramps
 
 
 async def _steady_rate(p: Producer, batch_id: str, latency_s: float, waves: int) -> float:
@@ -1414,7 +1427,7 @@ async def _wait_cpu(b: Bench, p: Producer, w: WorkerProc) -> list[Row]:
 
 async def processes(b: Bench) -> list[Row]:
     """`agentq worker --processes 2` vs `agentq worker`, and vs the pooled plain SDK loop (one
-    process, C=50): tool jobs, Router latency 0."""
+    process, C=SCALE_C): tool jobs, Router latency 0."""
     await b.flush()
     with ExitStack() as stack:
         sim = stack.enter_context(SimRouterProc(0))
