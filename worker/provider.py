@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx2
 import structlog
 from agents import Model, ModelProvider, ModelTracing
 from agents.models.openai_chatcompletions import OpenAIChatCompletionsModel
 from openai import AsyncOpenAI, DefaultAioHttpClient
+from openai._vendor.httpx_aiohttp import AiohttpTransport
 
 from producer.models import Attempt, Usage
 
@@ -286,10 +289,48 @@ class Route:
     client: AsyncOpenAI
 
 
+class FreshContextConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, but it opens connections in an empty context.
+
+    asyncio gives a socket's reader callback a copy of the context current when the connection
+    was opened. A pooled connection outlives the job that opened it, so each of a busy worker's
+    C connections kept a finished job's context alive (its meter, its log events, the SDK's run
+    objects: about 3 KB a connection, measured at C=500), and ran its callbacks in that job's
+    context. (Overrides aiohttp's _create_connection: tests/test_router_client.py fails if
+    aiohttp moves it.)"""
+
+    async def _create_connection(
+        self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Any:
+        opening = asyncio.get_running_loop().create_task(
+            super()._create_connection(req, traces, timeout), context=contextvars.Context()
+        )
+        try:
+            return await opening  # a cancel here cancels the opening too
+        except asyncio.CancelledError:
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                opening.result().close()  # opened just as we were cancelled: not leaked
+            raise
+
+
+class RouterTransport(AiohttpTransport):
+    """The aiohttp transport with FreshContextConnector (otherwise as the vendored one builds
+    its session: a pool of `limits.max_connections`, their keep-alive, its TLS context)."""
+
+    def get_client(self) -> aiohttp.ClientSession:
+        connector = FreshContextConnector(
+            limit=self.limits.max_connections or 0,
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector)
+
+
 def router_client(url: str, api_key: str, concurrency: int, call_timeout_s: float) -> AsyncOpenAI:
     """The worker's pooled client for one Router (the bench's best plain loop uses it too)."""
     # The SDK's own retries are off: agentq's runner is the one retry layer. The aiohttp
     # transport is leaner than httpx's; its pool is sized to the concurrency, not 100/20.
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     return AsyncOpenAI(
         base_url=url,
         api_key=api_key or "unset",
@@ -297,9 +338,8 @@ def router_client(url: str, api_key: str, concurrency: int, call_timeout_s: floa
         timeout=call_timeout_s,
         default_headers={"X-App-Name": APP_NAME},
         http_client=DefaultAioHttpClient(
-            limits=httpx2.Limits(
-                max_connections=concurrency, max_keepalive_connections=concurrency
-            ),
+            limits=limits,
+            transport=RouterTransport(limits=limits),
             timeout=call_timeout_s,
             event_hooks={"response": [_on_response]},
         ),
