@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.logs import MAX_EVENTS_PER_JOB, configure, drop_content, job_context, redactor
 
@@ -82,6 +86,51 @@ def test_non_string_values_pass_through() -> None:
 def test_secret_inside_nested_values_is_redacted() -> None:
     event = redact([SECRET], headers={"Authorization": f"Bearer {SECRET}"}, args=[f"key={SECRET}"])
     assert SECRET not in json.dumps(event)
+
+
+_SECRET_NAMES = re.compile(r"(api[_-]?key|authorization|password|secret|token)$", re.I)
+
+
+def _reference_redact(secrets: list[str], event: dict[str, Any]) -> dict[str, Any]:
+    """The redactor's rules written plainly (the processor itself is tuned for speed)."""
+    values = [s for s in secrets if s and len(s) >= 4]
+
+    def clean(key: str, value: Any) -> Any:
+        if key and _SECRET_NAMES.search(key):
+            return "[REDACTED]"
+        if isinstance(value, str):
+            for s in values:
+                value = value.replace(s, "[REDACTED]")
+            return re.sub(r"(Bearer\s+)[A-Za-z0-9._\-]+", r"\1[REDACTED]", value)
+        if isinstance(value, dict):
+            return {k: clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean("", v) for v in value]
+        return value
+
+    return {k: clean(k, v) for k, v in event.items()}
+
+
+_words = st.sampled_from(
+    ["sk-secret-1234", "sk-other-99", "Bearer", "Bearer abc.D-1", "token", "api_key", "x", " "]
+)
+_texts = st.lists(_words | st.text(max_size=6), max_size=5).map("".join)
+_keys = _words | st.sampled_from(["event", "input_tokens", "Authorization", "db_password", "n"])
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(st.sampled_from(["sk-secret-1234", "sk-other-99", "abc", ""]), max_size=3),
+    event=st.dictionaries(_keys, _values, max_size=6),
+)
+def test_redactor_follows_its_rules_on_any_event(secrets: list[str], event: dict[str, Any]) -> None:
+    expected = _reference_redact(secrets, copy.deepcopy(event))
+    assert redact(secrets, **copy.deepcopy(event)) == expected
 
 
 def test_drop_content_blanks_prompts_and_outputs() -> None:
