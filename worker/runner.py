@@ -176,6 +176,9 @@ async def run_agent_job(
             record = await _run_claimed(rt, job_id, batch_id, claim, meter, events)
             end_live()  # live followers get exactly the events the record keeps
             if record is not None:
+                free_slot = ctx.get("agentq_free_slot")
+                if free_slot is not None:  # the next job need not wait for this store
+                    free_slot()
                 await _store_final(rt, record, claim.token)
     finally:
         current_meter.reset(meter_token)
