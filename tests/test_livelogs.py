@@ -49,6 +49,30 @@ async def test_events_are_published_in_one_message_per_batch_with_their_index(
     await pubsub.aclose()
 
 
+async def test_a_batch_nobody_follows_gets_nothing_until_someone_does(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(livelogs, "FOLLOWERS_TTL_S", 0.0)  # ask Redis at every flush
+    spy = redis.pubsub()  # a pattern subscription sees every message but counts as no follower
+    await spy.psubscribe(keys.batch_logs("*"))
+    await spy.get_message(timeout=1)
+    live = LiveLogs(redis)
+    live.add("b1", "j1", "c1", 0, {"event": "unheard"})
+    live.add("b1", "j1", "c1", 1, {"event": "unheard"})
+    await live.flush()
+    assert (live.unfollowed, live.sent, live.dropped) == (2, 0, 0)
+    follower = redis.pubsub()
+    await follower.subscribe(keys.batch_logs("b1"))
+    await follower.get_message(timeout=1)
+    live.add("b1", "j1", "c1", 2, {"event": "heard"})
+    await live.flush()
+    assert (live.unfollowed, live.sent, live.dropped) == (2, 1, 0)
+    for sub in (spy, follower):  # the first message either sees is the followed flush's
+        msg = await sub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert msg is not None and [e["i"] for e in json.loads(msg["data"])] == [2]
+        await sub.aclose()
+
+
 async def test_redis_down_drops_and_counts_without_waiting() -> None:
     down = Redis(port=1, socket_connect_timeout=0.2)  # nothing listens there
     live = LiveLogs(down)
@@ -74,6 +98,9 @@ async def test_slow_redis_is_given_up_and_a_full_buffer_drops(
 
         def publish(self, *_: Any) -> None:
             pass
+
+        async def pubsub_numsub(self, *channels: str) -> list[tuple[str, int]]:
+            return [(c, 1) for c in channels]
 
         async def execute(self) -> None:
             await asyncio.sleep(3600)
