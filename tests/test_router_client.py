@@ -9,6 +9,7 @@ import inspect
 from contextvars import Context, ContextVar
 
 import aiohttp
+import pytest
 
 from ops.simrouter import SimRouter
 from tests.conftest import ROUTER_KEY
@@ -27,10 +28,20 @@ async def _call(client: object) -> None:
     )
 
 
-def _reader_contexts() -> list[Context]:
-    """The contexts the event loop's socket reader callbacks run in (and keep alive)."""
+def _client_reader_contexts(port: int) -> list[Context]:
+    """The contexts the event loop's reader callbacks for sockets connected to `port` run in
+    (and keep alive): the client's side of its connections to the simulated Router."""
     selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
-    return [key.data[0]._context for key in selector.get_map().values() if key.data[0]]
+    contexts = []
+    for key in selector.get_map().values():
+        reader = key.data[0]
+        transport = getattr(reader._callback, "__self__", None) if reader else None
+        if not isinstance(transport, asyncio.BaseTransport):  # the loop's own, a server's
+            continue
+        peer = transport.get_extra_info("peername")
+        if peer and peer[1] == port:
+            contexts.append(reader._context)
+    return contexts
 
 
 async def test_pooled_connections_do_not_keep_the_jobs_that_opened_them(sim: SimRouter) -> None:
@@ -44,13 +55,27 @@ async def test_pooled_connections_do_not_keep_the_jobs_that_opened_them(sim: Sim
             await opened.wait()  # all at once: each call opens a connection of its own
             await _call(client)
 
-        readers = len(_reader_contexts())
         await asyncio.gather(*(asyncio.create_task(job()) for _ in range(jobs)))
-        contexts = _reader_contexts()
-        assert len(contexts) >= readers + jobs, "the calls' connections are not pooled"
+        contexts = _client_reader_contexts(sim.port)
+        assert len(contexts) == jobs, "the calls' connections are not pooled"
         kept = sum(_job_object in ctx for ctx in contexts)
         assert kept == 0, f"{kept} pooled Router connections keep the context of a finished job"
         await _call(client)  # the pool still serves the next job
+    finally:
+        await client.close()
+
+
+async def test_the_router_is_reached_through_a_proxy_named_by_the_environment(
+    sim: SimRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured: the call goes to the proxy (here the simulated Router itself,
+    which serves the proxy's absolute-form request), never to the Router's own host."""
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", sim.url.rsplit("/v1", 1)[0])
+    client = router_client("http://router.invalid/v1", ROUTER_KEY, 2, 5)
+    try:
+        await _call(client)
     finally:
         await client.close()
 

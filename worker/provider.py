@@ -296,8 +296,9 @@ class FreshContextConnector(aiohttp.TCPConnector):
     was opened. A pooled connection outlives the job that opened it, so each of a busy worker's
     C connections kept a finished job's context alive (its meter, its log events, the SDK's run
     objects: about 3 KB a connection, measured at C=500), and ran its callbacks in that job's
-    context. (Overrides aiohttp's _create_connection: tests/test_router_client.py fails if
-    aiohttp moves it.)"""
+    context. (aiohttp's keep-alive clean-up timer still keeps the context of the job that first
+    gave a connection back: one per client.) Overrides aiohttp's _create_connection:
+    tests/test_router_client.py fails if aiohttp moves it."""
 
     async def _create_connection(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
@@ -315,7 +316,8 @@ class FreshContextConnector(aiohttp.TCPConnector):
 
 class RouterTransport(AiohttpTransport):
     """The aiohttp transport with FreshContextConnector (otherwise as the vendored one builds
-    its session: a pool of `limits.max_connections`, their keep-alive, its TLS context)."""
+    its session: a pool of `limits.max_connections`, their keep-alive, its TLS context; a
+    proxy goes with each request)."""
 
     def get_client(self) -> aiohttp.ClientSession:
         connector = FreshContextConnector(
@@ -326,20 +328,55 @@ class RouterTransport(AiohttpTransport):
         return aiohttp.ClientSession(connector=connector)
 
 
+_HTTPX_LIMITS = httpx2.Limits(max_connections=100, max_keepalive_connections=20)
+"""httpx's default, for the signatures below (httpx passes the client's own)."""
+
+
+class RouterHttpClient(DefaultAioHttpClient):
+    """openai's aiohttp client (its defaults; HTTP(S)_PROXY and NO_PROXY from the environment)
+    with RouterTransport for direct and proxied requests alike."""
+
+    def _init_transport(
+        self,
+        verify: Any = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx2.Limits = _HTTPX_LIMITS,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> httpx2.AsyncBaseTransport:
+        if transport is not None:
+            return transport
+        return RouterTransport(verify, cert, trust_env, http1, http2, limits)
+
+    def _init_proxy_transport(
+        self,
+        proxy: httpx2.Proxy,
+        verify: Any = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx2.Limits = _HTTPX_LIMITS,
+    ) -> httpx2.AsyncBaseTransport:
+        return RouterTransport(verify, cert, trust_env, http1, http2, limits, proxy=proxy)
+
+
 def router_client(url: str, api_key: str, concurrency: int, call_timeout_s: float) -> AsyncOpenAI:
     """The worker's pooled client for one Router (the bench's best plain loop uses it too)."""
     # The SDK's own retries are off: agentq's runner is the one retry layer. The aiohttp
     # transport is leaner than httpx's; its pool is sized to the concurrency, not 100/20.
-    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     return AsyncOpenAI(
         base_url=url,
         api_key=api_key or "unset",
         max_retries=0,
         timeout=call_timeout_s,
         default_headers={"X-App-Name": APP_NAME},
-        http_client=DefaultAioHttpClient(
-            limits=limits,
-            transport=RouterTransport(limits=limits),
+        http_client=RouterHttpClient(
+            limits=httpx2.Limits(
+                max_connections=concurrency, max_keepalive_connections=concurrency
+            ),
             timeout=call_timeout_s,
             event_hooks={"response": [_on_response]},
         ),

@@ -270,8 +270,10 @@ async def _run_claimed(
 
 
 async def _store_final(rt: Runtime, record: ResultRecord, token: str) -> None:
-    """Store the record with the run's token, through Redis outages (the lease is renewed
-    meanwhile). The write happens even while the job's task is being cancelled."""
+    """Store the record with the run's token, through Redis outages (the run is no longer
+    renewed, but the reap credits every lease with an outage's length; a store that comes too
+    late is refused by the token, and the job's newer run stores its own record). The write
+    happens even while the job's task is being cancelled."""
     for attempt in range(1, FINISH_TRIES + 1):
         try:
             stored = await asyncio.shield(rt.store.finish(record, token))
