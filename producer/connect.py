@@ -42,6 +42,16 @@ server turned replica; agentq's scripts are idempotent or refused when repeated 
 nonce, a finish's fence), as they already are for a reply lost with its connection."""
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if this task was told to stop. For loops that read pub/sub until
+    cancelled: a cancel that lands as get_message's own read timeout expires comes out as that
+    timeout (get_message returns None), and such a loop would run on for ever (a worker's
+    listener kept a test's event loop from closing)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def retry_policy(retries: int = 40) -> Retry:
     """Retries with backoff from 50 ms doubling to 2 s: 40 ride out about a minute of Redis
     restart or failover. Retried commands are safe: agentq's state changes are idempotent."""

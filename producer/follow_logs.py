@@ -19,6 +19,8 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .connect import stop_if_cancelled
+
 LIVE_WAIT_S = 1.0
 
 Event = dict[str, Any]
@@ -89,6 +91,7 @@ async def read_live(pubsub: Any, on_entry: Callable[[Event], None]) -> None:
     while True:
         try:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LIVE_WAIT_S)
+            stop_if_cancelled()
         except RedisConnectionError:
             await asyncio.sleep(LIVE_WAIT_S)
             continue

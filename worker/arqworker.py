@@ -32,7 +32,7 @@ from arq.jobs import SerializationError, deserialize_job_raw
 from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
 from arq.worker import Function, Retry, RetryJob, logger
 
-from producer.connect import Script, bound_pool, unlock_pool
+from producer.connect import Script, bound_pool, stop_if_cancelled, unlock_pool
 
 _TAKE = """
 -- KEYS[1]: the queue. ARGV: now (ms), in-progress mark (ms), free slots, in-progress key
@@ -284,7 +284,9 @@ class BatchStartWorker(Worker):
             try:
                 await pubsub.subscribe(self.wake_channel)
                 while True:
-                    if await pubsub.get_message(timeout=IDLE_CHECK_S) is not None:
+                    message = await pubsub.get_message(timeout=IDLE_CHECK_S)
+                    stop_if_cancelled()
+                    if message is not None:
                         self.wake()
             except asyncio.CancelledError:
                 raise

@@ -19,7 +19,7 @@ from arq.worker import func
 from redis.asyncio.connection import UnixDomainSocketConnection
 
 from producer import keys
-from producer.connect import RETRY_ON, redis_url, retry_policy
+from producer.connect import RETRY_ON, redis_url, retry_policy, stop_if_cancelled
 from producer.embedded import read_password
 from producer.redact import safe_url, url_secrets
 from producer.serde import json_dumps
@@ -274,6 +274,7 @@ async def _listen(rt: Runtime) -> None:
             await pubsub.subscribe(keys.CONTROL)
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                stop_if_cancelled()
                 if msg is None or msg.get("type") != "message":
                     continue
                 verb, _, rest = msg["data"].decode().partition(" ")
