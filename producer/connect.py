@@ -42,13 +42,20 @@ server turned replica; agentq's scripts are idempotent or refused when repeated 
 nonce, a finish's fence), as they already are for a reply lost with its connection."""
 
 
+def being_cancelled() -> bool:
+    """Whether this task was told to stop. A Redis call cancelled mid-flight can come out as
+    an ordinary error or as no reply (redis-py), which a loop that survives errors or reads
+    until cancelled must not take for anything else."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def stop_if_cancelled() -> None:
     """Raise CancelledError if this task was told to stop. For loops that read pub/sub until
     cancelled: a cancel that lands as get_message's own read timeout expires comes out as that
     timeout (get_message returns None), and such a loop would run on for ever (a worker's
     listener kept a test's event loop from closing)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if being_cancelled():
         raise asyncio.CancelledError
 
 

@@ -19,7 +19,13 @@ from arq.worker import func
 from redis.asyncio.connection import UnixDomainSocketConnection
 
 from producer import keys
-from producer.connect import RETRY_ON, redis_url, retry_policy, stop_if_cancelled
+from producer.connect import (
+    RETRY_ON,
+    being_cancelled,
+    redis_url,
+    retry_policy,
+    stop_if_cancelled,
+)
 from producer.embedded import read_password
 from producer.redact import safe_url, url_secrets
 from producer.serde import json_dumps
@@ -148,13 +154,6 @@ async def _set_timeouts(pool: Any) -> None:
     await pool.connection_pool.disconnect()
 
 
-def _being_cancelled() -> bool:
-    """Whether this task was told to stop. A Redis call cancelled mid-flight can come out as
-    an ordinary error (redis-py), which a loop that survives errors must not take for one."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     tasks = ctx.get("agentq_tasks", [])
     for task in tasks:
@@ -205,7 +204,7 @@ async def _maintain(rt: Runtime) -> None:
                 await _prune(rt)
             rounds += 1
         except Exception as exc:  # Redis away: keep going, the client reconnects
-            if _being_cancelled():
+            if being_cancelled():
                 raise asyncio.CancelledError from exc
             log.warning("worker.maintenance_failed", error=str(exc))
         await asyncio.sleep(every)
@@ -288,7 +287,7 @@ async def _listen(rt: Runtime) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if _being_cancelled():
+            if being_cancelled():
                 raise asyncio.CancelledError from exc
             log.warning("worker.control_channel_lost", error=str(exc))
             await asyncio.sleep(1)
