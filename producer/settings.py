@@ -227,6 +227,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    cpu_turns: bool = True
+    """A worker's runs take turns at the CPU between model calls (worker/baton.py): runs that
+    come back from the Router together then go through one after the other."""
+
     trace_events: bool = True
     """Agent and tool spans of the Agents SDK become events in the job's log."""
 

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from agents import FunctionTool
+from agents import FunctionTool, function_tool
 
 from worker.tools import (
     AgentProfile,
@@ -166,10 +166,16 @@ def test_add_tool_wraps_an_async_function_under_another_name() -> None:
 
 
 def test_add_tool_keeps_a_function_tool_as_is() -> None:
+    """(Wrapped once, to give its run's CPU turn away while it waits: worker/baton.py.)"""
     tool = default_registry().tools["calculator"]
     reg = Registry()
     reg.add_tool(tool)
     assert reg.tools["calculator"] is tool
+    plain = function_tool(calculator)
+    reg.add_tool(plain)
+    kept = reg.tools["calculator"]
+    assert (kept.name, kept.params_json_schema) == (plain.name, plain.params_json_schema)
+    assert kept.on_invoke_tool is not plain.on_invoke_tool
 
 
 def test_add_agent_with_a_known_tool() -> None:

@@ -68,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from producer.redact import url_secrets
 
+from .baton import given_while_waiting
 from .errors import InvalidJob
 
 log = structlog.get_logger("agentq.mcp")
@@ -254,8 +255,9 @@ class _Watched:
         return await self._watch(super().call_tool(tool_name, arguments, meta))  # type: ignore[misc]
 
     async def _watch(self, request: Any) -> Any:
+        """The request, the running job's turn at the CPU given away if it waits."""
         try:
-            return await request
+            return await given_while_waiting(request)
         except BaseException as exc:
             if not self.lost and _is_connection_error(exc):
                 self.lost = True

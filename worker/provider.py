@@ -24,6 +24,7 @@ from openai._vendor.httpx_aiohttp import AiohttpTransport
 from producer.models import Attempt, Usage
 
 from . import metrics
+from .baton import current_hold
 from .breaker import MAX_HOLDS, OUTAGE_KINDS, Breakers
 from .errors import classify, retry_after
 from .ratelimit import Budget, RateLimiter, estimate_tokens
@@ -144,6 +145,21 @@ class RouterModel(OpenAIChatCompletionsModel):
         them; the job log keeps agent and tool spans only)."""
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
+        """The call, with the running job's turn at the CPU given away while it waits (the
+        answer's arrival takes a turn again: worker/baton.py)."""
+        hold = current_hold.get()
+        if hold is None:
+            return await self._get_response(*args, **kwargs)
+        hold.give()
+        try:
+            response = await self._get_response(*args, **kwargs)
+        except Exception:
+            await hold.take()
+            raise
+        await hold.take()
+        return response
+
+    async def _get_response(self, *args: Any, **kwargs: Any) -> Any:
         """Tries spent count failures of this call. Outage failures (connection, 5xx,
         timeout) are the exception: one that finds (or opens) its dependency's breaker open
         spends nothing, the call waits for the breaker instead; and a last try is not given

@@ -24,6 +24,7 @@ from producer.store import Claim, Store, now_iso
 
 from . import metrics
 from .agents_build import Plan, plan
+from .baton import Baton, Hold, current_hold
 from .errors import Failure, classify
 from .livelogs import LiveLogs
 from .logs import end_live, job_context, json_safe
@@ -59,6 +60,8 @@ class Runtime:
     worker_id: str
     mcp: McpPool = field(default_factory=McpPool)
     live: LiveLogs | None = None
+    baton: Baton | None = None
+    """Turns at the CPU between model calls (AGENTQ_CPU_TURNS; None: off)."""
     """Publishes job log events as they happen (`agentq logs --follow`)."""
     running: dict[str, Running] = field(default_factory=dict)
     _run_configs: LRUCache[tuple[str, str], tuple[RunConfig, int]] = field(
@@ -161,6 +164,8 @@ async def run_agent_job(
     job_id, batch_id = claim.job_id or job_id, claim.batch_id or batch_id
     meter = CallMeter(job_id=job_id)
     meter_token = current_meter.set(meter)
+    hold = Hold(rt.baton) if rt.baton is not None else None
+    hold_token = current_hold.set(hold)  # the run takes its first turn in execute()
     try:
         live = (
             functools.partial(rt.live.add, batch_id, job_id, claim.custom_id) if rt.live else None
@@ -175,12 +180,17 @@ async def run_agent_job(
         ) as events:
             record = await _run_claimed(rt, job_id, batch_id, claim, meter, events)
             end_live()  # live followers get exactly the events the record keeps
+            if hold is not None:
+                hold.give()  # the store waits on Redis
             if record is not None:
                 free_slot = ctx.get("agentq_free_slot")
                 if free_slot is not None:  # the next job need not wait for this store
                     free_slot()
                 await _store_final(rt, record, claim.token)
     finally:
+        if hold is not None:
+            hold.give()
+        current_hold.reset(hold_token)
         current_meter.reset(meter_token)
 
 
@@ -383,6 +393,9 @@ async def execute(rt: Runtime, job: AgentJob, attempts: list[Attempt]) -> Outcom
     except Exception as exc:
         out.error = classify(exc, router_url=rt.provider.base_url, model=job.model or "?").error
         return out
+    hold = current_hold.get()
+    if hold is not None:  # in the run's task: a shutdown that cancels it releases the job
+        await hold.take()
     failures: list[tuple[str, Failure]] = []
     meter = current_meter.get()
     try:

@@ -34,6 +34,7 @@ from producer.store import RUN_FUNCTION, Store
 
 from . import agentids, fastbody, heap, logs, metrics
 from .arqworker import UNCOUNTED_TRIES, BatchStartWorker
+from .baton import Baton
 from .breaker import Breakers
 from .livelogs import LiveLogs
 from .mcp import McpPool, parse_mcp_config
@@ -113,6 +114,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     await mcp.start(parse_mcp_config(settings.mcp_servers))
     rt = Runtime(settings, store, provider, registry, worker_id(), mcp=mcp)
     rt.live = LiveLogs(ctx["redis"])
+    rt.baton = Baton() if settings.cpu_turns else None
     ctx["agentq"] = rt
     ctx["agentq_tasks"] = [
         asyncio.create_task(_maintain(rt)),

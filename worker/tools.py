@@ -14,6 +14,8 @@ from agents import FunctionTool, function_tool
 
 from producer.models import AgentSpec
 
+from .baton import gives_turn_while_waiting
+
 
 class CalculatorError(ValueError):
     pass
@@ -118,7 +120,7 @@ class Registry:
         """Register a FunctionTool, or a plain (sync or async) typed function to wrap as one.
         Sync functions run in a thread, so they never block the event loop."""
         ft = tool if isinstance(tool, FunctionTool) else function_tool(tool, name_override=name)
-        self.tools[name or ft.name] = ft
+        self.tools[name or ft.name] = gives_turn_while_waiting(ft)
 
     def add_agent(self, name: str, *, model: str | None = None, **spec: Any) -> None:
         """Register an agent profile: instructions, tools, output_schema, model_settings..."""

@@ -1,0 +1,257 @@
+"""The worker's CPU turns (worker/baton.py): FIFO, one holder, a watchdog that opens the baton,
+cancelled waiters, and turns given away only by requests that wait."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from worker.baton import Baton, Hold, current_hold, given_while_waiting
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_turns_go_in_the_order_asked_and_one_at_a_time() -> None:
+    baton = Baton()
+    holds = [Hold(baton) for _ in range(4)]
+    order: list[int] = []
+
+    async def run(i: int) -> None:
+        await holds[i].take()
+        order.append(i)
+
+    await holds[0].take()
+    tasks = [asyncio.create_task(run(i)) for i in (1, 2, 3)]
+    await _settle()
+    assert order == [] and baton.waiting == 3
+    for i in (0, 1, 2):
+        assert [h.holding for h in holds].count(True) == 1 and holds[i].holding
+        holds[i].give()
+        await _settle()
+        assert order == list(range(1, i + 2))
+    await asyncio.gather(*tasks)
+    holds[3].give()
+    assert baton.current == 0 and baton.overruns == 0
+
+
+async def test_a_superseded_hold_gives_nothing_away() -> None:
+    baton = Baton()
+    a, b, c = Hold(baton), Hold(baton), Hold(baton)
+    await a.take()
+    waiter = asyncio.create_task(b.take())
+    await _settle()
+    a.give()
+    await waiter
+    assert b.holding
+    a.give()  # again, or late: b keeps its turn
+    assert b.holding and not a.holding
+    late = asyncio.create_task(c.take())
+    await _settle()
+    assert not late.done()
+    b.give()
+    await late
+    assert c.holding
+    c.give()
+    assert baton.current == 0
+
+
+async def test_a_holder_past_hold_s_lets_everyone_go_and_turns_rest() -> None:
+    clock = Clock()
+    baton = Baton(hold_s=0.02, rest_s=1.0, clock=clock)
+    stuck, others = Hold(baton), [Hold(baton) for _ in range(3)]
+    await stuck.take()
+    waiting = [asyncio.create_task(h.take()) for h in others]
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)  # the watchdog lets them all go
+    assert baton.overruns == 1 and baton.current == 0
+    assert not any(h.holding for h in [stuck, *others])
+    assert baton.is_open()
+    # open: a take goes at once, without a turn
+    extra = Hold(baton)
+    await extra.take()
+    assert not extra.holding
+    stuck.give()  # the late give of the overrun holder changes nothing
+    assert baton.current == 0
+    clock.now += 1.5  # turns again
+    await extra.take()
+    assert extra.holding
+
+
+async def test_a_cancelled_waiter_is_skipped_and_a_cancelled_grant_passes_on() -> None:
+    baton = Baton()
+    a, b, c = Hold(baton), Hold(baton), Hold(baton)
+    await a.take()
+    tb = asyncio.create_task(b.take())
+    tc = asyncio.create_task(c.take())
+    await _settle()
+    tb.cancel()
+    await _settle()
+    a.give()
+    await tc
+    assert c.holding and not b.holding
+    # granted and cancelled in the same step: the turn goes to the next waiter
+    d, e = Hold(baton), Hold(baton)
+    td = asyncio.create_task(d.take())
+    te = asyncio.create_task(e.take())
+    await _settle()
+    c.give()  # grants d ...
+    td.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await td
+    await asyncio.wait_for(te, 5)
+    assert e.holding and not d.holding
+    e.give()
+    assert baton.current == 0
+
+
+async def test_a_request_that_answers_at_once_keeps_the_turn_one_that_waits_gives_it() -> None:
+    baton = Baton()
+    mine, other = Hold(baton), Hold(baton)
+    ran: list[str] = []
+
+    async def other_run() -> None:
+        await other.take()
+        ran.append("other")
+        other.give()
+
+    async def at_once() -> str:
+        return "now"
+
+    async def waits() -> str:
+        await asyncio.sleep(0.01)
+        return "later"
+
+    token = current_hold.set(mine)
+    try:
+        await mine.take()
+        task = asyncio.create_task(other_run())
+        await _settle()
+        assert await given_while_waiting(at_once()) == "now"
+        assert mine.holding and ran == []
+        assert await given_while_waiting(waits()) == "later"
+        assert ran == ["other"]  # it went while this one waited
+        assert mine.holding  # and this one has its turn back
+        mine.give()
+        await task
+    finally:
+        current_hold.reset(token)
+
+
+class Turns(RuleBasedStateMachine):
+    """Runs take, give and are cancelled in any order; the watchdog fires and the clock moves.
+    After each step: at most one holder, and it is the baton's; no run waits while the baton is
+    free; turns go in the order they were asked for; a cancelled run never holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = Clock()
+        self.baton = Baton(hold_s=3600, rest_s=1.0, clock=self.clock)
+        self.runs: list[dict[str, Any]] = []
+        self.asked: list[int] = []  # runs waiting, in the order they asked
+        self.granted: list[int] = []
+
+    def teardown(self) -> None:
+        async def drain() -> None:
+            for r in self.runs:
+                if r["task"] is not None:
+                    r["task"].cancel()
+            await asyncio.gather(
+                *(r["task"] for r in self.runs if r["task"] is not None), return_exceptions=True
+            )
+
+        self.loop.run_until_complete(drain())
+        self.loop.close()
+
+    def settle(self) -> None:
+        self.loop.run_until_complete(_settle())
+
+    def _waiting(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if r["task"] is not None and not r["task"].done()]
+
+    @rule()
+    def take(self) -> None:
+        hold = Hold(self.baton)
+        run: dict[str, Any] = {"hold": hold, "i": len(self.runs), "cancelled": False}
+
+        async def taking() -> None:
+            await hold.take()
+            if hold.holding:
+                self.granted.append(run["i"])
+
+        run["task"] = None
+
+        async def start() -> None:
+            run["task"] = asyncio.create_task(taking())
+
+        self.runs.append(run)
+        self.loop.run_until_complete(start())
+        if not run["task"].done():
+            self.asked.append(run["i"])
+        self.settle()
+
+    @rule(data=st.data())
+    def give(self, data: st.DataObject) -> None:
+        runs = [r for r in self.runs if r["task"] is not None and r["task"].done()]
+        if runs:
+            hold = data.draw(st.sampled_from(runs))["hold"]
+
+            async def give() -> None:  # (a grant starts its watchdog on the running loop)
+                hold.give()
+
+            self.loop.run_until_complete(give())
+            self.settle()
+
+    @rule(data=st.data())
+    def cancel_waiting(self, data: st.DataObject) -> None:
+        runs = self._waiting()
+        if runs:
+            run = data.draw(st.sampled_from(runs))
+            run["task"].cancel()
+            run["cancelled"] = True
+            self.settle()
+
+    @precondition(lambda self: self.baton.current != 0)
+    @rule()
+    def watchdog(self) -> None:
+        self.baton._overrun(self.baton.current)  # what the holder's timer calls at hold_s
+        self.settle()
+
+    @rule(s=st.sampled_from([0.3, 1.5]))
+    def time_passes(self, s: float) -> None:
+        self.clock.now += s
+
+    @invariant()
+    def one_holder_and_fifo(self) -> None:
+        holders = [r for r in self.runs if r["hold"].holding]
+        assert len(holders) <= 1
+        if holders:
+            assert self.baton.current == holders[0]["hold"].grant != 0
+        else:
+            assert self.baton.current == 0
+        waiting = self._waiting()
+        if self.baton.current == 0:
+            assert not waiting, "a run waits while the baton is free"
+        assert not any(r["cancelled"] and r["hold"].holding for r in self.runs)
+        # grants from waiting go in the order asked (cancelled ones skipped)
+        waited = [i for i in self.granted if i in self.asked]
+        assert waited == sorted(waited)
+
+
+TestTurns = Turns.TestCase
+TestTurns.settings = hsettings(max_examples=200, stateful_step_count=40, deadline=None)
