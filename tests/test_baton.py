@@ -11,7 +11,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from worker.baton import Baton, Hold, current_hold, given_while_waiting
+from producer import AgentJob, Producer, Settings, Status
+from producer.store import Store
+from tests.helpers import records, run_batch
+from worker import baton as baton_module
+from worker import tools
+from worker.baton import WINDOW_S, Baton, Hold, current_hold, given_while_waiting
+from worker.provider import RouterModel
 
 
 class Clock:
@@ -22,13 +28,18 @@ class Clock:
         return self.now
 
 
+def _baton(**kwargs: Any) -> Baton:
+    """A baton that never sees its CPU all used (tests keep the CPU busy)."""
+    return Baton(cpu_clock=lambda: 0.0, **kwargs)
+
+
 async def _settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
 
 
 async def test_turns_go_in_the_order_asked_and_one_at_a_time() -> None:
-    baton = Baton()
+    baton = _baton()
     holds = [Hold(baton) for _ in range(4)]
     order: list[int] = []
 
@@ -51,7 +62,7 @@ async def test_turns_go_in_the_order_asked_and_one_at_a_time() -> None:
 
 
 async def test_a_superseded_hold_gives_nothing_away() -> None:
-    baton = Baton()
+    baton = _baton()
     a, b, c = Hold(baton), Hold(baton), Hold(baton)
     await a.take()
     waiter = asyncio.create_task(b.take())
@@ -73,7 +84,7 @@ async def test_a_superseded_hold_gives_nothing_away() -> None:
 
 async def test_a_holder_past_hold_s_lets_everyone_go_and_turns_rest() -> None:
     clock = Clock()
-    baton = Baton(hold_s=0.02, rest_s=1.0, clock=clock)
+    baton = _baton(hold_s=0.02, rest_s=1.0, clock=clock)
     stuck, others = Hold(baton), [Hold(baton) for _ in range(3)]
     await stuck.take()
     waiting = [asyncio.create_task(h.take()) for h in others]
@@ -92,8 +103,30 @@ async def test_a_holder_past_hold_s_lets_everyone_go_and_turns_rest() -> None:
     assert extra.holding
 
 
+async def test_no_turns_while_the_cpu_is_all_used() -> None:
+    clock, cpu = Clock(), Clock()
+    baton = Baton(clock=clock, cpu_clock=cpu)
+    a, b = Hold(baton), Hold(baton)
+    await a.take()
+    assert a.holding
+    clock.now += WINDOW_S
+    cpu.now += WINDOW_S * 0.95  # busy: the next take goes at once, without a turn
+    await asyncio.wait_for(b.take(), 5)
+    assert not b.holding and a.holding and baton.busy
+    a.give()
+    clock.now += WINDOW_S  # idle again: turns again
+    await b.take()
+    assert b.holding and not baton.busy
+    waiter = asyncio.create_task(a.take())
+    await _settle()
+    assert not waiter.done()
+    b.give()
+    await waiter
+    assert a.holding
+
+
 async def test_a_cancelled_waiter_is_skipped_and_a_cancelled_grant_passes_on() -> None:
-    baton = Baton()
+    baton = _baton()
     a, b, c = Hold(baton), Hold(baton), Hold(baton)
     await a.take()
     tb = asyncio.create_task(b.take())
@@ -120,7 +153,7 @@ async def test_a_cancelled_waiter_is_skipped_and_a_cancelled_grant_passes_on() -
 
 
 async def test_a_request_that_answers_at_once_keeps_the_turn_one_that_waits_gives_it() -> None:
-    baton = Baton()
+    baton = _baton()
     mine, other = Hold(baton), Hold(baton)
     ran: list[str] = []
 
@@ -161,7 +194,7 @@ class Turns(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
-        self.baton = Baton(hold_s=3600, rest_s=1.0, clock=self.clock)
+        self.baton = _baton(hold_s=3600, rest_s=1.0, clock=self.clock)
         self.runs: list[dict[str, Any]] = []
         self.asked: list[int] = []  # runs waiting, in the order they asked
         self.granted: list[int] = []
@@ -255,3 +288,81 @@ class Turns(RuleBasedStateMachine):
 
 TestTurns = Turns.TestCase
 TestTurns.settings = hsettings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+# -- a worker's runs ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def turns_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Hold | None]]:
+    """The running job's Hold at each model call (as it is sent), tool body and record store,
+    with whether it held the turn then."""
+    seen: dict[str, list[Any]] = {"call": [], "tool": [], "store": []}
+
+    def note(where: str) -> None:
+        hold = current_hold.get()
+        seen[where].append((hold, hold is not None and hold.holding))
+
+    call = RouterModel._get_response
+
+    async def spy_call(self: RouterModel, *args: Any, **kwargs: Any) -> Any:
+        note("call")
+        return await call(self, *args, **kwargs)
+
+    evaluate = tools.evaluate
+
+    def spy_evaluate(expression: str) -> int | float:
+        note("tool")
+        return evaluate(expression)
+
+    finish = Store.finish
+
+    async def spy_finish(self: Store, record: Any, token: str) -> int:
+        note("store")
+        return await finish(self, record, token)
+
+    monkeypatch.setattr(RouterModel, "_get_response", spy_call)
+    monkeypatch.setattr(tools, "evaluate", spy_evaluate)
+    monkeypatch.setattr(Store, "finish", spy_finish)
+    return seen
+
+
+def _jobs() -> list[AgentJob]:
+    calc = {"name": "Calc", "instructions": "Use tools.", "tools": ["calculator"]}
+    plain = [AgentJob(custom_id=f"plain-{i}", input=f"What is {i} + 1?") for i in range(6)]
+    tool = [
+        AgentJob.model_validate({"custom_id": f"t{i}", "input": f"What is {i}*7?", "agent": calc})
+        for i in range(6)
+    ]
+    return plain + tool
+
+
+async def test_a_run_holds_its_turn_between_model_calls_and_not_while_it_waits(
+    producer: Producer,
+    settings: Settings,
+    turns_seen: dict[str, list[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(baton_module, "BUSY_SHARE", 1e9)  # turns even on a busy test machine
+    batch = await producer.submit(_jobs())
+    await run_batch(producer, settings, batch.id)
+    out = await records(producer, batch.id)
+    assert all(r.status == Status.SUCCEEDED for r in out.values()), out
+    calls, tool_bodies, stores = turns_seen["call"], turns_seen["tool"], turns_seen["store"]
+    assert len(calls) == 18 and len(tool_bodies) == 6 and len(stores) == 12
+    assert all(h is not None for h, _ in calls + tool_bodies + stores)
+    assert not any(held for _, held in calls), "a model call was sent holding the turn"
+    assert all(held for _, held in tool_bodies), "the SDK's work after an answer ran out of turn"
+    assert not any(held for _, held in stores), "a record's store waited holding the turn"
+    baton = calls[0][0].baton
+    assert baton.current == 0 and baton.waiting == 0 and baton.overruns == 0
+
+
+async def test_cpu_turns_off(
+    producer: Producer, settings: Settings, turns_seen: dict[str, list[Any]]
+) -> None:
+    off = settings.model_copy(update={"cpu_turns": False})
+    batch = await producer.submit(_jobs()[:2])
+    await run_batch(producer, off, batch.id)
+    assert all(r.status == Status.SUCCEEDED for r in (await records(producer, batch.id)).values())
+    assert turns_seen["call"] and all(h is None for h, _ in turns_seen["call"])

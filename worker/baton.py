@@ -9,6 +9,10 @@ others of the bunch wait their turn: the first sends its next call after its own
 everyone's, and the bunch spreads out. Measured at 200 ms a call (README, "CPU turns"): about
 a fifth more runs a second for the same CPU.
 
+Turns cost CPU (runs spread out are read and written one at a time, where a bunch shared each
+wakeup of the event loop), so a worker whose CPU is all used takes none: they can only help by
+filling CPU time a bunch leaves idle.
+
 The baton only orders work, it never holds anything up for long:
 - a run gives it up while it waits on a model call, an MCP server, or a tool that waits;
 - a holder that keeps it past HOLD_S (it waits on something else: a guardrail's own request, a
@@ -33,6 +37,12 @@ HOLD_S = 0.05
 
 REST_S = 1.0
 """After a holder overran HOLD_S, the baton stays open this long."""
+
+BUSY_SHARE = 0.9
+"""A worker process that used more CPU than this share of the wall clock over the last
+WINDOW_S takes no turns over the next."""
+
+WINDOW_S = 0.5
 
 T = TypeVar("T")
 
@@ -71,8 +81,12 @@ class Baton:
         hold_s: float = HOLD_S,
         rest_s: float = REST_S,
         clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
-        self.hold_s, self.rest_s, self._clock = hold_s, rest_s, clock
+        self.hold_s, self.rest_s, self._clock, self._cpu_clock = hold_s, rest_s, clock, cpu_clock
+        self._window, self._window_cpu = clock(), cpu_clock()
+        self.busy = False
+        """The CPU was all used over the last window: no turns."""
         self.current = 0
         """The grant holding the baton (0: free)."""
         self._last = 0
@@ -88,7 +102,13 @@ class Baton:
         return sum(not f.done() for f, _ in self._waiters)
 
     def is_open(self) -> bool:
-        return self._open_until > 0.0 and self._clock() < self._open_until
+        """Takes go at once without a turn: after an overrun, or while the CPU is all used."""
+        now = self._clock()
+        if now - self._window >= WINDOW_S:
+            cpu = self._cpu_clock()
+            self.busy = cpu - self._window_cpu >= BUSY_SHARE * (now - self._window)
+            self._window, self._window_cpu = now, cpu
+        return self.busy or (self._open_until > 0.0 and now < self._open_until)
 
     async def take(self, hold: Hold) -> None:
         """Wait for the hold's turn (at once when it holds the baton already, when the baton is
