@@ -165,8 +165,8 @@ def test_add_tool_wraps_an_async_function_under_another_name() -> None:
     assert reg.tools["loud"].name == "loud"
 
 
-def test_add_tool_keeps_a_function_tool_as_is() -> None:
-    """(Wrapped once, to give its run's CPU turn away while it waits: worker/baton.py.)"""
+def test_add_tool_wraps_a_function_tool_once_keeping_its_schema() -> None:
+    """Wrapped once, to give its run's CPU turn away while it waits (worker/baton.py)."""
     tool = default_registry().tools["calculator"]
     reg = Registry()
     reg.add_tool(tool)

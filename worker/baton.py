@@ -15,9 +15,12 @@ filling CPU time a bunch leaves idle.
 
 The baton only orders work, it never holds anything up for long:
 - a run gives it up while it waits on a model call, an MCP server, or a tool that waits;
+- a run's tasks (the SDK runs a turn, and each of parallel tool calls, in a task of its own)
+  share its place: they wait in one place in the queue, and hold one turn together;
 - a holder that keeps it past HOLD_S (it waits on something else: a guardrail's own request, a
   long stretch of CPU) loses it, and the baton then stays open (no turns, everyone goes) for
   REST_S, so what an unforeseen wait costs is bounded: at most HOLD_S in every REST_S.
+(A wait for a turn counts against the job's timeout, like any of its CPU.)
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ REST_S = 1.0
 """After a holder overran HOLD_S, the baton stays open this long."""
 
 BUSY_SHARE = 0.9
-"""A worker process that used more CPU than this share of the wall clock over the last
-WINDOW_S takes no turns over the next."""
+"""A worker whose event loop's thread used this share of the wall clock or more over the last
+WINDOW_S takes no turns over the next (threads running sync tools do not count)."""
 
 WINDOW_S = 0.5
 
@@ -51,12 +54,16 @@ class Hold:
     """One run's place with the baton, shared by the run's tasks (the SDK runs a turn in a task
     of its own): `take` before its CPU, `give` before it waits."""
 
-    __slots__ = ("baton", "grant")
+    __slots__ = ("baton", "grant", "tasks", "waiter")
 
     def __init__(self, baton: Baton) -> None:
         self.baton = baton
         self.grant = 0
         """The grant this run holds (0: none)."""
+        self.waiter: asyncio.Future[None] | None = None
+        """The run's place in the queue, while it has one."""
+        self.tasks = 0
+        """The run's tasks waiting there."""
 
     @property
     def holding(self) -> bool:
@@ -78,12 +85,14 @@ class Baton:
 
     def __init__(
         self,
-        hold_s: float = HOLD_S,
-        rest_s: float = REST_S,
+        hold_s: float | None = None,
+        rest_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] = time.process_time,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
-        self.hold_s, self.rest_s, self._clock, self._cpu_clock = hold_s, rest_s, clock, cpu_clock
+        self.hold_s, self.rest_s = hold_s, rest_s
+        """(None: HOLD_S and REST_S, read when used.)"""
+        self._clock, self._cpu_clock = clock, cpu_clock
         self._window, self._window_cpu = clock(), cpu_clock()
         self.busy = False
         """The CPU was all used over the last window: no turns."""
@@ -112,23 +121,32 @@ class Baton:
 
     async def take(self, hold: Hold) -> None:
         """Wait for the hold's turn (at once when it holds the baton already, when the baton is
-        free and no one waits, or while it is open)."""
+        free and no one waits, or while it is open). Tasks of one run share its place."""
         if hold.holding:
             return
-        hold.grant = 0
-        if self.is_open():
-            return
-        if self.current == 0:  # (then no one waits: a give or an overrun emptied the queue)
-            self._grant(hold)
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((waiter, hold))
+        if hold.waiter is None:
+            hold.grant = 0
+            if self.is_open():
+                return
+            if self.current == 0:  # (then no one waits: a give or an overrun emptied the queue)
+                self._grant(hold)
+                return
+            hold.waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append((hold.waiter, hold))
+        waiter = hold.waiter
+        hold.tasks += 1
         try:
-            await waiter
+            await asyncio.shield(waiter)
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # granted as it was cancelled
-                self.give(hold)
+            hold.tasks -= 1
+            if hold.tasks == 0:  # the run's last task waiting there
+                if waiter.done():
+                    self.give(hold)  # granted as it was cancelled: the next run's turn
+                else:
+                    waiter.cancel()  # its place is skipped
+                    hold.waiter = None
             raise
+        hold.tasks -= 1
 
     def give(self, hold: Hold) -> None:
         """End the hold's turn, if it has one: the next waiter's starts."""
@@ -143,6 +161,7 @@ class Baton:
             waiter, nxt = self._waiters.popleft()
             if not waiter.done():  # (a cancelled waiter is skipped)
                 self._grant(nxt)
+                nxt.waiter = None
                 waiter.set_result(None)
                 return
 
@@ -150,7 +169,8 @@ class Baton:
         self._last += 1
         self.current = hold.grant = self._last
         loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_at(loop.time() + self.hold_s, self._overrun, self._last)
+        hold_s = HOLD_S if self.hold_s is None else self.hold_s
+        self._watchdog = loop.call_at(loop.time() + hold_s, self._overrun, self._last)
 
     def _overrun(self, grant: int) -> None:
         """The holder kept the baton past hold_s: everyone goes, and turns rest for rest_s."""
@@ -159,11 +179,11 @@ class Baton:
         self.overruns += 1
         self.current = 0
         self._watchdog = None
-        self._open_until = self._clock() + self.rest_s
+        self._open_until = self._clock() + (REST_S if self.rest_s is None else self.rest_s)
         while self._waiters:
             waiter, nxt = self._waiters.popleft()
             if not waiter.done():
-                nxt.grant = 0
+                nxt.grant, nxt.waiter = 0, None
                 waiter.set_result(None)
 
 
@@ -188,16 +208,30 @@ async def given_while_waiting(request: Awaitable[T]) -> T:
     return result
 
 
+class _TurnGivingInvoker:
+    """A FunctionTool's invoker, its calls awaited by given_while_waiting. Everything else
+    (argument preparation, the SDK's markers) is the wrapped invoker's."""
+
+    def __init__(self, invoke: Any) -> None:
+        self._invoke = invoke
+
+    async def __call__(self, ctx: Any, arguments: str) -> Any:
+        return await given_while_waiting(self._invoke(ctx, arguments))
+
+    def __agents_bind_function_tool__(self, tool: FunctionTool) -> _TurnGivingInvoker:
+        """A copy of the tool (FunctionTool.__copy__) binds the wrapped invoker to itself."""
+        bind = getattr(self._invoke, "__agents_bind_function_tool__", None)
+        return _TurnGivingInvoker(bind(tool) if callable(bind) else self._invoke)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._invoke, name)
+
+
 def gives_turn_while_waiting(tool: FunctionTool) -> FunctionTool:
-    """The tool, its calls awaited by given_while_waiting (a tool already so is kept as is)."""
-    invoke = tool.on_invoke_tool
-    if getattr(invoke, "gives_turn", False):
+    """A copy of the tool whose calls give the running job's turn away if they wait (a tool
+    already so is kept as is). The SDK's `tool.__wrapped__` is not available on it."""
+    if isinstance(tool.on_invoke_tool, _TurnGivingInvoker):
         return tool
-
-    async def on_invoke_tool(ctx: Any, arguments: str) -> Any:
-        return await given_while_waiting(invoke(ctx, arguments))
-
-    on_invoke_tool.gives_turn = True  # type: ignore[attr-defined]
-    wrapped = copy.copy(tool)  # (replace() would run the SDK's __post_init__ again)
-    wrapped.on_invoke_tool = on_invoke_tool
+    wrapped = copy.copy(tool)
+    wrapped.on_invoke_tool = _TurnGivingInvoker(wrapped.on_invoke_tool)
     return wrapped

@@ -60,9 +60,9 @@ class Runtime:
     worker_id: str
     mcp: McpPool = field(default_factory=McpPool)
     live: LiveLogs | None = None
+    """Publishes job log events as they happen (`agentq logs --follow`)."""
     baton: Baton | None = None
     """Turns at the CPU between model calls (AGENTQ_CPU_TURNS; None: off)."""
-    """Publishes job log events as they happen (`agentq logs --follow`)."""
     running: dict[str, Running] = field(default_factory=dict)
     _run_configs: LRUCache[tuple[str, str], tuple[RunConfig, int]] = field(
         default_factory=lambda: LRUCache(
@@ -331,6 +331,9 @@ async def _run_tracked(
             )
         if not shutting_down:  # nobody stopped it: code inside the run raised CancelledError
             raise RuntimeError("the run raised CancelledError that no one asked for") from None
+        hold = current_hold.get()
+        if hold is not None:
+            hold.give()  # the release waits on Redis
         try:
             async with asyncio.timeout(RELEASE_WAIT_S):
                 await asyncio.shield(rt.store.release(job_id, claim.token))
