@@ -4,6 +4,7 @@ cancelled waiters, and turns given away only by requests that wait."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -432,3 +433,12 @@ async def test_cpu_turns_off(
     await run_batch(producer, off, batch.id)
     assert all(r.status == Status.SUCCEEDED for r in (await records(producer, batch.id)).values())
     assert turns_seen["call"] and all(h is None for h, _ in turns_seen["call"])
+
+
+def test_cpu_demand_counts_the_threads_cpu() -> None:
+    """(On Linux also its waits for a core: schedstat's first two fields.)"""
+    start = baton_module.cpu_demand()
+    end = time.thread_time() + 0.05
+    while time.thread_time() < end:
+        pass
+    assert baton_module.cpu_demand() - start >= 0.05

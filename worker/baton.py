@@ -10,8 +10,8 @@ everyone's, and the bunch spreads out. Measured at 200 ms a call (README, "CPU t
 a fifth more runs a second for the same CPU.
 
 Turns cost CPU (runs spread out are read and written one at a time, where a bunch shared each
-wakeup of the event loop), so a worker whose CPU is all used takes none: they can only help by
-filling CPU time a bunch leaves idle.
+wakeup of the event loop), so a worker short of CPU (its thread running or waiting for a core
+nearly all the time) takes none: they can only help by filling CPU time a bunch leaves idle.
 
 The baton only orders work, it never holds anything up for long:
 - a run gives it up while it waits on a model call, an MCP server, or a tool that waits;
@@ -42,12 +42,27 @@ REST_S = 1.0
 """After a holder overran HOLD_S, the baton stays open this long."""
 
 BUSY_SHARE = 0.9
-"""A worker whose event loop's thread used this share of the wall clock or more over the last
-WINDOW_S takes no turns over the next (threads running sync tools do not count)."""
+"""A worker whose event loop's thread ran or waited for a core (the machine's other processes
+had them) this share of the wall clock or more over the last WINDOW_S takes no turns over the
+next (threads running sync tools do not count)."""
 
 WINDOW_S = 0.5
 
 T = TypeVar("T")
+
+SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def cpu_demand() -> float:
+    """Seconds the calling thread ran or waited to run (Linux's schedstat: a worker that
+    shares its cores with other busy processes is short of CPU without using all of one);
+    elsewhere, its CPU time."""
+    try:
+        with open(SCHEDSTAT, "rb") as f:
+            ran, waited = f.read().split()[:2]
+        return (int(ran) + int(waited)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 class Hold:
@@ -88,7 +103,7 @@ class Baton:
         hold_s: float | None = None,
         rest_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] = time.thread_time,
+        cpu_clock: Callable[[], float] = cpu_demand,
     ) -> None:
         self.hold_s, self.rest_s = hold_s, rest_s
         """(None: HOLD_S and REST_S, read when used.)"""
