@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from prometheus_client import REGISTRY
 
 from producer import AgentJob, Producer, Settings, Status
 from producer.store import Store
@@ -87,10 +88,12 @@ async def test_a_holder_past_hold_s_lets_everyone_go_and_turns_rest() -> None:
     clock = Clock()
     baton = _baton(hold_s=0.02, rest_s=1.0, clock=clock)
     stuck, others = Hold(baton), [Hold(baton) for _ in range(3)]
+    overruns = REGISTRY.get_sample_value("agentq_cpu_turn_overruns_total") or 0.0
     await stuck.take()
     waiting = [asyncio.create_task(h.take()) for h in others]
     await asyncio.wait_for(asyncio.gather(*waiting), 5)  # the watchdog lets them all go
     assert baton.overruns == 1 and baton.current == 0
+    assert REGISTRY.get_sample_value("agentq_cpu_turn_overruns_total") == overruns + 1
     assert not any(h.holding for h in [stuck, *others])
     assert baton.is_open()
     # open: a take goes at once, without a turn
@@ -114,10 +117,15 @@ async def test_no_turns_while_the_cpu_is_all_used() -> None:
     cpu.now += WINDOW_S * 0.95  # busy: the next take goes at once, without a turn
     await asyncio.wait_for(b.take(), 5)
     assert not b.holding and a.holding and baton.busy
+    assert REGISTRY.get_sample_value("agentq_cpu_turns_off") == 1.0
     a.give()
-    clock.now += WINDOW_S  # idle again: turns again
+    clock.now += 5 * WINDOW_S  # no takes for a while: idle, which says nothing
+    await b.take()
+    assert not b.holding and baton.busy
+    clock.now += WINDOW_S  # a window with CPU to spare: turns again
     await b.take()
     assert b.holding and not baton.busy
+    assert REGISTRY.get_sample_value("agentq_cpu_turns_off") == 0.0
     waiter = asyncio.create_task(a.take())
     await _settle()
     assert not waiter.done()

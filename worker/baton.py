@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 
 from agents import FunctionTool
 
+from . import metrics
+
 HOLD_S = 0.05
 """The longest a run holds the baton; a run's CPU between two model calls is a few ms."""
 
@@ -130,8 +132,10 @@ class Baton:
         now = self._clock()
         if now - self._window >= WINDOW_S:
             cpu = self._cpu_clock()
-            self.busy = cpu - self._window_cpu >= BUSY_SHARE * (now - self._window)
+            if now - self._window < 2 * WINDOW_S:  # (a longer one was idle: no verdict)
+                self.busy = cpu - self._window_cpu >= BUSY_SHARE * (now - self._window)
             self._window, self._window_cpu = now, cpu
+            metrics.CPU_TURNS_OFF.set(self.busy or now < self._open_until)
         return self.busy or (self._open_until > 0.0 and now < self._open_until)
 
     async def take(self, hold: Hold) -> None:
@@ -192,6 +196,8 @@ class Baton:
         if grant != self.current:
             return
         self.overruns += 1
+        metrics.CPU_TURN_OVERRUNS.inc()
+        metrics.CPU_TURNS_OFF.set(1)
         self.current = 0
         self._watchdog = None
         self._open_until = self._clock() + (REST_S if self.rest_s is None else self.rest_s)

@@ -36,6 +36,14 @@ LIVE_LOGS_DROPPED = Counter(
     "agentq_live_log_events_dropped_total",
     "Job log events not published live (Redis slow or down, or too many waiting)",
 )
+CPU_TURNS_OFF = Gauge(
+    "agentq_cpu_turns_off",
+    "1 while this worker's runs take no CPU turns (AGENTQ_CPU_TURNS): short of CPU, or for 1 s "
+    "after a run held its turn past 50 ms",
+)
+CPU_TURN_OVERRUNS = Counter(
+    "agentq_cpu_turn_overruns_total", "Runs that held their CPU turn past 50 ms (waiting on I/O)"
+)
 LEASED = Gauge("agentq_jobs_leased", "Jobs of its queue running on all workers (leases held)")
 
 
