@@ -4,6 +4,7 @@ cancelled waiters, and turns given away only by requests that wait."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from typing import Any
 
@@ -450,3 +451,13 @@ def test_cpu_demand_counts_the_threads_cpu() -> None:
     while time.thread_time() < end:
         pass
     assert baton_module.cpu_demand() - start >= 0.05
+
+
+def test_a_wrapped_tool_copies_and_deep_copies() -> None:
+    """copy and pickle rebuild the invoker without __init__: its attribute lookups must not
+    recurse."""
+    tool = tools.default_registry().tools["calculator"]
+    for copied in (copy.copy(tool), copy.deepcopy(tool)):
+        assert copied.name == tool.name
+        assert callable(copied.on_invoke_tool)
+    assert copy.copy(tool.on_invoke_tool)._invoke is not None

@@ -397,12 +397,12 @@ async def execute(rt: Runtime, job: AgentJob, attempts: list[Attempt]) -> Outcom
         out.error = classify(exc, router_url=rt.provider.base_url, model=job.model or "?").error
         return out
     hold = current_hold.get()
-    if hold is not None:  # in the run's task: a shutdown that cancels it releases the job
-        await hold.take()
     failures: list[tuple[str, Failure]] = []
     meter = current_meter.get()
     try:
         async with asyncio.timeout(p.timeout_s) as deadline:
+            if hold is not None:  # (in the run's task: a shutdown that cancels it releases it)
+                await hold.take()
             for i, model in enumerate(p.models):
                 if meter is not None:
                     meter.deadline = deadline
