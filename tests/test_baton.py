@@ -257,23 +257,25 @@ class Turns(RuleBasedStateMachine):
     def _waiting(self) -> list[dict[str, Any]]:
         return [r for r in self.runs if r["task"] is not None and not r["task"].done()]
 
-    @rule()
-    def take(self) -> None:
-        hold = Hold(self.baton)
+    def _start(self, hold: Hold, first: bool) -> dict[str, Any]:
+        """A task of a run (a new one when first) that takes the turn."""
         run: dict[str, Any] = {"hold": hold, "i": len(self.runs), "cancelled": False}
 
         async def taking() -> None:
             await hold.take()
-            if hold.holding:
+            if first and hold.holding:
                 self.granted.append(run["i"])
-
-        run["task"] = None
 
         async def start() -> None:
             run["task"] = asyncio.create_task(taking())
 
         self.runs.append(run)
         self.loop.run_until_complete(start())
+        return run
+
+    @rule()
+    def take(self) -> None:
+        run = self._start(Hold(self.baton), first=True)
         if not run["task"].done():
             self.asked.append(run["i"])
         self.settle()
@@ -283,18 +285,7 @@ class Turns(RuleBasedStateMachine):
         """Another task of an existing run asks (the SDK's turn task, a parallel tool call)."""
         if not self.runs:
             return
-        base = data.draw(st.sampled_from(self.runs))
-        hold = base["hold"]
-        run: dict[str, Any] = {"hold": hold, "i": len(self.runs), "cancelled": False}
-
-        async def taking() -> None:
-            await hold.take()
-
-        async def start() -> None:
-            run["task"] = asyncio.create_task(taking())
-
-        self.runs.append(run)
-        self.loop.run_until_complete(start())
+        self._start(data.draw(st.sampled_from(self.runs))["hold"], first=False)
         self.settle()
 
     @rule()
