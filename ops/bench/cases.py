@@ -80,6 +80,8 @@ class Sizes:
     """Single jobs submitted to an idle worker, one at a time (submit-to-start latency)."""
     wait_n: int = 2_000
     """Jobs of the batch whose `wait` CPU is measured."""
+    turns_rounds: int = 6
+    """turns: rounds of each case, a worker with CPU turns against one without."""
 
 
 FULL = Sizes(
@@ -135,6 +137,7 @@ QUICK = Sizes(
     idle_window_s=4.0,
     idle_starts=5,
     wait_n=150,
+    turns_rounds=2,
 )
 
 
@@ -1497,7 +1500,85 @@ async def _until_registered(url: str, w: WorkerProc, k: int, timeout_s: float = 
         await r.aclose()
 
 
-# -- registry -------------------------------------------------------------------------------
+# -- turns ----------------------------------------------------------------------------------
+
+TURNS_OFF = {"AGENTQ_CPU_TURNS": "false"}
+TURNS_TARGET = {0: 0.95, 200: 1.1}
+"""With turns against without, by Router latency: at 0 ms the worker is short of CPU and takes
+no turns, so they must cost nothing beyond the rounds' noise; at 200 ms they are the gain."""
+
+
+async def turns(b: Bench) -> list[Row]:
+    """One worker with CPU turns against one with AGENTQ_CPU_TURNS=false, side by side: two
+    queues on one Redis, one simulated Router, C=sdk_concurrency each, the order alternating."""
+    rows: list[Row] = []
+    c = b.sizes.sdk_concurrency
+    for latency in (0, 200):
+        await b.flush()
+        with ExitStack() as stack:
+            sim = stack.enter_context(SimRouterProc(latency))
+            ws = {
+                True: stack.enter_context(b.workers(1, sim, c, "bench:turns-on")),
+                False: stack.enter_context(
+                    b.workers(1, sim, c, "bench:turns-off", extra_env=TURNS_OFF)
+                ),
+            }
+            async with (
+                b.producer("bench:turns-on") as p_on,
+                b.producer("bench:turns-off") as p_off,
+            ):
+                ps = {True: p_on, False: p_off}
+                for p in ps.values():
+                    await warm_up(p, 1)
+                for kind in ("plain", "tool"):
+                    n = b.sizes.sdk_n[(latency, kind)]
+                    rate: dict[bool, list[float]] = {True: [], False: []}
+                    cpu: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+                    for r in range(b.sizes.turns_rounds):
+                        for on in (True, False) if r % 2 == 0 else (False, True):
+                            jobs = make_jobs(kind, n, prefix=f"turns-{on}-{kind}-{r}-")
+                            with CpuSplit(b.agentq_pids(ws[on])) as m:
+                                seconds = await run_batch(ps[on], jobs, timeout_for(n))
+                            rate[on].append(n / seconds)
+                            cpu[on].append(m.ms_per(n))
+                        b.say(
+                            f"{latency}ms {kind} round {r + 1}: turns {rate[True][-1]:.0f} "
+                            f"runs/s, no turns {rate[False][-1]:.0f} runs/s"
+                        )
+                    rows.append(_turns_row(b, latency, kind, n, c, rate, cpu))
+    return rows
+
+
+def _turns_row(
+    b: Bench,
+    latency: int,
+    kind: str,
+    n: int,
+    c: int,
+    rate: dict[bool, list[float]],
+    cpu: dict[bool, list[dict[str, float]]],
+) -> Row:
+    ratio = median(rate[True]) / median(rate[False])
+    per_round = [a / o for a, o in zip(rate[True], rate[False], strict=True)]
+    target = TURNS_TARGET[latency]
+    mid = {on: median_round(cpu[on]) for on in (True, False)}
+    return Row(
+        "turns",
+        f"{latency}ms {kind} C={c}",
+        f"{ratio:.2f}x (turns {median(rate[True]):.0f} vs none {median(rate[False]):.0f} runs/s)",
+        f">= {target}x",
+        ratio >= target,
+        value=round(ratio, 3),
+        detail=(
+            f"n={n}/side/round, {len(per_round)} rounds; per-round ratios "
+            f"{fmt_rounds(per_round)}; CPU per run (the median round by total): with turns "
+            f"{fmt_split(mid[True], 'ms/run')}, without {fmt_split(mid[False], 'ms/run')}"
+            f"{b.redis_note}; two workers, one with AGENTQ_CPU_TURNS=false, on two queues of "
+            f"one Redis and one simulated Router, the order alternating"
+        ),
+        data={"cpu_ms_per_run": {"turns": mid[True], "no turns": mid[False]}},
+    )
+
 
 # -- fair-share -----------------------------------------------------------------------------
 
@@ -1619,6 +1700,9 @@ async def _tenant_share(b: Bench, p: Producer, n: int, big_id: str) -> tuple[flo
     return seconds, n / (n + others)
 
 
+# -- registry -------------------------------------------------------------------------------
+
+
 CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "sdk-loop": (sdk_loop, ">= 1.0x"),
     "scale-2v1": (scale_2v1, ">= 1.7x"),
@@ -1633,6 +1717,7 @@ CASES: dict[str, tuple[Callable[[Bench], Awaitable[list[Row]]], str]] = {
     "ratelimit": (ratelimit, ">= 80% used, <= 5% 429, 0 failed"),
     "idle": (idle, "<= 5 commands/s, <= 1% CPU, start p50 <= 20 ms, wait <= 0.25 ms/job"),
     "processes": (processes, ">= 1.8x (vs 1), >= 1.6x (vs the plain loop)"),
+    "turns": (turns, "with CPU turns vs without: >= 0.95x at 0 ms, >= 1.1x at 200 ms"),
 }
 
 
