@@ -1448,14 +1448,25 @@ async def processes(b: Bench) -> list[Row]:
             groups[k] = w
         await _until_registered(b.redis_url, groups[1], 1)
         await _until_registered(b.redis_url, groups[2], 2)
-        t = await _two_vs_one(b, "procs", sim, ("--processes 1", "--processes 2"), with_loop=True)
+        redis = {"Redis": [b.redis_pid]} if b.redis_pid is not None else {}
+        cpu_of = {  # (a supervisor only waits: its children are the workers)
+            1: {"worker": [groups[1].pid], **redis},
+            2: {"2 workers": groups[2].children(), **redis},
+        }
+        t = await _two_vs_one(
+            b, "procs", sim, ("--processes 1", "--processes 2"), cpu_of, with_loop=True
+        )
     n, rate, ratio = b.sizes.scale_n, t.rate, t.ratio
     vs_loop = median(rate[2]) / median(t.loop)
+    mid = {k: median_round(t.cores[k]) for k in (1, 2)}
     rounds = (
         f"n={n}/round; per-round rates --processes 2: {fmt_rounds(rate[2], '.0f')}, "
         f"1: {fmt_rounds(rate[1], '.0f')}, the plain loop: {fmt_rounds(t.loop, '.0f')}; one "
         f"`agentq worker` command each, {os.cpu_count()} cores shared with Redis and the "
-        f"simulated Router"
+        f"simulated Router; cores busy (CPU s per wall s, median round): --processes 1: "
+        f"{fmt_split(mid[1], 'cores')}, sim Router {median(t.sim_cores[1]):.2f}; "
+        f"--processes 2: {fmt_split(mid[2], 'cores')}, sim Router "
+        f"{median(t.sim_cores[2]):.2f}{b.redis_note}"
     )
     return [
         Row(
@@ -1466,6 +1477,7 @@ async def processes(b: Bench) -> list[Row]:
             ratio >= 1.8,
             value=round(ratio, 3),
             detail=rounds,
+            data={"cores_busy": {"--processes 1": mid[1], "--processes 2": mid[2]}},
         ),
         Row(
             "processes",
