@@ -1514,10 +1514,13 @@ async def _until_registered(url: str, w: WorkerProc, k: int, timeout_s: float = 
 
 # -- turns ----------------------------------------------------------------------------------
 
+TURNS_ON = {"AGENTQ_CPU_TURNS": "true"}
+"""(Set, not left to the default: a shell or .env with it false would compare off with off.)"""
 TURNS_OFF = {"AGENTQ_CPU_TURNS": "false"}
 TURNS_TARGET = {0: 0.95, 200: 1.1}
 """With turns against without, by Router latency: at 0 ms the worker is short of CPU and takes
-no turns, so they must cost nothing beyond the rounds' noise; at 200 ms they are the gain."""
+no turns (but in a burst's first half second, before its first verdict), so they must cost
+nothing beyond the rounds' noise; at 200 ms they are the gain."""
 
 
 async def turns(b: Bench) -> list[Row]:
@@ -1530,7 +1533,9 @@ async def turns(b: Bench) -> list[Row]:
         with ExitStack() as stack:
             sim = stack.enter_context(SimRouterProc(latency))
             ws = {
-                True: stack.enter_context(b.workers(1, sim, c, "bench:turns-on")),
+                True: stack.enter_context(
+                    b.workers(1, sim, c, "bench:turns-on", extra_env=TURNS_ON)
+                ),
                 False: stack.enter_context(
                     b.workers(1, sim, c, "bench:turns-off", extra_env=TURNS_OFF)
                 ),
@@ -1546,18 +1551,21 @@ async def turns(b: Bench) -> list[Row]:
                     n = b.sizes.sdk_n[(latency, kind)]
                     rate: dict[bool, list[float]] = {True: [], False: []}
                     cpu: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+                    sim_ms: dict[bool, list[float]] = {True: [], False: []}
                     for r in range(b.sizes.turns_rounds):
                         for on in (True, False) if r % 2 == 0 else (False, True):
                             jobs = make_jobs(kind, n, prefix=f"turns-{on}-{kind}-{r}-")
-                            with CpuSplit(b.agentq_pids(ws[on])) as m:
+                            apart = {"sim Router": [sim.pid]}
+                            with CpuSplit(b.agentq_pids(ws[on]), apart=apart) as m:
                                 seconds = await run_batch(ps[on], jobs, timeout_for(n))
                             rate[on].append(n / seconds)
                             cpu[on].append(m.ms_per(n))
+                            sim_ms[on].append(m.apart_ms_per(n)["sim Router"])
                         b.say(
                             f"{latency}ms {kind} round {r + 1}: turns {rate[True][-1]:.0f} "
                             f"runs/s, no turns {rate[False][-1]:.0f} runs/s"
                         )
-                    rows.append(_turns_row(b, latency, kind, n, c, rate, cpu))
+                    rows.append(_turns_row(b, latency, kind, n, c, rate, cpu, sim_ms))
     return rows
 
 
@@ -1569,6 +1577,7 @@ def _turns_row(
     c: int,
     rate: dict[bool, list[float]],
     cpu: dict[bool, list[dict[str, float]]],
+    sim_ms: dict[bool, list[float]],
 ) -> Row:
     ratio = median(rate[True]) / median(rate[False])
     per_round = [a / o for a, o in zip(rate[True], rate[False], strict=True)]
@@ -1585,8 +1594,11 @@ def _turns_row(
             f"n={n}/side/round, {len(per_round)} rounds; per-round ratios "
             f"{fmt_rounds(per_round)}; CPU per run (the median round by total): with turns "
             f"{fmt_split(mid[True], 'ms/run')}, without {fmt_split(mid[False], 'ms/run')}"
-            f"{b.redis_note}; two workers, one with AGENTQ_CPU_TURNS=false, on two queues of "
-            f"one Redis and one simulated Router, the order alternating"
+            f"{b.redis_note}; sim Router, on neither side: {median(sim_ms[True]):.2f} vs "
+            f"{median(sim_ms[False]):.2f} ms/run; two workers, AGENTQ_CPU_TURNS=true and "
+            f"false, on two queues of one Redis and one simulated Router, the order "
+            f"alternating; each batch starts after an idle spell, so the turns side takes "
+            f"turns for about its first half second whatever the latency"
         ),
         data={"cpu_ms_per_run": {"turns": mid[True], "no turns": mid[False]}},
     )
