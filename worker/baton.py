@@ -6,8 +6,10 @@ its next model call (or its end) before the whole bunch's CPU is spent, and ever
 bunch stands idle that long, round after round. A run that holds the baton from a model call's
 answer to its next call (or from its start, or to its end) goes through in one piece while the
 others of the bunch wait their turn: the first sends its next call after its own CPU, not after
-everyone's, and the bunch spreads out. Measured at 200 ms a call (README, "CPU turns"): 1.13 to
-1.25 times the runs a second, for more CPU a run, spent where the CPU stood idle.
+everyone's, and the bunch spreads out. Measured at 200 ms a call against the same worker with
+turns off (README, "CPU turns"; `python -m ops.bench --only turns`): 1.15 times the runs a
+second (plain jobs, a fast machine), 1.09-1.17 on a slower one, for more CPU a run, spent where
+the CPU stood idle.
 
 Turns cost CPU (runs spread out are read and written one at a time, where a bunch shared each
 wakeup of the event loop), so a worker short of CPU (its thread running or waiting for a core
