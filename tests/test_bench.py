@@ -4,6 +4,7 @@ bench measures adds up (CPU of every agentq process, true memory peaks)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from ops.bench import cases
 from ops.bench.cases import CASES
 from ops.bench.measure import BENCH, TOTAL, CpuSplit, PeakMem
 from worker.supervisor import die_with_parent
@@ -160,3 +162,45 @@ def test_peak_mem_sees_a_peak_between_readings() -> None:
     assert float(m["growth_mb"]) >= 60
     assert float(m["peak_mb"]) >= float(m["rss_mb"]) + 50  # freed: now well below the peak
     assert m["baseline_mb"] == pytest.approx(m["peak_mb"] - m["growth_mb"], abs=0.11)
+
+
+class _Started(Exception):
+    """Stops the turns case once both workers are set up."""
+
+
+async def test_turns_case_sets_turns_on_and_off_whatever_the_shell_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shell (or .env) with AGENTQ_CPU_TURNS=false must not turn the case into off against
+    off: each side's worker gets the setting it stands for."""
+    monkeypatch.setenv("AGENTQ_CPU_TURNS", "false")
+    given: dict[str, dict[str, str] | None] = {}
+
+    class FakeSim:
+        pid, url = os.getpid(), "http://127.0.0.1:1/v1"
+
+        def __init__(self, latency: int) -> None: ...
+        def __enter__(self) -> FakeSim:
+            return self
+
+        def __exit__(self, *exc: object) -> None: ...
+
+    @contextlib.contextmanager
+    def workers(self: Any, n: int, sim: Any, c: int, queue: str, extra_env: Any = None) -> Any:
+        given[queue] = extra_env
+        yield []
+
+    def producer(self: Any, queue: str) -> Any:
+        raise _Started
+
+    async def flush(self: Any) -> None: ...
+
+    monkeypatch.setattr(cases, "SimRouterProc", FakeSim)
+    monkeypatch.setattr(cases.Bench, "workers", workers)
+    monkeypatch.setattr(cases.Bench, "producer", producer)
+    monkeypatch.setattr(cases.Bench, "flush", flush)
+    with pytest.raises(_Started):
+        await cases.turns(cases.Bench("redis://unused", cases.QUICK, tmp_path))
+    env = {**os.environ}
+    on, off = (env | (given[q] or {}) for q in ("bench:turns-on", "bench:turns-off"))
+    assert on["AGENTQ_CPU_TURNS"] == "true" and off["AGENTQ_CPU_TURNS"] == "false", given

@@ -1532,6 +1532,7 @@ async def turns(b: Bench) -> list[Row]:
         await b.flush()
         with ExitStack() as stack:
             sim = stack.enter_context(SimRouterProc(latency))
+            apart = {"sim Router": [sim.pid]}
             ws = {
                 True: stack.enter_context(
                     b.workers(1, sim, c, "bench:turns-on", extra_env=TURNS_ON)
@@ -1555,7 +1556,6 @@ async def turns(b: Bench) -> list[Row]:
                     for r in range(b.sizes.turns_rounds):
                         for on in (True, False) if r % 2 == 0 else (False, True):
                             jobs = make_jobs(kind, n, prefix=f"turns-{on}-{kind}-{r}-")
-                            apart = {"sim Router": [sim.pid]}
                             with CpuSplit(b.agentq_pids(ws[on]), apart=apart) as m:
                                 seconds = await run_batch(ps[on], jobs, timeout_for(n))
                             rate[on].append(n / seconds)
