@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from . import keys
+from .autopipeline import AutoPipeline
 from .connect import Script
 from .limits import check_depth
 from .models import (
@@ -862,6 +863,8 @@ class Store:
         self.ttl = result_ttl_s
         self.lease_ms = int(lease_s * 1000)
         self.max_runs = max_runs
+        self._batched = AutoPipeline(redis)
+        """The claims and finishes of runs that start or end together go out as one pipeline."""
         self.revived: set[str] = set()
         """Batches this store's submits made active again after they were done."""
         self._load()
@@ -1052,7 +1055,8 @@ class Store:
         leaves arq's queue, gets a lease and a fencing token. For a job with a tenant, the run
         may be of another job of that tenant (the claim's job_id and batch_id say which)."""
         nonce = uuid.uuid4().hex  # makes a resent claim (lost reply) return the same run
-        reply = _reply_list(await self._run("claim", [job_id, q, worker, now_iso(), nonce]))
+        args = [job_id, q, worker, now_iso(), nonce]
+        reply = _reply_list(await self._batched.call(self._script["claim"], [], args))
         state = reply[0] or "missing"
         if state not in ("running", "exhausted"):
             return Claim(state)
@@ -1124,11 +1128,8 @@ class Store:
     async def finish(self, record: ResultRecord, token: str) -> int:
         """Store the final record of the run holding `token`: 1 stored, 0 the job was already
         final, -1 the token is stale (another run holds the job). Nothing changes unless 1."""
-        return int(
-            await self._run(
-                "finish", self._finish_args(record.job_id, token, record.status, record)
-            )
-        )
+        args = self._finish_args(record.job_id, token, record.status, record)
+        return int(await self._batched.call(self._script["finish"], [], args))
 
     def _finish_args(
         self, job_id: str, token: str, status: Status, record: ResultRecord | None
