@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError, ResponseError
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError, DataError, ResponseError
 
 from producer import keys
-from producer.autopipeline import AutoPipeline
+from producer.autopipeline import MAX_BYTES, AutoPipeline
 from producer.connect import Script
 from producer.models import Status
 from producer.store import Store
@@ -27,12 +27,13 @@ async def test_calls_made_together_are_one_pipeline_each_with_its_own_reply(
     store_redis: Any,
 ) -> None:
     auto, script = AutoPipeline(store_redis), Script(store_redis, COUNT)
+    assert await auto.call(script, ["n"], ["first"]) == b"first!"  # alone: loads the script
     replies = await asyncio.gather(
         *(auto.call(script, ["n"], ["fail" if i == 3 else i]) for i in range(40)),
         return_exceptions=True,
     )
-    assert auto.pipelines == 1
-    assert int(await store_redis.get("n")) == 40  # every call ran once
+    assert (auto.pipelines, auto.alone) == (1, 1)
+    assert int(await store_redis.get("n")) == 41  # every call ran once
     assert isinstance(replies[3], ResponseError) and "asked to fail" in str(replies[3])
     assert [r for i, r in enumerate(replies) if i != 3] == [
         f"{i}!".encode() for i in range(40) if i != 3
@@ -43,7 +44,7 @@ async def test_a_call_alone_and_calls_apart_in_time(store_redis: Any) -> None:
     auto, script = AutoPipeline(store_redis), Script(store_redis, COUNT)
     assert await auto.call(script, ["n"], ["a"]) == b"a!"
     assert await auto.call(script, ["n"], ["b"]) == b"b!"
-    assert auto.pipelines == 0  # nothing to gather: each was sent alone
+    assert (auto.pipelines, auto.alone) == (0, 2)  # nothing to gather
     assert int(await store_redis.get("n")) == 2
 
 
@@ -57,15 +58,62 @@ async def test_a_call_cancelled_before_it_went_out_is_not_sent(store_redis: Any)
     assert int(await store_redis.get("n")) == 4
 
 
-async def test_a_script_redis_lost_is_loaded_again(redis: Redis) -> None:
-    """After SCRIPT FLUSH (a restart, a failover) the calls of a pipeline are refused
-    unrun: each is sent again alone, which loads the script."""
-    auto, script = AutoPipeline(redis), Script(redis, COUNT)
-    assert await auto.call(script, ["n"], ["x"]) == b"x!"
-    await redis.script_flush()
+async def test_a_call_cancelled_while_no_connection_was_free_is_not_sent(
+    redis_url: str,
+) -> None:
+    """A claim whose run was cancelled while the bounded pool had no connection free must not
+    claim the job afterwards: nothing would run it until its lease ran out."""
+    client = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=1))
+    try:
+        auto, script = AutoPipeline(client), Script(client, COUNT)
+        await client.delete("n")
+        await script(keys=["n"], args=["load"])
+        held = await client.connection_pool.get_connection()
+        calls = [asyncio.ensure_future(auto.call(script, ["n"], [i])) for i in range(3)]
+        await asyncio.sleep(0.1)  # the pipeline waits for the connection
+        calls[1].cancel()
+        await client.connection_pool.release(held)
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        assert done[0] == b"0!" and isinstance(done[1], asyncio.CancelledError)
+        assert done[2] == b"2!"
+        assert int(await client.get("n")) == 3  # the load's, and two of the three
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_redis_lacks_are_loaded_and_the_pipeline_sent_again(
+    store_redis: Any,
+) -> None:
+    """A script Redis does not have (never sent, or lost in a restart or failover): Redis
+    refuses every call of the pipeline unrun; the script is loaded and the calls go again."""
+    auto, script = AutoPipeline(store_redis), Script(store_redis, COUNT)
+    await store_redis.script_flush()
     replies = await asyncio.gather(*(auto.call(script, ["n"], [i]) for i in range(10)))
     assert replies == [f"{i}!".encode() for i in range(10)]
-    assert int(await redis.get("n")) == 11
+    assert (auto.pipelines, auto.alone) == (2, 0)
+    assert int(await store_redis.get("n")) == 10
+
+
+async def test_a_pipeline_that_cannot_go_out_sends_each_call_alone(store_redis: Any) -> None:
+    """One call's arguments do not encode: that call fails, the others are answered."""
+    auto, script = AutoPipeline(store_redis), Script(store_redis, COUNT)
+    bad: Any = {"not": "encodable"}
+    replies = await asyncio.gather(
+        *(auto.call(script, ["n"], [bad if i == 2 else i]) for i in range(5)),
+        return_exceptions=True,
+    )
+    assert isinstance(replies[2], DataError)
+    assert [r for i, r in enumerate(replies) if i != 2] == [b"0!", b"1!", b"3!", b"4!"]
+    assert int(await store_redis.get("n")) == 4
+
+
+async def test_a_big_call_goes_alone(store_redis: Any) -> None:
+    auto, script = AutoPipeline(store_redis), Script(store_redis, COUNT)
+    await script(keys=["n"], args=["load"])
+    big = "x" * (MAX_BYTES // 4 + 1)
+    replies = await asyncio.gather(*(auto.call(script, ["n"], [a]) for a in ["a", big, "b"]))
+    assert replies == [b"a!", (big + "!").encode(), b"b!"]
+    assert (auto.pipelines, auto.alone) == (1, 1)
 
 
 async def test_redis_away_fails_every_call_of_the_pipeline() -> None:
@@ -87,6 +135,7 @@ async def test_runs_that_start_and_end_together_claim_and_finish_in_one_round_tr
     finishes (before, each was a round trip of its own: about 100 µs of worker CPU a call)."""
     names = [f"j{i}" for i in range(50)]
     await store.submit_chunk("b1", jobs(*names))
+    await _load_scripts(store)
     await store.seal("b1")
     auto = store._batched
     ids = await _job_ids(store, "b1")
@@ -94,7 +143,7 @@ async def test_runs_that_start_and_end_together_claim_and_finish_in_one_round_tr
     claims = await asyncio.gather(
         *(store.claim(jid, "b1", "w1", q) for jid, q in zip(ids, generations, strict=True))
     )
-    assert auto.pipelines == 1
+    assert (auto.pipelines, auto.alone) == (1, 0)
     assert sorted(c.state for c in claims) == ["running"] * 50
     assert {c.job_id for c in claims} == set(ids)
     stored = await asyncio.gather(
@@ -103,7 +152,7 @@ async def test_runs_that_start_and_end_together_claim_and_finish_in_one_round_tr
             for c in claims
         )
     )
-    assert auto.pipelines == 2 and stored == [1] * 50
+    assert (auto.pipelines, auto.alone) == (2, 0) and stored == [1] * 50
     st = await store.batch_status("b1")
     assert st is not None and st.counts[Status.SUCCEEDED] == 50 and st.finished
 
@@ -118,6 +167,13 @@ async def test_a_claim_sent_twice_in_one_pipeline_is_one_run(store: Store) -> No
     await store.submit_chunk("b1", jobs("a"))
     (jid,) = await _job_ids(store, "b1")
     q = (await store.redis.hget(keys.job(jid), "q")).decode()
+    await _load_scripts(store)
     claims = await asyncio.gather(*(store.claim(jid, "b1", f"w{i}", q) for i in range(2)))
-    assert store._batched.pipelines == 1
+    assert (store._batched.pipelines, store._batched.alone) == (1, 0)
     assert sorted(c.state for c in claims) == ["busy", "running"]
+
+
+async def _load_scripts(store: Store) -> None:
+    """As after the first pipeline of each script (test the pipelines that follow it)."""
+    for source in store._sources.values():
+        await store.redis.script_load(source)
