@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import fakeredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError, DataError, ResponseError
 
@@ -177,3 +180,57 @@ async def _load_scripts(store: Store) -> None:
     """As after the first pipeline of each script (test the pipelines that follow it)."""
     for source in store._sources.values():
         await store.redis.script_load(source)
+
+
+Plan = list[tuple[int, list[tuple[bool, bool]]]]
+
+
+@st.composite
+def _plans(draw: st.DrawFn) -> Plan:
+    """Groups of calls made in one turn of the loop: (loop turns waited after the group,
+    [(the call fails, its caller is cancelled before it goes out)])."""
+    call = st.tuples(st.booleans(), st.booleans())
+    group = st.tuples(st.integers(0, 2), st.lists(call, min_size=1, max_size=12))
+    return draw(st.lists(group, min_size=1, max_size=5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=_plans())
+def test_every_caller_gets_its_own_reply_whatever_the_mix(plan: Plan) -> None:
+    """Calls made over a few turns of the loop, some failing, some cancelled before they go
+    out: every call not cancelled runs once and its caller gets its own reply or error; no
+    cancelled call runs."""
+
+    async def scenario() -> None:
+        client = fakeredis.FakeAsyncRedis()
+        auto, script = AutoPipeline(client), Script(client, COUNT)
+        try:
+            calls, expected = [], []
+            for gap, group in plan:
+                made = []
+                for fails, cancel in group:
+                    i = len(calls)
+                    args = ["fail" if fails else i]
+                    made.append(asyncio.ensure_future(auto.call(script, ["n"], args)))
+                    calls.append(made[-1])
+                    expected.append(None if cancel else ResponseError if fails else f"{i}!")
+                await asyncio.sleep(0)  # each call of the group waits for its pipeline
+                for task, (_, cancel) in zip(made, group, strict=True):
+                    if cancel:
+                        task.cancel()
+                for _ in range(gap):
+                    await asyncio.sleep(0)
+            replies = await asyncio.gather(*calls, return_exceptions=True)
+            for reply, want in zip(replies, expected, strict=True):
+                if want is None:
+                    assert isinstance(reply, asyncio.CancelledError), reply
+                elif want is ResponseError:
+                    assert isinstance(reply, ResponseError), reply
+                else:
+                    assert reply == str(want).encode(), (reply, want)
+            ran = sum(1 for want in expected if want is not None)
+            assert int(await client.get("n") or 0) == ran
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
