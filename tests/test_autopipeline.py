@@ -72,8 +72,17 @@ async def test_a_call_cancelled_while_no_connection_was_free_is_not_sent(
         await client.delete("n")
         await script(keys=["n"], args=["load"])
         held = await client.connection_pool.get_connection()
+        asked = asyncio.Event()
+        get_connection = client.connection_pool.get_connection
+
+        async def asking(*args: Any, **kwargs: Any) -> Any:
+            asked.set()
+            return await get_connection(*args, **kwargs)
+
+        client.connection_pool.get_connection = asking  # type: ignore[method-assign]
         calls = [asyncio.ensure_future(auto.call(script, ["n"], [i])) for i in range(3)]
-        await asyncio.sleep(0.1)  # the pipeline waits for the connection
+        await asked.wait()  # the pipeline waits for the connection
+        assert not any(c.done() for c in calls)
         calls[1].cancel()
         await client.connection_pool.release(held)
         done = await asyncio.gather(*calls, return_exceptions=True)
