@@ -9,19 +9,22 @@ Redis reads them in one go too. redis-py has no automatic pipelining (ioredis's
 
 Each call keeps its own reply or error, as if sent alone: a pipeline is not a transaction,
 every script is atomic on its own, and a call the pipeline could not send as a whole (its
-arguments would not encode, say) is sent again alone. A call whose caller was cancelled
-before the pipeline had its connection is not sent. The scripts sent are idempotent or refused
-when repeated (see connect.RETRY_ON), so redis-py re-sending a pipeline after a dropped link is
+arguments would not encode) is sent again alone. A call whose caller was cancelled before the
+pipeline had its connection is not sent; one that ran all the same (it went out before the
+cancel, or redis-py sent it again after a dropped link) has its reply handed to the caller's
+`orphan` (a claim gives its job back). The scripts sent are idempotent or refused when
+repeated (see connect.RETRY_ON), so redis-py re-sending a pipeline after a dropped link is
 safe."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import DataError, NoScriptError, ReadOnlyError, RedisError
 
 from .connect import RETRY_ON, Script
 
@@ -31,8 +34,6 @@ MAX_CALLS = 256
 MAX_BYTES = 4 << 20
 """At most about this many bytes of arguments a pipeline; a call with more than a quarter of it
 (a finish with a huge record) is sent alone, so a link Redis drops for it fails it alone."""
-
-RETRY_ON_ERRORS = tuple(RETRY_ON)
 
 LOAD_TRIES = 3
 """Pipelines sent again after loading scripts Redis did not have (a restart, a failover)."""
@@ -44,6 +45,7 @@ class _Call:
     keys: list[Any]
     args: list[Any]
     size: int
+    orphan: Callable[[Any], Awaitable[None]] | None
     reply: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -62,11 +64,20 @@ class AutoPipeline:
         self.alone = 0
         """Calls sent alone: one that had no company, a big one, or one a pipeline could not
         send."""
+        self.orphans = 0
+        """Calls that ran after their caller was cancelled (handed to their `orphan`)."""
 
-    async def call(self, script: Script, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        """Run `script` as `script(keys, args)` would, in the next pipeline."""
+    async def call(
+        self,
+        script: Script,
+        keys: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+        orphan: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> Any:
+        """Run `script` as `script(keys, args)` would, in the next pipeline. If the caller is
+        cancelled and the call runs all the same, `orphan` gets its reply."""
         size = sum(len(a) if isinstance(a, str | bytes) else 8 for a in (*keys, *args))
-        call = _Call(script, list(keys), list(args), size)
+        call = _Call(script, list(keys), list(args), size, orphan)
         loop = asyncio.get_running_loop()
         if not self._waiting or self._loop is not loop:  # (a loop closed with calls waiting)
             self._waiting, self._loop = [], loop
@@ -94,9 +105,19 @@ class AutoPipeline:
             self._start(self._send(batch) if len(batch) > 1 else self._alone(batch), batch)
 
     def _start(self, work: Coroutine[Any, Any, None], calls: list[_Call]) -> None:
-        task = asyncio.get_running_loop().create_task(_settled(work, list(calls)))
+        self._spawn(_settled(work, list(calls)))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
+
+    def _answer(self, call: _Call, reply: Any) -> None:
+        if not call.reply.done():
+            call.reply.set_result(reply)
+        elif call.reply.cancelled() and call.orphan is not None:  # it ran after all
+            self.orphans += 1
+            self._spawn(_awaited(call.orphan(reply)))
 
     async def _send(self, calls: list[_Call]) -> None:
         for attempt in range(LOAD_TRIES + 1):
@@ -105,12 +126,12 @@ class AutoPipeline:
                 if calls and attempt < LOAD_TRIES:  # refused unrun: load what Redis lacks
                     for script in {id(c.script): c.script for c in calls}.values():
                         await self.redis.script_load(script.script.script)
-            except RETRY_ON_ERRORS as exc:  # Redis away past the client's retries
-                for c in calls:
+            except DataError:  # arguments that do not encode: nothing went out; each call alone
+                break
+            except Exception as exc:  # Redis away past the client's retries, or a broken reply
+                for c in calls:  # (sent again alone, calls that ran would run twice)
                     _fail(c, exc)
                 return
-            except Exception:  # this pipeline cannot go out: each call alone
-                break
             if not calls:
                 return
         await self._alone(calls)  # each call alone, as Script sends it
@@ -130,11 +151,15 @@ class AutoPipeline:
                 sha = c.script.script.sha
                 pipe.execute_command("EVALSHA", sha, len(c.keys), *c.keys, *c.args)
             self.pipelines += 1
-            replies = await pipe.execute(raise_on_error=False)  # releases the connection
-        if any(isinstance(r, ReadOnlyError) for r in replies):
-            # a link to a server that is a replica now: the next command on it connects
-            # afresh (redis-py does this for an error raised, not for one in a reply)
-            await conn.disconnect()
+            try:
+                replies = await pipe.execute(raise_on_error=False)  # releases the connection
+            except Exception:
+                # redis-py closes the link for a connection error only: after any other (a
+                # reply it could not parse) replies may be left unread on it, for the pool's
+                # next user to take for its own. nowait: closed before anyone can take it.
+                with contextlib.suppress(RedisError, OSError):
+                    await conn.disconnect(nowait=True)
+                raise
         unrun = []
         for c, reply in zip(calls, replies, strict=True):
             if isinstance(reply, (NoScriptError, *RETRY_ON)):
@@ -142,8 +167,15 @@ class AutoPipeline:
                     unrun.append(c)
             elif isinstance(reply, Exception):
                 _fail(c, reply)
-            elif not c.reply.done():
-                c.reply.set_result(reply)
+            else:
+                self._answer(c, reply)
+        if any(isinstance(r, ReadOnlyError) for r in replies):
+            # A link to a server that is a replica now: the next command on it connects afresh
+            # (redis-py does this for an error raised, not for one in a reply). The pool has it
+            # back already: nowait closes it before another task can take it, and the replies
+            # are handed out first, so a close that fails cannot fail calls that ran.
+            with contextlib.suppress(RedisError, OSError):
+                await conn.disconnect(nowait=True)
         return unrun
 
     async def _alone(self, calls: list[_Call]) -> None:
@@ -160,8 +192,7 @@ class AutoPipeline:
             call.reply.cancel()
             raise
         else:
-            if not call.reply.done():
-                call.reply.set_result(reply)
+            self._answer(call, reply)
 
 
 async def _settled(work: Coroutine[Any, Any, None], calls: list[_Call]) -> None:
@@ -177,6 +208,10 @@ async def _settled(work: Coroutine[Any, Any, None], calls: list[_Call]) -> None:
                 c.reply.cancel()
             else:
                 c.reply.set_exception(RuntimeError("agentq: a pipelined Redis call got no reply"))
+
+
+async def _awaited(work: Awaitable[None]) -> None:
+    await work
 
 
 def _fail(call: _Call, exc: Exception) -> None:

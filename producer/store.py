@@ -5,6 +5,8 @@ counts always add up and a re-run after a crash cannot count twice or overwrite 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import re
 import time
 import uuid
@@ -14,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from . import keys
 from .autopipeline import AutoPipeline
@@ -1056,7 +1058,9 @@ class Store:
         may be of another job of that tenant (the claim's job_id and batch_id say which)."""
         nonce = uuid.uuid4().hex  # makes a resent claim (lost reply) return the same run
         args = [job_id, q, worker, now_iso(), nonce]
-        reply = _reply_list(await self._batched.call(self._script["claim"], [], args))
+        claim = self._script["claim"]
+        orphan = functools.partial(self._give_back, job_id)
+        reply = _reply_list(await self._batched.call(claim, [], args, orphan=orphan))
         state = reply[0] or "missing"
         if state not in ("running", "exhausted"):
             return Claim(state)
@@ -1080,6 +1084,15 @@ class Store:
             job_id=job_id,
             batch_id=batch_id,
         )
+
+    async def _give_back(self, job_id: str, reply: Any) -> None:
+        """A claim that ran after its caller was cancelled (it had gone out, or redis-py sent
+        it again after a dropped link): nothing runs it, so the job goes back to the front of
+        the queue, not counting the run. Should Redis refuse, the lease lapses instead."""
+        got = _reply_list(reply)
+        if got[0] in ("running", "exhausted"):
+            with contextlib.suppress(RedisError):
+                await self.release(got[5] or job_id, got[4])
 
     async def job_owner(self, job_id: str) -> tuple[str | None, str | None]:
         """The batch id and custom_id of a job, if it exists."""
@@ -1121,8 +1134,9 @@ class Store:
         return int(await self._run("sweep", [limit]))
 
     async def release(self, job_id: str, token: str) -> bool:
-        """A run was interrupted (shutdown): the job goes back to the front of the queue, and
-        the run does not count towards max_runs. Refused for a stale token."""
+        """A run was interrupted (shutdown, or its claim's caller was cancelled): the job goes
+        back to the front of the queue, and the run does not count towards max_runs. Refused
+        for a stale token."""
         return await self._run("release", [job_id, token]) == 1
 
     async def finish(self, record: ResultRecord, token: str) -> int:

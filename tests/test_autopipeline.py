@@ -9,7 +9,14 @@ import fakeredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import ConnectionError, DataError, ResponseError
+from redis.exceptions import (
+    ConnectionError,
+    DataError,
+    InvalidResponse,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys
 from producer.autopipeline import MAX_BYTES, AutoPipeline
@@ -22,6 +29,7 @@ COUNT = """
 -- KEYS[1]: a counter. ARGV[1]: 'fail' to raise an error after counting, else a value
 redis.call('INCR', KEYS[1])
 if ARGV[1] == 'fail' then return redis.error_reply('ERR asked to fail') end
+if ARGV[1] == 'r' then return redis.error_reply('READONLY as a replica would') end
 return ARGV[1] .. '!'
 """
 
@@ -89,6 +97,155 @@ async def test_a_call_cancelled_while_no_connection_was_free_is_not_sent(
         assert done[0] == b"0!" and isinstance(done[1], asyncio.CancelledError)
         assert done[2] == b"2!"
         assert int(await client.get("n")) == 3  # the load's, and two of the three
+    finally:
+        await client.aclose()
+
+
+class HeldReplies:
+    """Holds replies read on the client's connections until `go` is set: the commands have
+    reached Redis and run, and their callers can be cancelled before the replies come back.
+    With `broken`, the first reply read raises that instead."""
+
+    def __init__(self, client: Any, broken: Exception | None = None) -> None:
+        self.reading, self.go, self.broken = asyncio.Event(), asyncio.Event(), broken
+        self.links: list[Any] = []
+        get_connection = client.connection_pool.get_connection
+
+        async def hooked(*args: Any, **kwargs: Any) -> Any:
+            conn = await get_connection(*args, **kwargs)
+            if "read_response" not in vars(conn):
+                conn.read_response = self._held(conn.read_response)
+                self.links.append(conn)
+            return conn
+
+        client.connection_pool.get_connection = hooked
+
+    def _held(self, read: Any) -> Any:
+        async def read_response(*args: Any, **kwargs: Any) -> Any:
+            self.reading.set()
+            await self.go.wait()
+            if self.broken is not None:
+                broken, self.broken = self.broken, None
+                raise broken
+            return await read(*args, **kwargs)
+
+        return read_response
+
+
+async def test_a_call_that_ran_after_its_caller_was_cancelled_goes_to_its_orphan(
+    redis_url: str,
+) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        auto, script = AutoPipeline(client), Script(client, COUNT)
+        await client.delete("n")
+        await script(keys=["n"], args=["load"])
+        held, orphaned = HeldReplies(client), asyncio.Queue[Any]()
+        calls = [
+            asyncio.ensure_future(auto.call(script, ["n"], [i], orphan=orphaned.put))
+            for i in range(3)
+        ]
+        await held.reading.wait()  # sent: Redis has run them
+        calls[1].cancel()
+        held.go.set()
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        assert done[0] == b"0!" and isinstance(done[1], asyncio.CancelledError)
+        assert done[2] == b"2!"
+        assert await asyncio.wait_for(orphaned.get(), 10) == b"1!"
+        assert auto.orphans == 1 and orphaned.empty()
+    finally:
+        await client.aclose()
+
+
+async def test_a_claim_that_ran_after_its_run_was_cancelled_gives_the_job_back(
+    redis_url: str,
+) -> None:
+    """The claim reached Redis, then its run was cancelled (arq's timeout, a shutdown) before
+    the reply came back, or redis-py sent it again after a dropped link: nothing would run the
+    job until its lease ran out, and the run would count towards max_runs."""
+    client = Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+        store = Store(client, queue="agentq:queue", result_ttl_s=3600)
+        await store.submit_chunk("b1", jobs("a"))
+        (jid,) = await _job_ids(store, "b1")
+        q = (await client.hget(keys.job(jid), "q")).decode()
+        await _load_scripts(store)
+        held = HeldReplies(client)
+        claiming = asyncio.ensure_future(store.claim(jid, "b1", "w1", q))
+        await held.reading.wait()  # Redis ran the claim: the job is leased
+        async with Redis.from_url(redis_url) as probe:  # (this client's replies are held)
+            assert await probe.hget(keys.job(jid), "status") == b"running"
+        claiming.cancel()
+        held.go.set()
+        async with asyncio.timeout(10):  # the claim's reply, and what it led to
+            while sending := store._batched._sending:
+                await asyncio.wait(set(sending))
+        assert await client.hget(keys.job(jid), "status") == b"queued"
+        assert await client.hget(keys.job(jid), "runs") == b"0"
+        q = (await client.hget(keys.job(jid), "q")).decode()
+        assert (await store.claim(jid, "b1", "w2", q)).state == "running"
+    finally:
+        await client.aclose()
+
+
+async def test_a_reply_that_breaks_fails_every_call_and_sends_none_again(
+    redis_url: str,
+) -> None:
+    """An error while reading the replies (a protocol error) comes after the pipeline ran:
+    sent again alone, every call would run twice."""
+    client = Redis.from_url(redis_url)
+    try:
+        auto, script = AutoPipeline(client), Script(client, COUNT)
+        await client.delete("n")
+        await script(keys=["n"], args=["load"])
+        held = HeldReplies(client, broken=InvalidResponse("a broken reply"))
+        held.go.set()
+        replies = await asyncio.gather(
+            *(auto.call(script, ["n"], [i]) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, InvalidResponse) for r in replies), replies
+        # closed: its other replies, unread, would be the next command's
+        assert [link.is_connected for link in held.links] == [False]
+        assert int(await client.get("n")) == 4  # the load's, and each call once
+        assert auto.alone == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_readonly_reply_closes_its_link_and_the_other_calls_keep_their_replies(
+    redis_url: str,
+) -> None:
+    """A READONLY reply (a failover: the link reaches a replica now) closes the link, after the
+    replies are handed out: a close that fails (it timed out, the old primary unreachable)
+    cannot fail the calls that ran, and the pool's next user gets a link of its own."""
+    client = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=1))
+    try:
+        auto, script = AutoPipeline(client), Script(client, COUNT)
+        await client.delete("n")
+        await script(keys=["n"], args=["load"])
+        closed = []
+        get_connection = client.connection_pool.get_connection
+
+        async def closing_fails(*args: Any, **kwargs: Any) -> Any:
+            conn = await get_connection(*args, **kwargs)
+            disconnect = conn.disconnect
+
+            async def failing(*args: Any, **kwargs: Any) -> None:
+                closed.append(conn)
+                await disconnect(*args, **kwargs)
+                raise RedisTimeoutError("Timed out closing connection")
+
+            conn.disconnect = failing
+            return conn
+
+        client.connection_pool.get_connection = closing_fails  # type: ignore[method-assign]
+        done = await asyncio.gather(
+            *(auto.call(script, ["n"], [a]) for a in "rbc"), return_exceptions=True
+        )
+        assert isinstance(done[0], ReadOnlyError) and done[1:] == [b"b!", b"c!"]
+        assert closed  # (the READONLY call went again on a fresh link, READONLY each time)
+        assert await client.set("other", "ok")
     finally:
         await client.aclose()
 
