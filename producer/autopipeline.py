@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,9 @@ MAX_BYTES = 4 << 20
 """At most about this many bytes of arguments a pipeline; a call with more than a quarter of it
 (a finish with a huge record) is sent alone, so a link Redis drops for it fails it alone."""
 
+Orphan = Callable[[Any], Coroutine[Any, Any, None]]
+"""Given the reply of a call that ran after its caller was cancelled."""
+
 LOAD_TRIES = 3
 """Pipelines sent again after loading scripts Redis did not have (a restart, a failover)."""
 
@@ -45,7 +48,7 @@ class _Call:
     keys: list[Any]
     args: list[Any]
     size: int
-    orphan: Callable[[Any], Awaitable[None]] | None
+    orphan: Orphan | None
     reply: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -72,7 +75,7 @@ class AutoPipeline:
         script: Script,
         keys: Sequence[Any] = (),
         args: Sequence[Any] = (),
-        orphan: Callable[[Any], Awaitable[None]] | None = None,
+        orphan: Orphan | None = None,
     ) -> Any:
         """Run `script` as `script(keys, args)` would, in the next pipeline. If the caller is
         cancelled and the call runs all the same, `orphan` gets its reply."""
@@ -117,7 +120,7 @@ class AutoPipeline:
             call.reply.set_result(reply)
         elif call.reply.cancelled() and call.orphan is not None:  # it ran after all
             self.orphans += 1
-            self._spawn(_awaited(call.orphan(reply)))
+            self._spawn(call.orphan(reply))
 
     async def _send(self, calls: list[_Call]) -> None:
         for attempt in range(LOAD_TRIES + 1):
@@ -156,9 +159,8 @@ class AutoPipeline:
             except Exception:
                 # redis-py closes the link for a connection error only: after any other (a
                 # reply it could not parse) replies may be left unread on it, for the pool's
-                # next user to take for its own. nowait: closed before anyone can take it.
-                with contextlib.suppress(RedisError, OSError):
-                    await conn.disconnect(nowait=True)
+                # next user to take for its own.
+                await _close(conn)
                 raise
         unrun = []
         for c, reply in zip(calls, replies, strict=True):
@@ -172,10 +174,9 @@ class AutoPipeline:
         if any(isinstance(r, ReadOnlyError) for r in replies):
             # A link to a server that is a replica now: the next command on it connects afresh
             # (redis-py does this for an error raised, not for one in a reply). The pool has it
-            # back already: nowait closes it before another task can take it, and the replies
-            # are handed out first, so a close that fails cannot fail calls that ran.
-            with contextlib.suppress(RedisError, OSError):
-                await conn.disconnect(nowait=True)
+            # back already; the replies are handed out first, so a close that fails cannot fail
+            # calls that ran.
+            await _close(conn)
         return unrun
 
     async def _alone(self, calls: list[_Call]) -> None:
@@ -210,8 +211,11 @@ async def _settled(work: Coroutine[Any, Any, None], calls: list[_Call]) -> None:
                 c.reply.set_exception(RuntimeError("agentq: a pipelined Redis call got no reply"))
 
 
-async def _awaited(work: Awaitable[None]) -> None:
-    await work
+async def _close(conn: Any) -> None:
+    """Close a link the pool has back already. nowait: no await before it is closed, so no
+    other task takes it first; a close that fails leaves it to the pool's next check."""
+    with contextlib.suppress(RedisError, OSError):
+        await conn.disconnect(nowait=True)
 
 
 def _fail(call: _Call, exc: Exception) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import fakeredis
@@ -101,6 +102,18 @@ async def test_a_call_cancelled_while_no_connection_was_free_is_not_sent(
         await client.aclose()
 
 
+def on_take(client: Any, hook: Callable[[Any], None]) -> None:
+    """Call `hook` with each connection the client takes from its pool, before it is used."""
+    get_connection = client.connection_pool.get_connection
+
+    async def taking(*args: Any, **kwargs: Any) -> Any:
+        conn = await get_connection(*args, **kwargs)
+        hook(conn)
+        return conn
+
+    client.connection_pool.get_connection = taking
+
+
 class HeldReplies:
     """Holds replies read on the client's connections until `go` is set: the commands have
     reached Redis and run, and their callers can be cancelled before the replies come back.
@@ -109,16 +122,12 @@ class HeldReplies:
     def __init__(self, client: Any, broken: Exception | None = None) -> None:
         self.reading, self.go, self.broken = asyncio.Event(), asyncio.Event(), broken
         self.links: list[Any] = []
-        get_connection = client.connection_pool.get_connection
+        on_take(client, self._hold)
 
-        async def hooked(*args: Any, **kwargs: Any) -> Any:
-            conn = await get_connection(*args, **kwargs)
-            if "read_response" not in vars(conn):
-                conn.read_response = self._held(conn.read_response)
-                self.links.append(conn)
-            return conn
-
-        client.connection_pool.get_connection = hooked
+    def _hold(self, conn: Any) -> None:
+        if "read_response" not in vars(conn):
+            conn.read_response = self._held(conn.read_response)
+            self.links.append(conn)
 
     def _held(self, read: Any) -> Any:
         async def read_response(*args: Any, **kwargs: Any) -> Any:
@@ -225,10 +234,8 @@ async def test_a_readonly_reply_closes_its_link_and_the_other_calls_keep_their_r
         await client.delete("n")
         await script(keys=["n"], args=["load"])
         closed = []
-        get_connection = client.connection_pool.get_connection
 
-        async def closing_fails(*args: Any, **kwargs: Any) -> Any:
-            conn = await get_connection(*args, **kwargs)
+        def closing_fails(conn: Any) -> None:
             disconnect = conn.disconnect
 
             async def failing(*args: Any, **kwargs: Any) -> None:
@@ -237,9 +244,8 @@ async def test_a_readonly_reply_closes_its_link_and_the_other_calls_keep_their_r
                 raise RedisTimeoutError("Timed out closing connection")
 
             conn.disconnect = failing
-            return conn
 
-        client.connection_pool.get_connection = closing_fails  # type: ignore[method-assign]
+        on_take(client, closing_fails)
         done = await asyncio.gather(
             *(auto.call(script, ["n"], [a]) for a in "rbc"), return_exceptions=True
         )
